@@ -1,0 +1,78 @@
+"""The ``align`` command line: one sub-command per module, dispatched lazily.
+
+Each command module exposes ``add_arguments(parser)`` and ``run(args) -> int``. Recipe errors
+(:class:`align.config.RecipeError`) and data errors (:class:`align.errors.AlignError`) print one readable
+line and exit 2; ``--debug`` shows the traceback instead.
+
+Run ``align --help`` for the list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from align.errors import AlignError
+
+# command -> (module, one-line help). "data" has sub-commands of its own.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "zoo": ("align.zoo", "build the tiny offline model zoo (checkpoints/zoo)"),
+    "assemble": ("align.assemble", "vision encoder + projector + LLM -> a standard Llava folder"),
+    "inspect": ("align.inspect", "describe a model folder: components, params, image tokens, template"),
+    "plan": ("align.plan", "parameters and per-GPU memory of a recipe, on the meta device"),
+    "projector": ("align.stages.projector", "stage 1: train the projector on captions"),
+    "sft": ("align.stages.sft", "stage 2: supervised fine-tuning (long chain-of-thought)"),
+    "grpo": ("align.stages.grpo", "stage 3: GRPO with rule-based rewards"),
+    "export": ("align.export", "write a self-contained Hugging Face Llava folder"),
+    "eval": ("align.evaluate", "generate on a data source and score with the reward functions"),
+    "chat": ("align.chat", "chat with a model folder, streaming reasoning and answer"),
+    "plot": ("align.plot", "PNG charts of a run's metrics"),
+    "run": ("align.pipeline", "run a pipeline recipe: assemble -> projector -> sft -> grpo -> export"),
+}
+DATA_COMMANDS: dict[str, tuple[str, str]] = {
+    "check": ("align.data.check", "validate every row of a recipe's data sources"),
+    "synth": ("align.data.synth", "generate the built-in verifiable visual tasks"),
+    "distill": ("align.data.distill", "make long-CoT SFT rows with a teacher model, keep verified ones"),
+}
+
+
+def _add(sub: argparse._SubParsersAction, name: str, module: str, help_text: str, load: bool) -> None:
+    parser = sub.add_parser(name, help=help_text, description=help_text)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.set_defaults(_module=module)
+    if load:  # import only the chosen command's module: `align --help` stays fast
+        importlib.import_module(module).add_arguments(parser)
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    """The parser; only the sub-command named in ``argv`` gets its full arguments."""
+    words = [a for a in argv if not a.startswith("-")]
+    parser = argparse.ArgumentParser(prog="align", description=__doc__.split("\n")[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        _add(sub, name, module, help_text, load=words[:1] == [name])
+    data = sub.add_parser("data", help="data tools: check, synth, distill")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    for name, (module, help_text) in DATA_COMMANDS.items():
+        _add(data_sub, name, module, help_text, load=words[:2] == ["data", name])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from align.config import RecipeError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except (RecipeError, AlignError) as err:
+        if args.debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
