@@ -6,9 +6,14 @@ Run: ``align assemble recipes/tiny/assemble_siglip_qwen2.yaml [key=value ...]``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
-from align.config import RecipeError
+import torch
+
+from align.config import RecipeError, load_any, save_resolved
+from align.errors import AlignError
+from align.model import format_parameter_table, parameter_table
 
 
 @dataclass
@@ -17,11 +22,15 @@ class VisionSpec:
     name_or_path: str  # HF id or folder; open_clip model name (e.g. ViT-L-14-336) or "local-dir:FOLDER"
     pretrained: str | None = None  # open_clip only: pretrained tag (e.g. openai) or a weights file
     feature_layer: int = -2  # hidden-state index fed to the projector (LLaVA-1.5: penultimate)
-    select_strategy: Literal["default", "full"] | None = None  # None: CLIP drops CLS ("default"), SigLIP "full"
+    select_strategy: Literal["default", "full"] | None = (
+        None  # None: CLIP drops CLS ("default"), SigLIP "full"
+    )
 
     def check(self) -> None:
         if self.source == "hf" and self.pretrained is not None:
-            raise RecipeError.at("pretrained", "only open_clip sources take 'pretrained'; HF towers use name_or_path")
+            raise RecipeError.at(
+                "pretrained", "only open_clip sources take 'pretrained'; HF towers use name_or_path"
+            )
 
 
 @dataclass
@@ -45,3 +54,182 @@ class AssembleRecipe:
     image_token: str = "<image>"
     seed: int = 0
     dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+def default_select_strategy(has_cls: bool) -> str:
+    """LLaVA drops CLIP's CLS token ("default"); towers without one (SigLIP) keep every token ("full")."""
+    return "default" if has_cls else "full"
+
+
+def add_tokens(tokenizer, llm, image_token: str) -> dict[str, int]:
+    """Add ``<image>`` (special) and a pad token if missing; new embedding rows start at the mean row.
+
+    The mean keeps new rows inside the distribution of the trained ones (random rows can dominate the
+    softmax of a trained LM); ``<image>`` embeddings are replaced by image features anyway.
+    """
+    added = {}
+    if image_token not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens(
+            {"additional_special_tokens": [image_token]}, replace_extra_special_tokens=False
+        )
+        added["image"] = tokenizer.convert_tokens_to_ids(image_token)
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": "<｜▁pad▁｜>"})
+        added["pad"] = tokenizer.pad_token_id
+    old = llm.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > old:
+        llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        with torch.no_grad():
+            for emb in (llm.get_input_embeddings(), llm.get_output_embeddings()):
+                if emb is not None:
+                    emb.weight[old:] = emb.weight[:old].mean(dim=0, keepdim=True)
+    return added
+
+
+def build_llava(
+    vision_model,
+    image_processor,
+    llm,
+    tokenizer,
+    *,
+    has_cls: bool,
+    feature_layer: int,
+    select_strategy: str,
+    image_token: str,
+    seed: int,
+):
+    """Compose (model, processor) from loaded parts; the projector is LLaVA's mlp2x_gelu, seeded."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+    add_tokens(tokenizer, llm, image_token)
+    vision_config = vision_model.config
+    patches = (vision_config.image_size // vision_config.patch_size) ** 2
+    n_tokens = patches + (1 if has_cls and select_strategy == "full" else 0)
+    config = LlavaConfig(
+        vision_config=vision_config.to_dict(),
+        text_config=llm.config.to_dict(),
+        image_token_id=tokenizer.convert_tokens_to_ids(image_token),
+        vision_feature_layer=feature_layer,
+        vision_feature_select_strategy=select_strategy,
+        projector_hidden_act="gelu",
+        multimodal_projector_bias=True,
+        image_seq_length=n_tokens,
+        tie_word_embeddings=bool(getattr(llm.config, "tie_word_embeddings", False)),
+    )
+    config.text_config.vocab_size = llm.get_input_embeddings().weight.shape[0]
+    torch.manual_seed(seed)
+    projector = LlavaMultiModalProjector(config)
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    state = {f"model.vision_tower.{k}": v for k, v in _tower_state(vision_model).items()}
+    state.update({f"model.multi_modal_projector.{k}": v for k, v in projector.state_dict().items()})
+    for k, v in llm.state_dict().items():  # causal LM: model.* (decoder) and lm_head.*
+        state[k if k.startswith("lm_head.") else "model.language_model." + k.removeprefix("model.")] = v
+    model.load_state_dict(state, strict=True, assign=True)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    model.eval()
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=vision_config.patch_size,
+        vision_feature_select_strategy=select_strategy,
+        chat_template=tokenizer.chat_template,
+        image_token=image_token,
+        num_additional_image_tokens=1 if has_cls else 0,
+    )
+    return model, processor
+
+
+def _tower_state(vision_model) -> dict:
+    """Tower weights named as the Llava vision tower names them (no ``vision_model.`` level in transformers 5)."""
+    return {k.removeprefix("vision_model."): v for k, v in vision_model.state_dict().items()}
+
+
+def check_image_tokens(model, processor) -> int:
+    """Processor expansion must equal the tower's feature count; raise with both numbers otherwise."""
+    from align.checkpoint import image_seq_len
+
+    expected = image_seq_len(processor)
+    size = model.config.vision_config.image_size
+    pixels = torch.zeros(1, 3, size, size, dtype=model.dtype)
+    with torch.no_grad():
+        features = model.model.get_image_features(pixel_values=pixels).pooler_output[0]
+    if features.shape[0] != expected:
+        raise AlignError(
+            f"image features and image tokens do not match: the processor expands <image> to {expected} tokens "
+            f"but the vision tower gives {features.shape[0]} features (feature layer "
+            f"{model.config.vision_feature_layer}, strategy {model.config.vision_feature_select_strategy})"
+        )
+    return expected
+
+
+def assemble(recipe: AssembleRecipe, recipe_file: str | None = None) -> Path:
+    """Load the parts named by ``recipe``, compose, check and save a Llava folder; returns its path."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from align.checkpoint import save_llava
+    from align.vision import describe_vision, load_vision_tower
+
+    spec = recipe.vision
+    info = describe_vision(spec.source, spec.name_or_path, spec.pretrained)
+    strategy = spec.select_strategy or default_select_strategy(info.has_cls)
+    if strategy == "default" and not info.has_cls:
+        raise RecipeError(
+            f"'default' drops a CLS token, but {spec.name_or_path} ({info.kind}) has none; use 'full'",
+            key="vision.select_strategy",
+            file=recipe_file,
+        )
+    n_layers = info.num_layers
+    if not -n_layers - 1 <= spec.feature_layer <= n_layers:
+        raise RecipeError(
+            f"{spec.name_or_path} has {n_layers} layers ({n_layers + 1} hidden states); got {spec.feature_layer}",
+            key="vision.feature_layer",
+            file=recipe_file,
+        )
+    dtype = getattr(torch, recipe.dtype)
+    vision_model, image_processor, _ = load_vision_tower(
+        spec.source, spec.name_or_path, spec.pretrained, dtype
+    )
+    llm = AutoModelForCausalLM.from_pretrained(
+        recipe.llm.name_or_path, dtype=dtype, attn_implementation=recipe.llm.attn_implementation
+    )
+    tokenizer = AutoTokenizer.from_pretrained(recipe.llm.name_or_path)
+    model, processor = build_llava(
+        vision_model,
+        image_processor,
+        llm,
+        tokenizer,
+        has_cls=info.has_cls,
+        feature_layer=spec.feature_layer,
+        select_strategy=strategy,
+        image_token=recipe.image_token,
+        seed=recipe.seed,
+    )
+    n_tokens = check_image_tokens(model, processor)
+    generation_config = GenerationConfig.from_model_config(llm.config)
+    if llm.generation_config is not None:
+        generation_config = llm.generation_config
+    generation_config.pad_token_id = tokenizer.pad_token_id
+    out = save_llava(
+        recipe.output_dir,
+        config=model.config,
+        state_dict=model.state_dict(),
+        processor=processor,
+        generation_config=generation_config,
+    )
+    save_resolved(recipe, out)
+    print(format_parameter_table(parameter_table(model), f"assembled {out} ({n_tokens} image tokens)"))
+    return out
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("recipe", help="assemble recipe (kind: assemble)")
+    parser.add_argument("overrides", nargs="*", help="key.path=value overrides")
+
+
+def run(args) -> int:
+    recipe = load_any(args.recipe, args.overrides, expect="assemble")
+    assemble(recipe, args.recipe)
+    return 0

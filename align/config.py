@@ -199,6 +199,19 @@ def read_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     return deep_merge(merged, data)
 
 
+def _parse_value(raw: str) -> Any:
+    """A command-line value as YAML, except that 1e-4 style numbers are floats (YAML 1.1 reads a string)."""
+    if raw == "":
+        return ""
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def apply_overrides(data: dict, overrides: typing.Sequence[str]) -> dict:
     """Apply ``a.b.c=value`` strings; list items are addressed by index (``data.sources.0.weight=2``)."""
     data = dict(data)
@@ -206,14 +219,11 @@ def apply_overrides(data: dict, overrides: typing.Sequence[str]) -> dict:
         if "=" not in item:
             raise RecipeError(f"override {item!r} is not of the form key.path=value")
         dotted, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = _parse_value(raw)
         parts = dotted.strip().split(".")
         node: Any = data
         for depth, part in enumerate(parts[:-1]):
-            if isinstance(node, list):
-                node = node[int(part)]
-                continue
-            child = node.get(part)
+            child = node[int(part)] if isinstance(node, list) else node.get(part)
             if child is None:
                 child = {}
             elif isinstance(child, dict):
@@ -223,7 +233,7 @@ def apply_overrides(data: dict, overrides: typing.Sequence[str]) -> dict:
             else:
                 where = ".".join(parts[: depth + 1])
                 raise RecipeError(f"override {item!r}: {where} is a value, not a section")
-            node[part] = child
+            node[int(part) if isinstance(node, list) else part] = child
             node = child
         last = parts[-1]
         if isinstance(node, list):

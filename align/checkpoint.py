@@ -1,0 +1,166 @@
+"""Model folders: reading and writing Llava checkpoints in the canonical llava-hf key layout.
+
+transformers 5 keeps ``model.vision_tower.*`` / ``model.language_model.*`` / ``lm_head.*`` in memory and its
+own ``save_pretrained`` drops the ``vision_model.`` level of CLIP/SigLIP towers, a layout vLLM rejects. We
+write the layout of the published llava-hf checkpoints instead, which transformers and vLLM both load:
+``language_model.model.*``, ``language_model.lm_head.*``, ``multi_modal_projector.*``,
+``vision_tower.vision_model.*``. Folders are written to a temporary sibling and renamed into place, so a
+crash never leaves a folder that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from align.errors import AlignError
+
+# in-memory (transformers 5) prefix -> canonical llava-hf prefix
+_TO_CANONICAL = (
+    ("model.vision_tower.", "vision_tower.vision_model."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("model.language_model.", "language_model.model."),
+    ("lm_head.", "language_model.lm_head."),
+)
+CANONICAL_PREFIXES = tuple(dst for _, dst in _TO_CANONICAL)
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def canonical_key(key: str) -> str:
+    """The llava-hf name of an in-memory ``LlavaForConditionalGeneration`` parameter name."""
+    for src, dst in _TO_CANONICAL:
+        if key.startswith(src):
+            rest = key[len(src) :]
+            # A tower that still has its own `vision_model.` level must not get a second one.
+            if dst == "vision_tower.vision_model." and rest.startswith("vision_model."):
+                rest = rest[len("vision_model.") :]
+            return dst + rest
+    raise AlignError(
+        f"parameter {key!r} belongs to no Llava component (vision tower, projector, language model)"
+    )
+
+
+def canonical_state_dict(state_dict: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> dict:
+    """Renamed, contiguous, unshared copies (safetensors refuses tensors that share storage, e.g. tied heads)."""
+    out = {}
+    for key, tensor in state_dict.items():
+        t = tensor.detach().to("cpu")
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        out[canonical_key(key)] = t.clone().contiguous()
+    return out
+
+
+def _shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key in sorted(tensors):
+        nbytes = tensors[key].numel() * tensors[key].element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensors[key]
+        size += nbytes
+    return shards
+
+
+def write_weights(tensors: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int = 5 * 1024**3) -> None:
+    """safetensors files (sharded with an index when larger than ``max_shard_bytes``)."""
+    shards = _shards(tensors, max_shard_bytes)
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True))
+
+
+def weight_names(folder: str | Path) -> list[str]:
+    """Tensor names stored in a model folder (read from headers; no weights loaded)."""
+    folder = Path(folder)
+    if (folder / INDEX_NAME).exists():
+        return sorted(json.loads((folder / INDEX_NAME).read_text())["weight_map"])
+    if not (folder / WEIGHTS_NAME).exists():
+        raise AlignError(f"{folder}: no {WEIGHTS_NAME} or {INDEX_NAME}")
+    with safe_open(str(folder / WEIGHTS_NAME), framework="pt") as f:
+        return sorted(f.keys())
+
+
+@contextmanager
+def atomic_folder(folder: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces ``folder`` in one rename."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        yield tmp
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+            folder.rename(old)
+            tmp.rename(folder)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def save_llava(
+    folder: str | Path,
+    *,
+    config,
+    state_dict: dict[str, torch.Tensor],
+    processor=None,
+    generation_config=None,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = 5 * 1024**3,
+) -> Path:
+    """Write a complete Llava folder (config, canonical weights, processor + tokenizer, generation config)."""
+    folder = Path(folder)
+    with atomic_folder(folder) as tmp:
+        config.save_pretrained(tmp)
+        write_weights(canonical_state_dict(state_dict, dtype), tmp, max_shard_bytes)
+        if processor is not None:
+            processor.save_pretrained(tmp)
+        if generation_config is not None:
+            generation_config.save_pretrained(tmp)
+    return folder
+
+
+def load_llava(folder: str | Path, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
+    """(model, processor) from a Llava folder: ours, or any llava-hf checkpoint."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    folder = Path(folder)
+    if not (folder / "config.json").exists():
+        raise AlignError(f"{folder}: not a model folder (no config.json)")
+    model = LlavaForConditionalGeneration.from_pretrained(
+        folder, dtype=dtype, attn_implementation=attn_implementation
+    )
+    processor = AutoProcessor.from_pretrained(folder)
+    return model, processor
+
+
+def image_seq_len(processor) -> int:
+    """How many image tokens one ``<image>`` expands to, measured with the processor itself."""
+    from PIL import Image
+
+    # The processor resizes any image to the tower's input, so a blank one measures the expansion.
+    text = processor(text=processor.image_token, images=[Image.new("RGB", (48, 40))], return_tensors="pt")
+    return int((text["input_ids"] == processor.image_token_id).sum())

@@ -1,0 +1,71 @@
+"""The model as a visible composition: vision tower, projector, language model.
+
+Trainability is decided here and only here, by component name, and reported as a table at every stage
+start. Works on a plain ``LlavaForConditionalGeneration`` and on one wrapped by peft (LoRA), whose
+parameter names gain a ``base_model.model.`` prefix. Knows nothing about distribution.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+COMPONENTS = ("vision", "projector", "llm")
+
+
+def component_of(param_name: str) -> str:
+    """Which component a parameter belongs to, from its (possibly peft-prefixed) name."""
+    if "vision_tower." in param_name:
+        return "vision"
+    if "multi_modal_projector." in param_name:
+        return "projector"
+    if "language_model." in param_name or "lm_head." in param_name:
+        return "llm"
+    raise ValueError(f"parameter {param_name!r} belongs to no component of {COMPONENTS}")
+
+
+def component_parameters(model: nn.Module, component: str) -> Iterable[tuple[str, nn.Parameter]]:
+    return ((n, p) for n, p in model.named_parameters() if component_of(n) == component)
+
+
+def set_trainable(model: nn.Module, trainable: dict[str, bool]) -> None:
+    """Freeze or unfreeze whole components; ``trainable`` must name every component.
+
+    LoRA adapters (names containing ``lora_``) stay trainable inside a frozen LLM: that is what LoRA means.
+    """
+    missing = set(COMPONENTS) - set(trainable)
+    if missing:
+        raise ValueError(f"set_trainable needs a flag for every component; missing {sorted(missing)}")
+    for name, param in model.named_parameters():
+        flag = trainable[component_of(name)] or "lora_" in name
+        param.requires_grad_(flag)
+
+
+def parameter_table(model: nn.Module) -> list[tuple[str, int, int]]:
+    """(component, parameters, trainable parameters) for each component, in COMPONENTS order."""
+    totals = {c: [0, 0] for c in COMPONENTS}
+    seen: set[int] = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:  # tied weights count once
+            continue
+        seen.add(id(param))
+        n = param.ds_numel if hasattr(param, "ds_numel") else param.numel()  # ZeRO-3 partitions report 0
+        totals[component_of(name)][0] += n
+        if param.requires_grad:
+            totals[component_of(name)][1] += n
+    return [(c, *totals[c]) for c in COMPONENTS]
+
+
+def format_parameter_table(rows: list[tuple[str, int, int]], title: str = "parameters") -> str:
+    lines = [f"{title}:", f"  {'component':<10} {'total':>14} {'trainable':>14}"]
+    for component, total, trainable in rows:
+        lines.append(f"  {component:<10} {total:>14,} {trainable:>14,}")
+    lines.append(f"  {'all':<10} {sum(r[1] for r in rows):>14,} {sum(r[2] for r in rows):>14,}")
+    return "\n".join(lines)
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of every parameter, to prove later what changed and what did not."""
+    return {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -1,0 +1,127 @@
+"""The strict recipe loader: every kind of mistake fails before work starts, naming file and key path."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+
+from align.cli import main
+from align.config import RecipeError, apply_overrides, from_dict, load_recipe, read_yaml, save_resolved
+
+
+@dataclass
+class Optim:
+    lr: float = 1e-3
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+
+
+@dataclass
+class Source:
+    path: str
+    weight: float | None = None
+
+
+@dataclass
+class Schema:
+    kind: Literal["toy"]
+    name: str
+    steps: int = 10
+    flag: bool = False
+    optim: Optim = field(default_factory=Optim)
+    sources: list[Source] = field(default_factory=list)
+    tags: dict[str, int] = field(default_factory=dict)
+
+    def check(self) -> None:
+        if self.flag and self.steps < 1:
+            raise RecipeError.at("steps", "must be >= 1 when flag is set")
+
+
+GOOD = {"kind": "toy", "name": "x"}
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({**GOOD, "step": 3}, "r.yaml: step: unknown key (did you mean 'steps'?)"),
+        ({**GOOD, "optim": {"lr": "fast"}}, "r.yaml: optim.lr: expected float, got str 'fast'"),
+        (
+            {**GOOD, "optim": {"schedule": "cos"}},
+            "r.yaml: optim.schedule: expected one of 'cosine' | 'linear' | 'constant'",
+        ),
+        ({**GOOD, "steps": 2.5}, "r.yaml: steps: expected int, got float 2.5"),
+        ({**GOOD, "steps": True}, "r.yaml: steps: expected int, got bool True"),
+        ({**GOOD, "flag": "yes"}, "r.yaml: flag: expected bool, got str 'yes'"),
+        ({"kind": "toy"}, "r.yaml: name: missing required key (str)"),
+        (
+            {**GOOD, "sources": [{"path": "a"}, {"weight": 1}]},
+            "r.yaml: sources[1].path: missing required key",
+        ),
+        (
+            {**GOOD, "sources": [{"path": "a", "wieght": 1}]},
+            "r.yaml: sources[0].wieght: unknown key (did you mean 'weight'?)",
+        ),
+        ({**GOOD, "tags": {"a": "b"}}, "r.yaml: tags.a: expected int, got str 'b'"),
+        ({**GOOD, "optim": 3}, "r.yaml: optim: expected a mapping (Optim), got int"),
+        ({**GOOD, "flag": True, "steps": 0}, "r.yaml: steps: must be >= 1 when flag is set"),
+        ({**GOOD, "kind": "other"}, "r.yaml: kind: expected one of 'toy', got 'other'"),
+    ],
+)
+def test_errors_name_file_and_key_path(data: dict, message: str) -> None:
+    with pytest.raises(RecipeError) as err:
+        from_dict(Schema, data, file="r.yaml")
+    assert str(err.value).startswith(message)
+
+
+def test_valid_recipe_converts_types() -> None:
+    r = from_dict(Schema, {**GOOD, "optim": {"lr": "1e-4"}, "sources": [{"path": "a", "weight": 2}]})
+    assert r.optim.lr == pytest.approx(1e-4) and isinstance(r.sources[0].weight, float)
+    assert r.optim.schedule == "cosine" and r.steps == 10
+
+
+def test_overrides_parse_yaml_values_and_address_lists() -> None:
+    data = {"optim": {"lr": 1.0}, "sources": [{"path": "a"}]}
+    out = apply_overrides(data, ["optim.lr=2e-5", "steps=7", "sources.0.weight=0.5", "new.deep.key=true"])
+    assert out["optim"]["lr"] == 2e-5 and out["steps"] == 7 and out["sources"][0]["weight"] == 0.5
+    assert out["new"]["deep"]["key"] is True
+    assert data["optim"]["lr"] == 1.0, "overrides must not mutate the input"
+    with pytest.raises(RecipeError, match="not of the form"):
+        apply_overrides(data, ["optim.lr"])
+    with pytest.raises(RecipeError, match=r"optim\.lr is a value"):
+        apply_overrides(data, ["optim.lr.x=1"])
+
+
+def test_extends_deep_merges_and_detects_cycles(tmp_path) -> None:
+    (tmp_path / "base.yaml").write_text("kind: toy\nname: base\noptim: {lr: 0.1, schedule: linear}\n")
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\noptim: {lr: 0.2}\n")
+    r = load_recipe(Schema, tmp_path / "child.yaml", ["steps=3"])
+    assert (r.name, r.optim.lr, r.optim.schedule, r.steps) == ("base", 0.2, "linear", 3)
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(RecipeError, match="cycle"):
+        read_yaml(tmp_path / "a.yaml")
+
+
+def test_bad_yaml_and_missing_file(tmp_path) -> None:
+    (tmp_path / "bad.yaml").write_text("a: [1, 2\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        read_yaml(tmp_path / "bad.yaml")
+    with pytest.raises(RecipeError, match="not found"):
+        read_yaml(tmp_path / "nope.yaml")
+
+
+def test_resolved_recipe_round_trips(tmp_path) -> None:
+    r = from_dict(Schema, {**GOOD, "sources": [{"path": "a"}]})
+    out = save_resolved(r, tmp_path)
+    assert load_recipe(Schema, out) == r
+
+
+def test_cli_prints_one_line_and_exits_2(tmp_path, capsys) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("kind: assemble\nvision: {source: hf, name_or_path: x, feature_layr: -2}\n")
+    assert main(["assemble", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {recipe}: vision.feature_layr: unknown key (did you mean 'feature_layer'?)"
+    with pytest.raises(RecipeError):
+        main(["assemble", str(recipe), "--debug"])
