@@ -1,0 +1,318 @@
+"""GRPO advantages and loss as pure functions on tensors, with TRL's option names and math.
+
+This module owns the arithmetic of one GRPO step and nothing else (no models, generation, devices or ranks):
+
+* :func:`combine_rewards`: weighted sum over reward functions (``reward_weights``), ``None``/NaN skipped;
+* :func:`group_advantages`: group-relative advantages (``num_generations``, ``scale_rewards``) and the
+  statistics that explain a zero loss (:class:`AdvantageStats`);
+* :func:`mask_truncated`: ``mask_truncated_completions``;
+* :func:`grpo_loss`: clipped surrogate + k3 KL (``beta``, ``epsilon``, ``epsilon_high``, ``delta``,
+  ``loss_type``), returning the loss and its parts (:class:`LossParts`).
+
+Every option means what it means in TRL 1.16's ``GRPOTrainer`` with ``importance_sampling_level="token"``,
+``multi_objective_aggregation="sum_then_normalize"``, no vLLM importance-sampling correction,
+``top_entropy_quantile=1.0`` and no entropy bonus. ``old_logps=None`` is TRL's ``num_iterations=1`` shortcut.
+
+Gradient accumulation: :func:`grpo_loss` returns the loss of ONE micro-batch *before* dividing by the number
+of accumulation steps, for every ``loss_type`` alike; the caller (the engine, or DeepSpeed's ``backward``)
+divides by ``accumulation_steps`` and DDP averages over ranks. TRL divides inside its loss instead, so
+``grpo_loss(...) == TRL loss * accumulation_steps``; the tests check exactly that.
+
+Run the parity tests against TRL: ``.venv/bin/pytest -q tests/test_grpo_loss.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+import torch
+from torch import Tensor
+
+from align.errors import AlignError
+
+ScaleRewards = Literal["group", "batch", "none"]
+LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
+SCALE_REWARDS: tuple[str, ...] = get_args(ScaleRewards)
+LOSS_TYPES: tuple[str, ...] = get_args(LossType)
+
+# TRL adds this to the std so that a zero-variance group divides 0 by 1e-4 rather than by 0.
+STD_EPS = 1e-4
+
+
+def combine_rewards(
+    per_func: Tensor | Sequence[Sequence[float | None]], weights: Sequence[float] | Tensor | None = None
+) -> Tensor:
+    """Weighted sum over reward functions: ``r_i = nansum_f w_f * R[i, f]``.
+
+    ``per_func`` is ``[N completions, F functions]``; ``None`` (a function that abstains on that completion)
+    and NaN are skipped by the sum. A completion on which *every* function abstained gets NaN, not 0, so that
+    :func:`group_advantages` leaves it out of its group's baseline and gives it advantage 0 (as TRL does).
+    ``weights=None`` weighs every function 1.
+    """
+    values = (
+        per_func
+        if isinstance(per_func, Tensor)
+        else torch.tensor(
+            [[float("nan") if v is None else float(v) for v in row] for row in per_func], dtype=torch.float32
+        )
+    )
+    if values.dim() != 2:
+        raise ValueError(
+            f"per-function rewards must be [completions, functions], got shape {tuple(values.shape)}"
+        )
+    n_funcs = values.shape[1]
+    w = (
+        torch.ones(n_funcs, dtype=values.dtype)
+        if weights is None
+        else torch.as_tensor(weights, dtype=values.dtype).flatten()
+    )
+    if w.numel() != n_funcs:
+        raise AlignError(f"reward_weights has {w.numel()} values but there are {n_funcs} reward functions")
+    rewards = (values * w.to(values.device)).nansum(dim=1)
+    rewards[values.isnan().all(dim=1)] = float("nan")
+    return rewards
+
+
+def _nanstd(x: Tensor, dim: int) -> Tensor:
+    """Sample std (Bessel-corrected) ignoring NaNs; NaN where fewer than 2 values remain."""
+    count = (~x.isnan()).sum(dim)
+    centred = x - x.nanmean(dim, keepdim=True)
+    var = (centred**2).nansum(dim) / (count - 1).clamp(min=1)
+    return torch.where(count > 1, var.sqrt(), torch.full_like(var, float("nan")))
+
+
+@dataclass(frozen=True)
+class AdvantageStats:
+    """What a generation batch's rewards looked like (TRL's metric names where the meaning is the same).
+
+    ``frac_reward_zero_std`` is the fraction of groups whose completions all got the same reward: those
+    completions have advantage 0 and contribute nothing to the policy gradient, so a value near 1 explains a
+    loss stuck near 0. TRL logs the same number for ``scale_rewards`` "group"/"none"; for "batch" TRL instead
+    reports whether the whole batch has zero std, which does not say how many advantages are 0.
+    """
+
+    reward_mean: float  # nanmean of the combined rewards
+    reward_std: float  # nanstd of the combined rewards over the whole batch
+    frac_reward_zero_std: float
+    num_unscorable: int  # completions every reward function abstained on: advantage forced to 0
+
+
+def group_advantages(
+    rewards: Tensor, num_generations: int, scale_rewards: ScaleRewards = "group"
+) -> tuple[Tensor, AdvantageStats]:
+    """Group-relative advantages, TRL's ``sum_then_normalize`` path.
+
+    ``rewards`` is ``[N]``, combined over functions (:func:`combine_rewards`), ordered so that each run of
+    ``num_generations`` consecutive rows holds the completions of one prompt. It must hold whole groups, i.e.
+    be gathered across ranks before calling (needed anyway for "batch").
+
+    * ``"group"``: ``A_i = (r_i - mean_g) / (std_g + 1e-4)``
+    * ``"batch"``: ``A_i = (r_i - mean_g) / (std_batch + 1e-4)``
+    * ``"none"``:  ``A_i = r_i - mean_g``
+
+    Means and (Bessel-corrected) stds ignore NaN rewards (unscorable completions); any NaN advantage becomes 0.
+    """
+    if scale_rewards not in SCALE_REWARDS:
+        raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}, got {scale_rewards!r}")
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D [completions], got shape {tuple(rewards.shape)}")
+    n = rewards.numel()
+    if num_generations < 1 or n % num_generations:
+        raise ValueError(
+            f"{n} rewards do not split into groups of num_generations={num_generations}: "
+            "pass whole groups (gathered across ranks)"
+        )
+    grouped = rewards.view(-1, num_generations)
+    group_mean = grouped.nanmean(dim=1)
+    group_std = _nanstd(grouped, dim=1) if num_generations > 1 else torch.zeros_like(group_mean)
+    batch_std = _nanstd(rewards, dim=0) if n > 1 else torch.zeros((), dtype=rewards.dtype)
+
+    advantages = rewards - group_mean.repeat_interleave(num_generations)
+    if scale_rewards == "group":
+        advantages = advantages / (group_std.repeat_interleave(num_generations) + STD_EPS)
+    elif scale_rewards == "batch":
+        advantages = advantages / (batch_std + STD_EPS)
+    advantages = torch.nan_to_num(advantages, nan=0.0)
+
+    stats = AdvantageStats(
+        reward_mean=rewards.nanmean().item(),
+        reward_std=batch_std.item(),
+        frac_reward_zero_std=torch.isclose(group_std, torch.zeros_like(group_std)).float().mean().item(),
+        num_unscorable=int(rewards.isnan().sum().item()),
+    )
+    return advantages, stats
+
+
+def mask_truncated(completion_mask: Tensor, is_truncated: Tensor) -> Tensor:
+    """``mask_truncated_completions``: zero the whole row of every truncated completion.
+
+    ``completion_mask`` is ``[B, T]``; ``is_truncated`` is ``[B]`` (bool), True where generation stopped at
+    ``max_completion_length`` without EOS. The result keeps ``completion_mask``'s dtype.
+    """
+    if is_truncated.shape != completion_mask.shape[:1]:
+        raise ValueError(
+            f"is_truncated has shape {tuple(is_truncated.shape)}, "
+            f"expected [{completion_mask.shape[0]}] for completion_mask {tuple(completion_mask.shape)}"
+        )
+    keep = (~is_truncated.bool()).unsqueeze(1).to(completion_mask.dtype)
+    return completion_mask * keep
+
+
+@dataclass(frozen=True)
+class LossParts:
+    """The pieces of one micro-batch's :func:`grpo_loss`, all detached 0-d tensors.
+
+    ``policy + kl_penalty == loss``. With ``old_logps=None`` (``num_iterations=1``) every ratio is 1, so
+    ``policy`` is minus the aggregated advantage, which is near 0 because advantages are centred per group; its
+    gradient is not 0. ``kl`` is None when ``beta == 0`` (no reference model). The means are over this
+    micro-batch's completion tokens; ``num_tokens`` lets a caller weight them when averaging across ranks.
+    """
+
+    policy: Tensor  # clipped-surrogate part of the loss, aggregated like the loss
+    kl_penalty: Tensor  # beta * aggregated k3 KL (0 when beta == 0)
+    kl: Tensor | None  # mean per-token k3 estimate of KL(pi || pi_ref)  (TRL "kl")
+    ratio_mean: Tensor  # mean of pi / pi_old
+    clip_ratio_low: Tensor  # fraction of tokens with ratio < 1 - epsilon and A < 0  (TRL clip_ratio/low_mean)
+    clip_ratio_high: Tensor  # ratio > 1 + epsilon_high and A > 0  (TRL clip_ratio/high_mean)
+    clip_ratio_region: Tensor  # either of the two  (TRL clip_ratio/region_mean)
+    num_tokens: Tensor  # completion tokens in this micro-batch (sum of the mask)
+
+
+def _aggregator(
+    loss_type: str,
+    mask: Tensor,
+    max_completion_length: int,
+    num_items_in_batch: int | float | Tensor | None,
+    num_processes: int,
+    accumulation_steps: int,
+) -> Callable[[Tensor], Tensor]:
+    """The per-token -> scalar reduction of ``loss_type`` (formulas in :func:`grpo_loss`)."""
+    if loss_type == "grpo":
+        return lambda x: ((x * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    if loss_type == "bnpo":
+        return lambda x: (x * mask).sum() / mask.sum().clamp(min=1.0)
+    if loss_type == "dr_grpo":
+        return lambda x: (x * mask).sum() / (mask.shape[0] * max_completion_length)
+    if num_items_in_batch is None:
+        raise ValueError(
+            "loss_type='dapo' normalises by the completion tokens of the whole optimizer step: "
+            "pass num_items_in_batch (summed over ranks and accumulation micro-batches)"
+        )
+    total = torch.as_tensor(num_items_in_batch, dtype=mask.dtype, device=mask.device).clamp(min=1.0)
+    # Average tokens per micro-batch per rank: after the caller's 1/accumulation_steps and DDP's 1/num_processes,
+    # the step's gradient is that of sum(all tokens) / total.
+    per_microbatch = total / (num_processes * accumulation_steps)
+    return lambda x: (x * mask).sum() / per_microbatch
+
+
+def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def _check_inputs(
+    logps: Tensor,
+    old_logps: Tensor | None,
+    ref_logps: Tensor | None,
+    advantages: Tensor,
+    completion_mask: Tensor,
+    beta: float,
+    loss_type: str,
+) -> None:
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if (ref_logps is None) != (beta == 0.0):
+        raise ValueError(
+            f"ref_logps must be given exactly when beta != 0 (beta={beta}, "
+            f"ref_logps {'missing' if ref_logps is None else 'given'})"
+        )
+    shape = tuple(completion_mask.shape)
+    for name, t in (("logps", logps), ("old_logps", old_logps), ("ref_logps", ref_logps)):
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, completion_mask has {shape}")
+    if tuple(advantages.shape) not in ((shape[0],), shape):
+        raise ValueError(f"advantages has shape {tuple(advantages.shape)}, expected [{shape[0]}] or {shape}")
+
+
+def grpo_loss(
+    logps: Tensor,
+    old_logps: Tensor | None,
+    ref_logps: Tensor | None,
+    advantages: Tensor,
+    completion_mask: Tensor,
+    *,
+    beta: float,
+    epsilon: float,
+    epsilon_high: float | None,
+    loss_type: LossType,
+    max_completion_length: int,
+    num_items_in_batch: int | float | Tensor | None = None,
+    num_processes: int = 1,
+    accumulation_steps: int = 1,
+    delta: float | None = None,
+) -> tuple[Tensor, LossParts]:
+    """GRPO loss of one micro-batch (before the caller's division by ``accumulation_steps``).
+
+    Inputs are ``[B, T]`` per-token log-probs of the completion tokens under the policy being trained
+    (``logps``, with grad), the policy that sampled them (``old_logps``; None when ``num_iterations=1``, where
+    it equals ``logps.detach()``) and the reference model (``ref_logps``; None iff ``beta == 0``);
+    ``advantages`` is ``[B]``; ``completion_mask`` is ``[B, T]`` (0 on padding and masked completions).
+    ``epsilon_high=None`` means ``epsilon``. ``delta`` (INTELLECT-2 two-sided clipping) caps the unclipped
+    ratio too. Per token, with ``r = exp(logps - old_logps)`` and ``d = ref_logps - logps``::
+
+        l_it = -min(r_it A_i, clip(r_it, 1 - epsilon, 1 + epsilon_high) A_i) + beta (exp(d_it) - d_it - 1)
+
+    then, with ``m`` the mask and ``B`` the micro-batch size, ``loss_type`` aggregates:
+
+    * ``grpo``:    ``L = 1/B sum_i [ sum_t m_it l_it / max(1, sum_t m_it) ]``  (per-sequence mean, then mean)
+    * ``bnpo``:    ``L = sum_it m_it l_it / max(1, sum_it m_it)``  (token mean of this micro-batch)
+    * ``dr_grpo``: ``L = sum_it m_it l_it / (B * max_completion_length)``
+    * ``dapo``:    ``L = sum_it m_it l_it / (max(1, num_items_in_batch) / (num_processes * accumulation_steps))``
+
+    For ``dapo``, ``num_items_in_batch`` is the number of completion tokens (mask sum) in the whole optimizer
+    step: summed over all ranks and all accumulation micro-batches, so that once the caller divides by
+    ``accumulation_steps`` and DDP averages ranks the step is a global token mean. (TRL counts tokens over a
+    generation batch and rescales by ``gradient_accumulation_steps / steps_per_generation``; with one
+    generation batch per optimizer step, TRL's default, both are the same count.)
+    """
+    _check_inputs(logps, old_logps, ref_logps, advantages, completion_mask, beta, loss_type)
+    eps_high = epsilon if epsilon_high is None else epsilon_high
+    mask = completion_mask.to(logps.dtype)
+    adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+    aggregate = _aggregator(
+        loss_type, mask, max_completion_length, num_items_in_batch, num_processes, accumulation_steps
+    )
+
+    # With one iteration the sampling policy is the current one: the ratio is exactly 1 but still carries
+    # grad log pi, which is the whole policy gradient.
+    ratio = torch.exp(logps - (logps.detach() if old_logps is None else old_logps))
+    unclipped = ratio if delta is None else ratio.clamp(max=delta)
+    clipped = ratio.clamp(1 - epsilon, 1 + eps_high)
+    policy = aggregate(-torch.min(unclipped * adv, clipped * adv))
+
+    if ref_logps is None:
+        kl = None
+        kl_penalty = torch.zeros((), dtype=policy.dtype, device=policy.device)
+    else:
+        d = ref_logps - logps
+        per_token_kl = torch.exp(d) - d - 1
+        kl = _masked_mean(per_token_kl, mask).detach()
+        kl_penalty = beta * aggregate(per_token_kl)
+    loss = policy + kl_penalty
+
+    with torch.no_grad():
+        # TRL measures clipping on the delta-capped ratio; identical whenever delta > 1 + epsilon_high.
+        low = ((unclipped < 1 - epsilon) & (adv < 0)).to(mask.dtype)
+        high = ((unclipped > 1 + eps_high) & (adv > 0)).to(mask.dtype)
+        parts = LossParts(
+            policy=policy.detach(),
+            kl_penalty=kl_penalty.detach(),
+            kl=kl,
+            ratio_mean=_masked_mean(ratio, mask),
+            clip_ratio_low=_masked_mean(low, mask),
+            clip_ratio_high=_masked_mean(high, mask),
+            clip_ratio_region=_masked_mean(torch.maximum(low, high), mask),
+            num_tokens=mask.sum(),
+        )
+    return loss, parts
