@@ -18,7 +18,9 @@ class Sample:
     source: str  # name of the recipe data source it came from
     origin: str  # "path/to/file.jsonl:17" or "dataset_dir[17]": where to look when it is wrong
     messages: list[dict[str, str]]  # {"role": "system"|"user"|"assistant", "content": str}
-    images: list[Any] = field(default_factory=list)  # resolved file paths (str) or PIL images, one per placeholder
+    images: list[Any] = field(
+        default_factory=list
+    )  # resolved file paths (str) or PIL images, one per placeholder
     answer: str | None = None  # gold answer / solution for RL and evaluation rows
     meta: dict[str, Any] = field(default_factory=dict)  # e.g. {"family": "count", "box": [x1, y1, x2, y2]}
 
