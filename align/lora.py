@@ -1,0 +1,58 @@
+"""LoRA (peft) on the language model's linear layers, and merged weights for plain Llava checkpoints.
+
+Adapters go on the LLM only: the projector trains fully and the vision tower is never adapted. Saving
+computes ``W + delta`` for each adapted layer without touching the live model, so training can go on after a
+checkpoint, and the saved folder is an ordinary Llava checkpoint; the adapter is saved beside it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+_PEFT_PREFIX = "base_model.model."
+
+
+def apply_lora(model: nn.Module, r: int, alpha: int, dropout: float, target_modules: list[str]) -> nn.Module:
+    """Wrap ``model`` with LoRA adapters on ``target_modules`` inside ``language_model`` only."""
+    from peft import LoraConfig, get_peft_model
+
+    names = "|".join(target_modules)
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=rf".*language_model\..*\.({names})$",
+        bias="none",
+    )
+    return get_peft_model(model, config)
+
+
+def is_lora(model: nn.Module) -> bool:
+    return any("lora_" in n for n, _ in model.named_parameters())
+
+
+def merge_lora_state_dict(state_dict: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
+    """Plain ``LlavaForConditionalGeneration`` names and weights from a peft-wrapped state dict.
+
+    Pure function on tensors (it also serves ZeRO-3, whose consolidated state dict arrives on rank 0 only):
+    every ``X.base_layer.weight`` becomes ``X.weight + scaling * lora_B @ lora_A``; adapter tensors are dropped.
+    """
+    out = {}
+    for key, value in state_dict.items():
+        if "lora_" in key:
+            continue
+        if key.endswith(".base_layer.weight"):
+            stem = key[: -len(".base_layer.weight")]
+            a = state_dict[f"{stem}.lora_A.default.weight"].float()
+            b = state_dict[f"{stem}.lora_B.default.weight"].float()
+            value = (value.float() + scaling * (b @ a)).to(value.dtype)
+        out[key.removeprefix(_PEFT_PREFIX).replace(".base_layer.", ".")] = value
+    return out
+
+
+def save_adapter(model: nn.Module, folder: str | Path) -> None:
+    """The adapter alone (peft format), beside the merged model."""
+    model.save_pretrained(str(folder))

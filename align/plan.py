@@ -1,0 +1,341 @@
+"""``align plan RECIPE [--gpus N] [--json]``: parameters and per-GPU training memory, on the meta device.
+
+This module owns three things:
+
+* resolving the configs an ``assemble`` recipe names, offline: a local folder's ``config.json``; for a hub id,
+  the copy shipped in ``recipes/models/<org>--<name>/config.json``, else the Hugging Face cache; open_clip
+  towers through :func:`align.vision.hf_vision_config`;
+* :func:`plan_model`: the assembled ``LlavaForConditionalGeneration`` built on the meta device (no weights
+  are allocated, so a 70B plan runs on a laptop), counted per component, plus image tokens per image and the
+  size of LoRA adapters;
+* :func:`memory_per_gpu`: the ZeRO-paper accounting of weights, gradients and optimizer states per GPU.
+
+Run: ``align plan recipes/real/assemble_siglip_so400m_r1_qwen7b.yaml --gpus 8`` (``--json`` for machines).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from align.config import load_any
+from align.errors import AlignError
+
+if TYPE_CHECKING:
+    from torch import nn
+    from transformers import PreTrainedConfig
+
+MODELS_DIR = Path(__file__).resolve().parent.parent / "recipes" / "models"
+LORA_RANK = 128
+STAGES = ("projector", "sft", "sft-lora", "grpo")
+STRATEGIES = ("ddp", "zero2", "zero3")
+STRATEGY_NAMES = {"ddp": "DDP", "zero2": "ZeRO-2", "zero3": "ZeRO-3"}
+# Mixed-precision Adam as in the ZeRO paper: bf16 weights for every parameter; for each trainable one a bf16
+# gradient plus an fp32 master copy and fp32 Adam m and v (4 + 4 + 4 bytes).
+WEIGHT_BYTES = 2
+GRAD_BYTES = 2
+OPTIMIZER_BYTES = 12
+ACCOUNTING = (
+    "bf16 weights 2 B/param (every param), bf16 grads 2 B + fp32 master/Adam m/Adam v 12 B per trainable param; "
+    "DDP replicates all, ZeRO-2 shards grads+optimizer over the GPUs, ZeRO-3 also shards weights. "
+    "Excluded: activations, temporary/communication buffers, CUDA context, fragmentation."
+)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Parameter counts of one assembled model (each tied tensor counted once)."""
+
+    vision: int  # the whole tower as instantiated, including any pooling head
+    vision_head: int  # part of `vision` LLaVA never uses: SigLIP's attention-pooling head (0 for CLIP)
+    projector: int
+    llm: int  # decoder + embed_tokens + lm_head
+    llm_embed: int
+    llm_head: int  # 0 when tied to embed_tokens
+    vocab: int  # after adding the image token(s)
+    image_tokens: int  # per image, after the select strategy
+    lora: int  # LoRA adapters of rank LORA_RANK on every LLM linear layer except lm_head
+
+    @property
+    def total(self) -> int:
+        return self.vision + self.projector + self.llm
+
+    def split(self, stage: str) -> tuple[int, int]:
+        """(trainable, frozen) parameters under a stage's default freezing."""
+        if stage == "projector":
+            trainable = self.projector
+        elif stage in ("sft", "grpo"):
+            trainable = self.projector + self.llm
+        elif stage == "sft-lora":  # adapters are new parameters on top of a frozen base
+            return self.projector + self.lora, self.total - self.projector
+        else:
+            raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+        return trainable, self.total - trainable
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def memory_per_gpu(trainable: int, frozen: int, gpus: int, strategy: str) -> dict[str, int]:
+    """Bytes per GPU for weights, gradients, optimizer states and their total (activations excluded).
+
+    Sharded tensors are split into ``gpus`` equal parts (rounded up, as ZeRO pads its partitions).
+    """
+    if gpus < 1:
+        raise ValueError(f"gpus must be >= 1, got {gpus}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
+    shard = 1 if strategy == "ddp" else gpus
+    weight_shard = gpus if strategy == "zero3" else 1
+    out = {
+        "weights": WEIGHT_BYTES * _ceil_div(trainable + frozen, weight_shard),
+        "gradients": GRAD_BYTES * _ceil_div(trainable, shard),
+        "optimizer": OPTIMIZER_BYTES * _ceil_div(trainable, shard),
+    }
+    out["total"] = sum(out.values())
+    return out
+
+
+def image_tokens(vision_config: PreTrainedConfig, select_strategy: str) -> int:
+    """Tokens one image becomes: patches, plus CLIP's CLS unless the ``default`` strategy drops it."""
+    image, patch = vision_config.image_size, vision_config.patch_size
+    image = image if isinstance(image, int) else image[0]
+    patch = patch if isinstance(patch, int) else patch[0]
+    cls = 1 if vision_config.model_type == "clip_vision_model" else 0
+    if select_strategy == "default" and not cls:
+        raise AlignError(
+            f"select_strategy 'default' drops the first token as CLS, but {vision_config.model_type} has no CLS "
+            f"token: it would drop a real patch of {(image // patch) ** 2}; use 'full'"
+        )
+    return (image // patch) ** 2 + cls - (1 if select_strategy == "default" else 0)
+
+
+def default_select_strategy(vision_config: PreTrainedConfig) -> str:
+    """LLaVA-1.5 drops CLIP's CLS token; SigLIP has none, so it keeps every token."""
+    return "default" if vision_config.model_type == "clip_vision_model" else "full"
+
+
+def lora_parameters(module: nn.Module, rank: int) -> int:
+    """LoRA parameter count from shapes: A (rank x in) + B (out x rank) per ``nn.Linear`` in ``module``."""
+    from torch import nn
+
+    return sum(rank * (m.in_features + m.out_features) for m in module.modules() if isinstance(m, nn.Linear))
+
+
+def plan_model(
+    vision_config: PreTrainedConfig,
+    text_config: PreTrainedConfig,
+    feature_layer: int,
+    select_strategy: str | None,
+    vocab: int | None = None,
+    lora_rank: int = LORA_RANK,
+) -> Plan:
+    """Count the Llava model assembled from two HF configs, on the meta device.
+
+    ``vocab`` is the number of embedding rows after adding ``<image>`` (None: the LLM's rows + 1);
+    ``select_strategy`` None picks the LLaVA default for the tower.
+    """
+    import torch
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    from align.model import parameter_table
+
+    layers = vision_config.num_hidden_layers
+    if not -(layers + 1) <= feature_layer <= layers:
+        raise AlignError(
+            f"vision feature_layer {feature_layer} is out of range: the tower has {layers} layers, "
+            f"so hidden states {-(layers + 1)}..{layers}"
+        )
+    strategy = select_strategy or default_select_strategy(vision_config)
+    tokens = image_tokens(vision_config, strategy)
+    text_config = copy.deepcopy(text_config)
+    # Same shapes as resize_token_embeddings(vocab) after loading, without building twice.
+    text_config.vocab_size = text_config.vocab_size + 1 if vocab is None else vocab
+    config = LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_id=text_config.vocab_size - 1,  # any id: only shapes matter here
+        image_seq_length=tokens,
+        vision_feature_layer=feature_layer,
+        vision_feature_select_strategy=strategy,
+        projector_hidden_act="gelu",
+    )
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    counts = {component: total for component, total, _ in parameter_table(model)}
+    tower = model.model.vision_tower
+    head = getattr(tower, "head", None) or getattr(getattr(tower, "vision_model", None), "head", None)
+    embed = model.model.language_model.embed_tokens.weight
+    tied = model.lm_head.weight is embed
+    return Plan(
+        vision=counts["vision"],
+        vision_head=sum(p.numel() for p in head.parameters()) if head is not None else 0,
+        projector=counts["projector"],
+        llm=counts["llm"],
+        llm_embed=embed.numel(),
+        llm_head=0 if tied else model.lm_head.weight.numel(),
+        vocab=text_config.vocab_size,
+        image_tokens=tokens,
+        lora=lora_parameters(model.model.language_model, lora_rank),
+    )
+
+
+def shipped_config_dir(hub_id: str, models_dir: Path = MODELS_DIR) -> Path:
+    return models_dir / hub_id.replace("/", "--")
+
+
+def resolve_config(name_or_path: str, models_dir: Path = MODELS_DIR) -> PreTrainedConfig:
+    """An HF config for a folder or hub id, without network: folder, shipped copy, then the HF cache."""
+    from transformers import AutoConfig
+
+    folder = Path(name_or_path)
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise AlignError(f"{folder}: model folder has no config.json")
+        return AutoConfig.from_pretrained(folder)
+    shipped = shipped_config_dir(name_or_path, models_dir)
+    if (shipped / "config.json").is_file():
+        return AutoConfig.from_pretrained(shipped)
+    try:
+        return AutoConfig.from_pretrained(name_or_path, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise AlignError(
+            f"no config for '{name_or_path}': not a local folder, not shipped as {shipped}/config.json and not "
+            f"in the Hugging Face cache ({type(err).__name__}); put its config.json there or pass a folder"
+        ) from None
+
+
+def vocab_with_image_token(llm_name_or_path: str, rows: int, image_token: str) -> tuple[int, str]:
+    """Embedding rows after ``align assemble`` adds ``image_token`` (and a pad token if missing), and how known.
+
+    Assemble grows the embeddings only when the tokenizer outgrows them, so LLMs shipped with spare rows
+    (R1-Distill-Qwen: 152064 rows, about 151665 tokens) keep their size. Without a tokenizer (shipped configs)
+    the vocabulary is assumed full: rows + 1.
+    """
+    folder = Path(llm_name_or_path)
+    if not (folder / "tokenizer_config.json").is_file() and not (folder / "tokenizer.json").is_file():
+        return rows + 1, "+1 image token; no tokenizer offline, so no spare rows assumed"
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    needed = len(tokenizer) + (image_token not in tokenizer.get_vocab()) + (tokenizer.pad_token is None)
+    return max(rows, needed), f"tokenizer has {len(tokenizer)} tokens, {needed} with image/pad tokens"
+
+
+def resolve_vision_config(
+    source: str, name_or_path: str, pretrained: str | None, models_dir: Path = MODELS_DIR
+) -> PreTrainedConfig:
+    """The HF vision config of a tower; CLIP/SigLIP dual-encoder configs give their vision half."""
+    if source == "open_clip":
+        from align.vision import hf_vision_config
+
+        return hf_vision_config(name_or_path, pretrained)
+    config = resolve_config(name_or_path, models_dir)
+    return getattr(config, "vision_config", None) or config
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f}"
+
+
+def _params(n: int) -> str:
+    return f"{n / 1e9:.3f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
+
+
+def report(plan: Plan, gpus: int) -> dict:
+    """Everything ``align plan`` prints, as plain data."""
+    stages = {}
+    for stage in STAGES:
+        trainable, frozen = plan.split(stage)
+        memory = {s: memory_per_gpu(trainable, frozen, gpus, s) for s in STRATEGIES}
+        stages[stage] = {"trainable": trainable, "frozen": frozen, "memory_bytes": memory}
+    # GRPO with beta > 0 also holds a frozen reference policy: bf16 weights again, sharded only by ZeRO-3.
+    reference = {s: memory_per_gpu(0, plan.total, gpus, s)["weights"] for s in STRATEGIES}
+    return {
+        "params": {**asdict(plan), "total": plan.total},
+        "gpus": gpus,
+        "stages": stages,
+        "grpo_reference_bytes": reference,
+        "accounting": ACCOUNTING,
+    }
+
+
+def format_report(data: dict, header: list[str]) -> str:
+    p = data["params"]
+    rows = [
+        ("vision tower", p["vision"]),
+        ("  of which pooling head (unused by LLaVA)", p["vision_head"]),
+        ("projector (mlp2x_gelu)", p["projector"]),
+        ("llm", p["llm"]),
+        (f"  of which embed_tokens ({p['vocab']} rows)", p["llm_embed"]),
+        ("  of which lm_head" + (" (tied)" if p["llm_head"] == 0 else ""), p["llm_head"]),
+        ("total", p["total"]),
+        (f"LoRA r={LORA_RANK} on all LLM linear layers (extra)", p["lora"]),
+    ]
+    width = max(len(r[0]) for r in rows)
+    lines = [*header, "", f"{'parameters':<{width}}  {'count':>16}  {'':>10}"]
+    lines += [f"{name:<{width}}  {n:>16,}  {_params(n):>10}" for name, n in rows]
+    lines += ["", f"image tokens per image: {p['image_tokens']}", ""]
+    gpus = data["gpus"]
+    lines.append(f"memory per GPU on {gpus} GPU(s), GiB:")
+    head = f"{'stage':<10} {'trainable':>10} {'strategy':<8} {'weights':>8} {'grads':>8} {'optim':>8} {'total':>8}"
+    lines.append(head)
+    for stage, s in data["stages"].items():
+        for i, strategy in enumerate(STRATEGIES):
+            m = s["memory_bytes"][strategy]
+            first = f"{stage:<10} {_params(s['trainable']):>10}" if i == 0 else " " * 21
+            lines.append(
+                f"{first} {STRATEGY_NAMES[strategy]:<8} {_gib(m['weights']):>8} {_gib(m['gradients']):>8} "
+                f"{_gib(m['optimizer']):>8} {_gib(m['total']):>8}"
+            )
+    ref = ", ".join(f"{STRATEGY_NAMES[k]} {_gib(v)}" for k, v in data["grpo_reference_bytes"].items())
+    lines += ["", f"grpo with beta > 0 also keeps a frozen reference model, GiB per GPU: {ref}"]
+    lines += [f"accounting: {data['accounting']}"]
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="an assemble recipe (kind: assemble)")
+    parser.add_argument("overrides", nargs="*", help="key.path=value recipe overrides")
+    parser.add_argument("--gpus", type=int, default=8, help="data-parallel GPUs to shard over (default 8)")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.gpus < 1:
+        raise AlignError(f"--gpus must be at least 1, got {args.gpus}")
+    recipe = load_any(args.recipe, args.overrides, expect="assemble")
+    v, llm = recipe.vision, recipe.llm
+    vision_config = resolve_vision_config(v.source, v.name_or_path, v.pretrained)
+    text_config = resolve_config(llm.name_or_path)
+    vocab, vocab_note = vocab_with_image_token(llm.name_or_path, text_config.vocab_size, recipe.image_token)
+    plan = plan_model(vision_config, text_config, v.feature_layer, v.select_strategy, vocab=vocab)
+    strategy = v.select_strategy or default_select_strategy(vision_config)
+    data = report(plan, args.gpus)
+    data["vision"] = {
+        "name_or_path": v.name_or_path,
+        "model_type": vision_config.model_type,
+        "feature_layer": v.feature_layer,
+        "select_strategy": strategy,
+    }
+    data["llm"] = {
+        "name_or_path": llm.name_or_path,
+        "model_type": text_config.model_type,
+        "vocab_note": vocab_note,
+    }
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    header = [
+        f"plan: {args.recipe} (meta device: no weights loaded)",
+        f"vision: {v.name_or_path} ({vision_config.model_type}), feature layer {v.feature_layer}, select {strategy}",
+        f"llm:    {llm.name_or_path} ({text_config.model_type}), vocab {text_config.vocab_size} -> {plan.vocab} "
+        f"({vocab_note})",
+    ]
+    print(format_report(data, header))
+    return 0

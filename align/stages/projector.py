@@ -1,0 +1,37 @@
+"""Stage 1: projector alignment on image captions (LLaVA-1.5 stage 1).
+
+The same program as SFT (``align/stages/sft.py``) with stage-1 defaults: only the projector trains (vision
+tower and LLM frozen), LR 1e-3 with cosine decay and 3% warm-up, no weight decay, and the frozen tower's
+features cached per image so later epochs skip the tower.
+
+Run: ``align projector RECIPE [key=value ...] [--resume]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from align.config import load_any
+from align.engine import init_distributed
+from align.stages.common import OptimSpec, TrainableSpec
+from align.stages.sft import SFTRecipe, add_arguments, train
+
+__all__ = ["ProjectorRecipe", "add_arguments", "run"]
+
+
+@dataclass
+class ProjectorRecipe(SFTRecipe):
+    kind: Literal["projector"]  # type: ignore[assignment]
+    optim: OptimSpec = field(default_factory=lambda: OptimSpec(lr=1e-3))
+    trainable: TrainableSpec = field(
+        default_factory=lambda: TrainableSpec(vision=False, projector=True, llm=False)
+    )
+    feature_cache: Literal["off", "memory", "disk"] = "memory"
+
+
+def run(args) -> int:
+    recipe = load_any(args.recipe, args.overrides, expect="projector")
+    dist = init_distributed()
+    train(recipe, dist, args.resume)
+    return dist.shutdown(0)

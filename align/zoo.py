@@ -1,0 +1,337 @@
+"""The tiny offline model zoo: real-format, randomly initialised checkpoints for tests and the demo.
+
+This module owns ``align zoo`` and :func:`build_zoo`, which writes one folder per part of :data:`PARTS`:
+
+* ``clip-hf``: ``CLIPVisionModel`` + ``CLIPImageProcessor`` (CLS token, CLIP mean/std);
+* ``siglip-hf``: ``SiglipVisionModel`` + ``SiglipImageProcessor`` (no CLS, mean/std 0.5);
+* ``openclip-vit``: an open_clip CLIP ViT (with its tiny text tower) in open_clip's local layout,
+  ``open_clip_config.json`` + ``open_clip_model.safetensors``;
+* ``openclip-siglip``: an open_clip SigLIP-style model. open_clip's real SigLIP towers are timm models
+  (``vit_base_patch16_siglip_*``, 86M+ parameters, no smaller timm variant exists), so this one uses open_clip's
+  native ``VisionTransformer`` with the SigLIP-like options open_clip's native configs offer: no pre-LayerNorm
+  (``no_ln_pre``), average pooling over the patch tokens (``pool_type: avg``, as ViT-*-CLIPA), LayerNorm eps
+  1e-6, tanh GELU, a learned logit bias and a bidirectional text tower (``CustomTextCLIP``). NOTE: open_clip 3.3's
+  native ViT has no ``class_token`` switch, so this tower still prepends a class token internally (65 tokens);
+  the class token is simply never pooled. Mean/std are 0.5 and resizing squashes, as SigLIP's;
+* ``qwen2-r1`` / ``llama-r1``: ``Qwen2ForCausalLM`` / ``LlamaForCausalLM`` shaped like the R1 distills (GQA,
+  untied embeddings, llama3 rope scaling for Llama) with the tokenizers of :mod:`align.zoo_tokenizer`.
+
+Every part is deterministic (fixed seeds): rebuilding gives byte-identical files. A part folder is complete when
+its ``zoo-part.json`` marker holds the current fingerprint (part spec + library versions); complete parts are
+skipped unless ``force``. Parts are built in a temporary sibling folder and renamed into place, so an
+interrupted build never leaves a half-written part that looks complete.
+
+Run ``align zoo [--out checkpoints/zoo] [--force]``. Nothing else may depend on the zoo at run time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from align.errors import AlignError
+
+PARTS = ("clip-hf", "siglip-hf", "openclip-vit", "openclip-siglip", "qwen2-r1", "llama-r1")
+MARKER = "zoo-part.json"
+ZOO_VERSION = 1  # bump when a part's recipe changes in a way the spec dicts below do not show
+SEED = 0
+DEFAULT_OUT = Path("checkpoints/zoo")
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
+
+IMAGE_SIZE, PATCH_SIZE = 64, 8
+VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+VISION_HF = dict(**VISION, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE)
+LLM = dict(
+    hidden_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=256,
+    max_position_embeddings=4096,
+    tie_word_embeddings=False,
+)
+# R1-Distill-Llama's rope: llama3 scaling (factor 8, low/high freq 1/4); original context scaled down with the model.
+LLAMA_ROPE = dict(
+    rope_type="llama3",
+    rope_theta=500000.0,
+    factor=8.0,
+    low_freq_factor=1.0,
+    high_freq_factor=4.0,
+    original_max_position_embeddings=512,
+)
+QWEN_ROPE = dict(rope_type="default", rope_theta=10000.0)
+# The R1 distills ship sampling defaults in generation_config.json.
+GENERATION = dict(do_sample=True, temperature=0.6, top_p=0.95)
+
+# open_clip model configs (the "model_cfg" of open_clip_config.json). The text towers are tiny but keep the
+# default CLIP tokenizer's vocabulary, so open_clip.get_tokenizer's SimpleTokenizer output fits them.
+_OPENCLIP_VISION = dict(
+    image_size=IMAGE_SIZE,
+    patch_size=PATCH_SIZE,
+    width=VISION["hidden_size"],
+    layers=VISION["num_hidden_layers"],
+    head_width=VISION["hidden_size"] // VISION["num_attention_heads"],
+    mlp_ratio=VISION["intermediate_size"] / VISION["hidden_size"],
+)
+_OPENCLIP_TEXT = dict(context_length=16, vocab_size=49408, width=32, heads=2, layers=1)
+OPENCLIP_CFG: dict[str, dict[str, Any]] = {
+    "openclip-vit": {
+        "embed_dim": 32,
+        "vision_cfg": dict(_OPENCLIP_VISION),
+        "text_cfg": dict(_OPENCLIP_TEXT),
+    },
+    "openclip-siglip": {
+        "embed_dim": 32,
+        "init_logit_bias": -10,
+        "custom_text": True,
+        "vision_cfg": dict(
+            _OPENCLIP_VISION,
+            no_ln_pre=True,
+            pool_type="avg",
+            final_ln_after_pool=False,
+            norm_kwargs={"eps": 1e-6},
+            act_kwargs={"approximate": "tanh"},
+        ),
+        "text_cfg": dict(
+            _OPENCLIP_TEXT,
+            no_causal_mask=True,
+            proj_bias=True,
+            pool_type="last",
+            norm_kwargs={"eps": 1e-6},
+            act_kwargs={"approximate": "tanh"},
+        ),
+    },
+}
+OPENCLIP_PREPROCESS: dict[str, dict[str, Any]] = {
+    "openclip-vit": dict(
+        size=IMAGE_SIZE, mean=CLIP_MEAN, std=CLIP_STD, interpolation="bicubic", resize_mode="shortest"
+    ),
+    "openclip-siglip": dict(
+        size=IMAGE_SIZE, mean=SIGLIP_MEAN, std=SIGLIP_STD, interpolation="bicubic", resize_mode="squash"
+    ),
+}
+# Names under which register_openclip() adds the configs to open_clip's registry. No "siglip" in the name:
+# open_clip.get_tokenizer would then fetch the SigLIP tokenizer from the hub.
+OPENCLIP_NAMES = {"openclip-vit": "zoo-ViT-T-8", "openclip-siglip": "zoo-ViT-T-8-SL"}
+OPENCLIP_WEIGHTS = "open_clip_model.safetensors"
+
+
+def _seeded(seed: int) -> None:
+    import torch
+
+    torch.manual_seed(seed)
+
+
+def _parameters(model: Any) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _build_clip_hf(path: Path) -> int:
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    _seeded(SEED)
+    model = CLIPVisionModel(CLIPVisionConfig(**VISION_HF))
+    model.save_pretrained(path)
+    CLIPImageProcessor(
+        size={"shortest_edge": IMAGE_SIZE},
+        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+    ).save_pretrained(path)
+    return _parameters(model)
+
+
+def _build_siglip_hf(path: Path) -> int:
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+    _seeded(SEED)
+    model = SiglipVisionModel(SiglipVisionConfig(**VISION_HF))
+    model.save_pretrained(path)
+    SiglipImageProcessor(
+        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        image_mean=list(SIGLIP_MEAN),
+        image_std=list(SIGLIP_STD),
+    ).save_pretrained(path)
+    return _parameters(model)
+
+
+def _build_openclip(part: str) -> Callable[[Path], int]:
+    def build(path: Path) -> int:
+        from open_clip.model import CLIP, CustomTextCLIP
+        from safetensors.torch import save_file
+
+        cfg = json.loads(json.dumps(OPENCLIP_CFG[part]))  # a deep copy the model constructor may consume
+        model_class = CustomTextCLIP if cfg.pop("custom_text", False) else CLIP
+        _seeded(SEED)
+        model = model_class(**cfg)
+        state = {k: v.contiguous() for k, v in sorted(model.state_dict().items())}
+        save_file(state, str(path / OPENCLIP_WEIGHTS))
+        _write_json(
+            path / "open_clip_config.json",
+            {"model_cfg": OPENCLIP_CFG[part], "preprocess_cfg": OPENCLIP_PREPROCESS[part]},
+        )
+        # The bare model config, for open_clip.add_model_config (see register_openclip).
+        _write_json(path / f"{OPENCLIP_NAMES[part]}.json", OPENCLIP_CFG[part])
+        return _parameters(model)
+
+    return build
+
+
+def _build_llm(flavour: str) -> Callable[[Path], int]:
+    def build(path: Path) -> int:
+        from transformers import (
+            GenerationConfig,
+            LlamaConfig,
+            LlamaForCausalLM,
+            Qwen2Config,
+            Qwen2ForCausalLM,
+        )
+
+        from align.zoo_tokenizer import build_r1_tokenizer
+
+        tokenizer = build_r1_tokenizer(flavour, seed=SEED)
+        ids = dict(
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        if flavour == "qwen2":
+            config = Qwen2Config(
+                **LLM, **ids, rope_parameters=QWEN_ROPE, use_sliding_window=False, max_window_layers=2
+            )
+            model_class = Qwen2ForCausalLM
+        else:
+            config = LlamaConfig(**LLM, **ids, rope_parameters=LLAMA_ROPE)
+            model_class = LlamaForCausalLM
+        _seeded(SEED)
+        model = model_class(config)
+        model.generation_config = GenerationConfig(**_generation_ids(ids), **GENERATION)
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        return _parameters(model)
+
+    return build
+
+
+def _generation_ids(ids: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in ids.items() if k != "vocab_size" and v is not None}
+
+
+BUILDERS: dict[str, Callable[[Path], int]] = {
+    "clip-hf": _build_clip_hf,
+    "siglip-hf": _build_siglip_hf,
+    "openclip-vit": _build_openclip("openclip-vit"),
+    "openclip-siglip": _build_openclip("openclip-siglip"),
+    "qwen2-r1": _build_llm("qwen2"),
+    "llama-r1": _build_llm("llama"),
+}
+SPECS: dict[str, Any] = {
+    "clip-hf": [VISION_HF, CLIP_MEAN, CLIP_STD],
+    "siglip-hf": [VISION_HF, SIGLIP_MEAN, SIGLIP_STD],
+    "openclip-vit": [OPENCLIP_CFG["openclip-vit"], OPENCLIP_PREPROCESS["openclip-vit"]],
+    "openclip-siglip": [OPENCLIP_CFG["openclip-siglip"], OPENCLIP_PREPROCESS["openclip-siglip"]],
+    "qwen2-r1": [LLM, QWEN_ROPE, GENERATION],
+    "llama-r1": [LLM, LLAMA_ROPE, GENERATION],
+}
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def fingerprint(part: str) -> str:
+    """What a part's files depend on: its spec, the seed and the versions of the libraries that write them."""
+    import open_clip
+    import tokenizers
+    import torch
+    import transformers
+
+    versions = [transformers.__version__, open_clip.__version__, tokenizers.__version__, torch.__version__]
+    inputs: list[Any] = [ZOO_VERSION, part, SEED, SPECS[part], versions]
+    if part in (
+        "qwen2-r1",
+        "llama-r1",
+    ):  # the tokenizer is trained from code: its corpus and template count too
+        from align.zoo_tokenizer import chat_template, training_corpus
+
+        inputs += [hashlib.sha256("\n".join([*training_corpus(SEED), chat_template()]).encode()).hexdigest()]
+    blob = json.dumps(inputs, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def read_marker(path: Path) -> dict[str, Any] | None:
+    """The ``zoo-part.json`` of a part folder (``part``, ``fingerprint``, ``parameters``), or None."""
+    try:
+        return json.loads((path / MARKER).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def build_part(part: str, out: Path, force: bool = False) -> Path:
+    """Build one part under ``out`` unless it is already complete (and not ``force``)."""
+    if part not in BUILDERS:
+        raise ValueError(f"unknown zoo part {part!r}; parts are {', '.join(PARTS)}")
+    path = out / part
+    expected = fingerprint(part)
+    marker = read_marker(path)
+    if not force and marker is not None and marker.get("fingerprint") == expected:
+        return path
+    staging = out / f".{part}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    parameters = BUILDERS[part](staging)
+    _write_json(staging / MARKER, {"part": part, "fingerprint": expected, "parameters": parameters})
+    shutil.rmtree(path, ignore_errors=True)
+    staging.rename(path)
+    return path
+
+
+def build_zoo(out: Path, force: bool = False) -> dict[str, Path]:
+    """Write every part of :data:`PARTS` under ``out``; returns ``{part: folder}``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return {part: build_part(part, out, force) for part in PARTS}
+
+
+def register_openclip(path: Path) -> tuple[str, str]:
+    """Register an open_clip zoo part's config with open_clip; returns ``(model_name, pretrained)``.
+
+    Afterwards ``open_clip.create_model_and_transforms(model_name, pretrained=pretrained)`` loads the part
+    the way a named model plus a weights file loads. That route takes open_clip's default preprocessing
+    (CLIP mean/std); pass ``image_mean``/``image_std`` from the part's ``open_clip_config.json`` for SigLIP.
+    """
+    import open_clip
+
+    path = Path(path)
+    marker = read_marker(path)
+    part = marker["part"] if marker else None
+    if part not in OPENCLIP_NAMES:
+        raise AlignError(
+            f"{path / MARKER}: expected a built open_clip zoo part ({', '.join(OPENCLIP_NAMES)}), got {part!r}"
+        )
+    name = OPENCLIP_NAMES[part]
+    open_clip.add_model_config(path / f"{name}.json")
+    return name, str(path / OPENCLIP_WEIGHTS)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"zoo folder (default: {DEFAULT_OUT})")
+    parser.add_argument("--force", action="store_true", help="rebuild parts that are already built")
+
+
+def run(args: argparse.Namespace) -> int:
+    paths = build_zoo(args.out, force=args.force)
+    for part, path in paths.items():
+        marker = read_marker(path) or {}
+        print(f"{part:<16} {path}  {marker.get('parameters', 0):,} parameters")
+    return 0
