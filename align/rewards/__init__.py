@@ -1,0 +1,315 @@
+"""Rule-based rewards for GRPO and evaluation: pure functions of the completion text and the row.
+
+Every reward in :data:`REWARDS` has TRL's reward-function signature,
+``fn(completions: list[str], **columns) -> list[float | None]``: ``columns`` are the dataset columns, one value
+per completion (TRL also passes ``prompts``, ``trainer_state`` …; they are ignored). ``None`` means "not
+applicable" (e.g. the gold answer cannot be parsed) and is skipped, unlike 0. Malformed model output scores
+0 and never raises; a missing column is a setup error and raises :class:`AlignError`.
+
+========== ================================ ============================================================
+name       columns                          per-item function
+========== ================================ ============================================================
+accuracy   ``solution`` (or ``answer``)     :func:`~align.rewards.answers.accuracy`: 1/0, matcher chosen
+                                            by the gold's shape
+format     -                                :func:`~align.rewards.extract.format_score`: 1/0 for
+                                            ``<think>…</think><answer>…</answer>``
+iou        ``box``, optional ``image_size`` :func:`~align.rewards.boxes.iou`: 1 if IoU > 0.5
+iou_soft   ``box``, optional ``image_size`` :func:`~align.rewards.boxes.iou_soft`: the IoU
+length     -                                :func:`~align.rewards.reasoning.length`: longer reasoning, capped
+repetition -                                :func:`~align.rewards.reasoning.repetition`: n-gram penalty
+========== ================================ ============================================================
+
+Completions must be the full text, including a ``<think>\\n`` the chat template prefilled: pass them through
+:func:`with_prefill` first. :func:`load_reward` resolves a name or ``module:function`` (or
+``path/file.py:function``); :func:`score_all` calls several rewards and contains their exceptions.
+
+Run the tests with ``.venv/bin/pytest -q tests/test_rewards.py``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.util
+import inspect
+import logging
+import math
+import numbers
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from align.errors import AlignError
+from align.rewards.answers import accuracy, gold_kind, normalize_text, parse_choice, parse_number, parse_yesno
+from align.rewards.boxes import (
+    as_box,
+    box_from_model_input,
+    box_iou,
+    box_to_model_input,
+    clip_box,
+    iou,
+    iou_soft,
+    parse_box,
+)
+from align.rewards.extract import R1_PREFILL, extract_answer, extract_think, format_score, with_prefill
+from align.rewards.mathcheck import warm_up
+from align.rewards.reasoning import length, repetition
+
+__all__ = [
+    "R1_PREFILL",
+    "REWARDS",
+    "RewardFn",
+    "accuracy",
+    "accuracy_reward",
+    "as_box",
+    "box_from_model_input",
+    "box_iou",
+    "box_to_model_input",
+    "clip_box",
+    "extract_answer",
+    "extract_think",
+    "format_reward",
+    "format_score",
+    "gold_kind",
+    "iou",
+    "iou_reward",
+    "iou_soft",
+    "iou_soft_reward",
+    "length",
+    "length_reward",
+    "load_reward",
+    "normalize_text",
+    "parse_box",
+    "parse_choice",
+    "parse_number",
+    "parse_yesno",
+    "repetition",
+    "repetition_reward",
+    "score_all",
+    "warm_up",
+    "with_prefill",
+]
+
+RewardFn = Callable[..., list]
+logger = logging.getLogger(__name__)
+
+
+def _column(reward: str, name: str, values: object, n: int) -> list:
+    if values is None:
+        raise AlignError(f"reward '{reward}' needs a '{name}' column in the data; it is missing")
+    if not isinstance(values, Sequence) or isinstance(values, str) or len(values) != n:
+        size = len(values) if isinstance(values, Sequence) else type(values).__name__
+        raise AlignError(f"reward '{reward}': column '{name}' has {size} values for {n} completions")
+    return list(values)
+
+
+def accuracy_reward(
+    completions: Sequence[Any],
+    solution: Sequence[Any] | None = None,
+    answer: Sequence[Any] | None = None,
+    rel_tol: float = 1e-4,
+    abs_tol: float = 1e-9,
+    timeout: float = 1.0,
+    **columns: Any,
+) -> list[float | None]:
+    """:func:`accuracy` per completion against the ``solution`` column (``answer`` if there is none)."""
+    name = "solution" if solution is not None or answer is None else "answer"
+    golds = _column("accuracy", name, solution if solution is not None else answer, len(completions))
+    return [
+        accuracy(c, g, rel_tol=rel_tol, abs_tol=abs_tol, timeout=timeout)
+        for c, g in zip(completions, golds, strict=True)
+    ]
+
+
+def format_reward(completions: Sequence[Any], **columns: Any) -> list[float | None]:
+    """:func:`format_score` per completion."""
+    return [format_score(c) for c in completions]
+
+
+def _boxes(reward: str, completions: Sequence[Any], box: object, image_size: object) -> list[tuple]:
+    golds = _column(reward, "box", box, len(completions))
+    sizes = (
+        [None] * len(completions)
+        if image_size is None
+        else _column(reward, "image_size", image_size, len(golds))
+    )
+    return list(zip(completions, golds, sizes, strict=True))
+
+
+def iou_reward(
+    completions: Sequence[Any],
+    box: object = None,
+    image_size: object = None,
+    threshold: float = 0.5,
+    **columns: Any,
+) -> list[float | None]:
+    """:func:`iou` per completion against the ``box`` column."""
+    return [iou(c, b, s, threshold) for c, b, s in _boxes("iou", completions, box, image_size)]
+
+
+def iou_soft_reward(
+    completions: Sequence[Any], box: object = None, image_size: object = None, **columns: Any
+) -> list[float | None]:
+    """:func:`iou_soft` per completion against the ``box`` column."""
+    return [iou_soft(c, b, s) for c, b, s in _boxes("iou_soft", completions, box, image_size)]
+
+
+def length_reward(
+    completions: Sequence[Any], target: int = 2000, scale: float = 1.0, **columns: Any
+) -> list[float | None]:
+    """:func:`length` per completion."""
+    return [length(c, target, scale) for c in completions]
+
+
+def repetition_reward(
+    completions: Sequence[Any], n: int = 4, max_penalty: float = 1.0, **columns: Any
+) -> list[float | None]:
+    """:func:`repetition` per completion."""
+    return [repetition(c, n, max_penalty) for c in completions]
+
+
+REWARDS: dict[str, RewardFn] = {
+    "accuracy": accuracy_reward,
+    "format": format_reward,
+    "iou": iou_reward,
+    "iou_soft": iou_soft_reward,
+    "length": length_reward,
+    "repetition": repetition_reward,
+}
+
+
+def _import(spec: str) -> Any:
+    module_name, _, attr = spec.rpartition(":")
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            if not path.is_file():
+                raise AlignError(f"reward '{spec}': file {path} not found")
+            file_spec = importlib.util.spec_from_file_location(f"align_reward_{path.stem}", path)
+            module = importlib.util.module_from_spec(file_spec)  # type: ignore[arg-type]
+            file_spec.loader.exec_module(module)  # type: ignore[union-attr]
+        else:
+            module = importlib.import_module(module_name)
+    except AlignError:
+        raise
+    except Exception as err:
+        raise AlignError(
+            f"reward '{spec}': cannot import '{module_name}': {type(err).__name__}: {err}"
+        ) from err
+    if not hasattr(module, attr):
+        public = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
+        raise AlignError(
+            f"reward '{spec}': '{module_name}' has no '{attr}' (callables: {', '.join(public) or 'none'})"
+        )
+    return getattr(module, attr)
+
+
+def _bind(name: str, fn: RewardFn, params: Mapping[str, Any]) -> RewardFn:
+    """``fn`` with ``params`` fixed; they win over same-named data columns."""
+    signature = inspect.signature(fn).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.values())
+    named = [
+        p for p, v in signature.items() if v.kind is not inspect.Parameter.VAR_KEYWORD and p != "completions"
+    ]
+    unknown = [p for p in params if p not in named]
+    if unknown and (not takes_any or name in REWARDS):
+        raise AlignError(
+            f"reward '{name}' has no parameter {', '.join(map(repr, unknown))} (parameters: {', '.join(named)})"
+        )
+
+    def bound(completions: Sequence[Any], **columns: Any) -> list:
+        return fn(completions, **{**columns, **params})
+
+    bound.__name__ = getattr(fn, "__name__", name)
+    return bound
+
+
+def load_reward(spec: str, params: Mapping[str, Any] | None = None) -> RewardFn:
+    """A reward by name (:data:`REWARDS`) or ``module:function`` / ``path/to/file.py:function``, with
+    ``params`` bound as keyword arguments. Raises :class:`AlignError` naming what is missing."""
+    if spec in REWARDS:
+        fn = REWARDS[spec]
+    elif ":" in spec:
+        fn = _import(spec)
+        if not callable(fn):
+            raise AlignError(f"reward '{spec}' is a {type(fn).__name__}, not a function")
+    else:
+        close = difflib.get_close_matches(spec, list(REWARDS), n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise AlignError(
+            f"unknown reward '{spec}': {hint}built-in rewards are {', '.join(REWARDS)}; "
+            "custom ones are written 'module:function' or 'path/to/file.py:function'"
+        )
+    return _bind(spec, fn, params) if params else fn
+
+
+def _checked(name: str, scores: object, n: int) -> list[float | None]:
+    """Scores as floats/None; NaN (TRL's "not applicable") becomes None; anything else is an error."""
+    if not isinstance(scores, Sequence) or isinstance(scores, str) or len(scores) != n:
+        got = len(scores) if isinstance(scores, Sequence) else type(scores).__name__
+        raise AlignError(f"reward '{name}' returned {got} scores for {n} completions")
+    out: list[float | None] = []
+    for i, s in enumerate(scores):
+        if s is None or (isinstance(s, numbers.Real) and math.isnan(s)):
+            out.append(None)
+        elif isinstance(s, numbers.Real) and math.isfinite(s):
+            out.append(float(s))
+        else:
+            raise AlignError(
+                f"reward '{name}' returned {s!r} for completion {i}: expected a finite number or None"
+            )
+    return out
+
+
+def _one_by_one(
+    name: str, fn: RewardFn, completions: Sequence[Any], columns: Mapping[str, Any]
+) -> tuple[list, int]:
+    """Score each completion alone so one bad row does not cost the whole batch: (scores, failures)."""
+    n = len(completions)
+    scores: list[float | None] = []
+    failures = 0
+    for i in range(n):
+        row = {k: [v[i]] if isinstance(v, (list, tuple)) and len(v) == n else v for k, v in columns.items()}
+        try:
+            scores.extend(_checked(name, fn([completions[i]], **row), 1))
+        except Exception:
+            scores.append(None)
+            failures += 1
+    return scores, failures
+
+
+def score_all(
+    funcs: Mapping[str, RewardFn],
+    completions: Sequence[Any],
+    columns: Mapping[str, Any],
+    on_error: Literal["skip", "raise"] = "skip",
+) -> tuple[list[list[float | None]], dict[str, int]]:
+    """Call every reward on the batch: ``(matrix, error_counts)``.
+
+    ``matrix[i][j]`` is reward ``j`` (in ``funcs`` order) for completion ``i``. If a reward raises or returns
+    something invalid, ``on_error="raise"`` re-raises; ``"skip"`` logs one warning, retries completion by
+    completion, and leaves ``None`` where it still fails; ``error_counts[name]`` counts those completions.
+    """
+    if on_error not in ("skip", "raise"):
+        raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
+    n = len(completions)
+    errors = dict.fromkeys(funcs, 0)
+    per_reward: list[list[float | None]] = []
+    for name, fn in funcs.items():
+        try:
+            per_reward.append(_checked(name, fn(completions, **columns), n))
+            continue
+        except Exception as err:
+            if on_error == "raise":
+                raise
+            scores, errors[name] = _one_by_one(name, fn, completions, columns)
+            logger.warning(
+                "reward '%s' failed (%s: %s); %d of %d scores set to None",
+                name,
+                type(err).__name__,
+                err,
+                errors[name],
+                n,
+            )
+        per_reward.append(scores)
+    return [[column[i] for column in per_reward] for i in range(n)], errors
