@@ -1,0 +1,146 @@
+"""The ``data:`` section of stage recipes: which sources to read and how to mix, check and cut them.
+
+Owns the schemas :class:`DataSource` and :class:`DataConfig` and the parser of the ``sampling`` strings.
+Stage recipes embed ``data: DataConfig``; ``align data check RECIPE`` reads the same section.
+
+Mixing semantics (implemented in :mod:`align.data.mixing`):
+
+* ``sampling`` picks rows from a source's valid rows: ``all``, ``first:N``, ``end:N`` (the last N) or
+  ``random:N`` (N rows drawn with the data seed, kept in file order) — VLM-R1's convention.
+* ``repeat: K`` puts the sampled rows K times into the mix.
+* ``weight: w`` (0 < w <= 1) instead makes the source a fraction ``w`` of the final mix. Sources without a
+  weight contribute ``rows x repeat`` (the fixed part F). When some sources are weighted, their weights
+  must sum to less than 1 and the mix has ``T = F / (1 - sum(w))`` rows; when every source is weighted,
+  the weights must sum to 1 and ``T`` is the total of the sampled rows. A weighted source gets
+  ``round(w * T)`` rows: whole passes over its sampled rows, then a seeded subset for the remainder.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+from align.config import RecipeError
+
+SourceFormat = Literal["llava", "messages", "rl", "r1_onevision", "hf"]
+# Our names for the columns of a Hugging Face dataset; `columns:` maps them to the dataset's own names.
+HF_COLUMNS = ("image", "question", "answer", "messages")
+# PIL's own default for Image.MAX_IMAGE_PIXELS (a warning there, an error here).
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+
+_SAMPLING = re.compile(r"^(first|end|random):([0-9]+)$")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    mode: Literal["all", "first", "end", "random"]
+    n: int | None = None  # None for "all"
+
+
+def parse_sampling(text: str) -> Sampling:
+    """``all | first:N | end:N | random:N`` (N >= 1) or ValueError saying what is accepted."""
+    if text == "all":
+        return Sampling("all")
+    match = _SAMPLING.match(text.strip())
+    if not match or int(match.group(2)) < 1:
+        raise ValueError(f"expected 'all', 'first:N', 'end:N' or 'random:N' with N >= 1, got {text!r}")
+    return Sampling(match.group(1), int(match.group(2)))  # type: ignore[arg-type]
+
+
+@dataclass
+class DataSource:
+    name: str  # unique within the recipe; names the source in reports and in Sample.source
+    path: str  # data file (JSON / JSONL), or for "hf" a load_from_disk folder or parquet/JSON file(s)
+    format: SourceFormat
+    image_root: str | None = None  # image paths are relative to this; default: the data file's folder
+    sampling: str = "all"  # all | first:N | end:N | random:N
+    repeat: int = 1
+    weight: float | None = None  # fraction of the final mix (see module docstring); excludes `repeat`
+    system_prompt: str | None = None  # added as a system turn to rows that have none
+    question_template: str = "{question}"  # rl / hf question rows: how the question becomes the user turn
+    columns: dict[str, str] = field(default_factory=dict)  # hf only: our name (image/question/...) -> column
+    split: str | None = None  # hf only: split to read (default "train")
+    allow_outside_root: bool = False  # allow absolute image paths and paths escaping image_root
+
+    def check(self) -> None:
+        if not self.name.strip():
+            raise RecipeError.at("name", "must not be empty")
+        try:
+            parse_sampling(self.sampling)
+        except ValueError as err:
+            raise RecipeError.at("sampling", str(err)) from None
+        if self.repeat < 1:
+            raise RecipeError.at("repeat", f"must be >= 1, got {self.repeat}")
+        if self.weight is not None:
+            if not (0 < self.weight <= 1) or math.isnan(self.weight):
+                raise RecipeError.at(
+                    "weight", f"is a fraction of the mix: 0 < weight <= 1, got {self.weight}"
+                )
+            if self.repeat != 1:
+                raise RecipeError.at(
+                    "weight", f"set either weight or repeat, not both (repeat={self.repeat})"
+                )
+        if self.question_template != "{question}":
+            if self.format not in ("rl", "hf"):
+                raise RecipeError.at(
+                    "question_template", f"applies to 'rl' and 'hf' rows, not '{self.format}'"
+                )
+            if "{question}" not in self.question_template:
+                raise RecipeError.at("question_template", "must contain '{question}'")
+            try:
+                self.question_template.format(question="")
+            except (KeyError, IndexError, ValueError) as err:
+                raise RecipeError.at(
+                    "question_template",
+                    f"only '{{question}}' may appear in braces (write '{{{{' for a brace): {err}",
+                ) from None
+        if self.format != "hf":
+            if self.columns:
+                raise RecipeError.at("columns", f"applies to 'hf' sources only, not '{self.format}'")
+            if self.split is not None:
+                raise RecipeError.at("split", f"applies to 'hf' sources only, not '{self.format}'")
+        for ours in self.columns:
+            if ours not in HF_COLUMNS:
+                raise RecipeError.at(f"columns.{ours}", f"unknown name; map any of {', '.join(HF_COLUMNS)}")
+
+
+@dataclass
+class DataConfig:
+    sources: list[DataSource]
+    max_length: int = 2048  # tokens per row, image tokens included
+    overlong: Literal["drop", "error"] = "drop"  # rows longer than max_length: skip them or stop
+    packing: bool = False
+    group_by_length: bool = True
+    strict: bool = True  # any bad row stops the stage (False: bad rows are skipped and counted)
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # decompression-bomb limit, width x height
+    seed: int | None = None  # for random:N sampling and weights; None: the stage's seed
+
+    def check(self) -> None:
+        if not self.sources:
+            raise RecipeError.at("sources", "needs at least one data source")
+        seen: dict[str, int] = {}
+        for i, source in enumerate(self.sources):
+            if source.name in seen:
+                raise RecipeError.at(
+                    f"sources[{i}].name",
+                    f"'{source.name}' is already the name of sources[{seen[source.name]}]",
+                )
+            seen[source.name] = i
+        if self.max_length < 1:
+            raise RecipeError.at("max_length", f"must be >= 1, got {self.max_length}")
+        if self.max_image_pixels < 1:
+            raise RecipeError.at("max_image_pixels", f"must be >= 1, got {self.max_image_pixels}")
+        weights = [s.weight for s in self.sources if s.weight is not None]
+        if weights:
+            total = sum(weights)
+            if len(weights) == len(self.sources) and abs(total - 1) > 1e-6:
+                raise RecipeError.at(
+                    "sources", f"every source has a weight, so the weights must sum to 1; got {total:g}"
+                )
+            if len(weights) < len(self.sources) and total >= 1:
+                raise RecipeError.at(
+                    "sources",
+                    f"weights sum to {total:g} but sources without a weight need a share too: keep the sum below 1",
+                )

@@ -1,0 +1,144 @@
+"""Image references -> confined paths -> RGB PIL images, with the user-facing errors for each step.
+
+* :func:`resolve_image` turns a row's image reference into a path inside the source's image root.
+* :func:`image_size` reads only the header (cheap): the displayed size, EXIF rotation included.
+* :func:`load_image` decodes fully: EXIF orientation applied, converted to RGB, pixel limit enforced.
+
+Every failure is an :class:`AlignError` naming the file and the numbers involved; the subclasses
+:class:`ImageNotFound`, :class:`ImageTooLarge` and :class:`ImageUnreadable` let ``align data check`` count them.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from align.errors import AlignError
+
+
+class ImageNotFound(AlignError):
+    """The image file does not exist."""
+
+
+class ImageTooLarge(AlignError):
+    """More pixels than the decompression-bomb limit."""
+
+
+class ImageUnreadable(AlignError):
+    """Not an image, corrupt or truncated."""
+
+
+# EXIF orientations 5-8 rotate by 90 degrees: the displayed width is the stored height.
+_TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
+_EXIF_ORIENTATION = 0x0112
+
+
+def resolve_image(ref: str, image_root: str | Path, allow_outside_root: bool = False) -> Path:
+    """The path of image ``ref`` (relative to ``image_root``), confined to the root unless allowed.
+
+    Confinement is lexical: ``..`` and absolute paths are refused, symlinks inside the root are trusted
+    (a dataset folder that links to a shared image store is the user's own choice).
+    """
+    if not isinstance(ref, str) or not ref.strip():
+        raise AlignError(f"image reference must be a non-empty path, got {ref!r}")
+    root = Path(os.path.normpath(os.path.abspath(image_root)))
+    if os.path.isabs(ref):
+        if not allow_outside_root:
+            raise AlignError(
+                f"image path '{ref}' is absolute; make it relative to image_root {root} "
+                "or set allow_outside_root: true"
+            )
+        return Path(os.path.normpath(ref))
+    path = Path(os.path.normpath(root / ref))
+    if not allow_outside_root and not path.is_relative_to(root):
+        raise AlignError(
+            f"image path '{ref}' escapes image_root {root} (resolves to {path}); set allow_outside_root: true to allow"
+        )
+    return path
+
+
+def _open(path: Path, max_pixels: int) -> Image.Image:
+    """Open the header of ``path``; the pixel limit is ours, not PIL's global one."""
+    if not path.exists():
+        raise ImageNotFound(f"image not found: {path}")
+    try:
+        with warnings.catch_warnings():
+            # PIL warns above its global limit; our own check below decides.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+    except Image.DecompressionBombError as err:
+        raise ImageTooLarge(
+            f"image {path}: {err} (PIL refuses images over 2 x Image.MAX_IMAGE_PIXELS)"
+        ) from None
+    except UnidentifiedImageError:
+        raise ImageUnreadable(
+            f"image {path}: not an image file PIL can read ({path.stat().st_size} bytes)"
+        ) from None
+    except OSError as err:
+        raise ImageUnreadable(f"image {path}: cannot be read: {err}") from None
+    _check_pixels(image, str(path), max_pixels)
+    return image
+
+
+def _check_pixels(image: Image.Image, name: str, max_pixels: int) -> None:
+    w, h = image.size
+    if w * h > max_pixels:
+        raise ImageTooLarge(
+            f"image {name}: {w}x{h} = {w * h} pixels exceeds max_image_pixels {max_pixels} "
+            "(decompression-bomb limit; raise data.max_image_pixels if the image is genuine)"
+        )
+
+
+def _displayed_size(image: Image.Image) -> tuple[int, int]:
+    w, h = image.size
+    try:
+        orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+    except (OSError, SyntaxError, ValueError):  # a broken EXIF block does not make the pixels wrong
+        orientation = 1
+    return (h, w) if orientation in _TRANSPOSED_ORIENTATIONS else (w, h)
+
+
+def image_size(image: str | Path | Image.Image, max_pixels: int) -> tuple[int, int]:
+    """(width, height) as displayed (EXIF rotation applied), reading only the file header."""
+    if isinstance(image, Image.Image):
+        _check_pixels(image, "in dataset", max_pixels)
+        return _displayed_size(image)
+    with _open(Path(image), max_pixels) as opened:
+        return _displayed_size(opened)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB with transparency composited on white (dropping alpha would turn transparent areas black)."""
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit greyscale: scale to 8 bits before RGB, PIL would otherwise clip at 255
+        image = image.convert("I").point(lambda v: v / 256).convert("L")
+    return image.convert("RGB")
+
+
+def load_image(image: str | Path | Image.Image, max_pixels: int) -> Image.Image:
+    """A fully decoded RGB image, EXIF orientation applied; AlignError names the file on any failure."""
+    if isinstance(image, Image.Image):
+        name = getattr(image, "filename", "") or "in dataset"
+        _check_pixels(image, name, max_pixels)
+        opened = image
+    else:
+        name = str(image)
+        opened = _open(Path(image), max_pixels)
+    try:
+        opened.load()
+        return to_rgb(ImageOps.exif_transpose(opened))  # both return new images: closing `opened` is safe
+    except (OSError, SyntaxError, ValueError) as err:  # truncated or corrupt pixel data
+        raise ImageUnreadable(f"image {name}: corrupt or truncated: {err}") from None
+    finally:
+        if opened is not image:
+            opened.close()
