@@ -64,7 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     from align.config import RecipeError
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(argv).parse_args(argv)
+    parser = build_parser(argv)
+    args, extra = parser.parse_known_args(argv)
+    # `key=value` overrides may follow flags (`align sft r.yaml --resume lr=1e-4`); argparse stops at the flag.
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
     except (RecipeError, AlignError) as err:

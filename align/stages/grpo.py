@@ -40,6 +40,7 @@ from torch import nn
 
 from align.checkpoint import atomic_folder, image_seq_len, load_llava, save_llava
 from align.config import RecipeError, load_any, save_resolved, to_dict
+from align.data.check import check_sources
 from align.data.config import DataConfig
 from align.data.encode import encode_prompt
 from align.data.images import load_image
@@ -64,7 +65,7 @@ from align.model import (
     parameter_table,
     set_trainable,
 )
-from align.rewards import R1_PREFILL, load_reward, score_all, with_prefill
+from align.rewards import R1_PREFILL, load_reward, score_all, warm_up, with_prefill
 from align.stages.common import (
     LoRASpec,
     MetricsWriter,
@@ -334,7 +335,11 @@ def train(recipe: GRPORecipe, dist, resume: bool) -> Path:
     # --- data ------------------------------------------------------------------------------------------------
     data = recipe.data
     seed = data.seed if data.seed is not None else run.seed
+    report = check_sources(data.sources, data.max_image_pixels, decode_images=False)  # fast: headers only
+    if not report.ok and data.strict:
+        raise AlignError(f"data check failed:\n{report.listing(10)}\n(see all: align data check RECIPE)")
     samples, mix = build_mix(data.sources, seed, data.strict)
+    warm_up()  # math_verify's grammar loads once here, not inside the first timed reward call
     prompts = []
     for s in samples:
         if s.answer is None:

@@ -1,0 +1,229 @@
+"""``align eval MODEL --data SRC``: generate on a data source and score with the GRPO reward functions.
+
+Run::
+
+    align eval checkpoints/run/sft --data data/synth/test/rl.jsonl --format rl \\
+        --question-template "{question} Output the thinking process in <think> </think> and final answer in <answer> </answer> tags."
+    align eval MODEL --data rows.jsonl --format messages --samples 4 --temperature 0.6   # pass@4
+
+Greedy by default (``--samples 1 --temperature 0``); with ``--samples k`` every question gets k sampled
+completions (one shared prefix) and the summary reports mean accuracy over samples and pass@k. Gold answers
+come from the row's solution, or for SFT rows (messages / LLaVA formats) from the final assistant turn's
+answer. Writes ``predictions.jsonl``, ``summary.json`` and ``summary.md`` to ``--out`` and prints the table:
+overall, per source and per question family (``family`` field of the rows).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from align.checkpoint import image_seq_len, load_llava
+from align.data.config import DEFAULT_MAX_IMAGE_PIXELS, DataSource
+from align.data.encode import encode_prompt
+from align.data.images import load_image
+from align.data.mixing import build_mix, format_table
+from align.errors import AlignError
+from align.grpo.sampler import generate
+from align.rewards import R1_PREFILL, extract_answer, load_reward, score_all, warm_up, with_prefill
+from align.stages.common import resolve_model_folder
+
+DEFAULT_REWARDS = ("accuracy", "format")
+
+
+def gold_answer(sample) -> str | None:
+    """The row's solution, or the answer inside the final assistant turn of an SFT row."""
+    if sample.answer is not None:
+        return sample.answer
+    if sample.messages and sample.messages[-1]["role"] == "assistant":
+        return extract_answer(sample.messages[-1]["content"])
+    return None
+
+
+def _table(groups: dict[str, list[dict]], reward_names: list[str], samples: int) -> list[list]:
+    rows = []
+    for name, preds in groups.items():
+        row = [name, len({p["origin"] for p in preds})]
+        for r in reward_names:
+            values = [p["rewards"][r] for p in preds if p["rewards"][r] is not None]
+            row.append(round(sum(values) / len(values), 4) if values else "")
+        if samples > 1:
+            by_q: dict[str, float] = defaultdict(float)
+            for p in preds:
+                by_q[p["origin"]] = max(by_q[p["origin"]], p["rewards"].get("accuracy") or 0.0)
+            row.append(round(sum(by_q.values()) / len(by_q), 4))
+        row.append(round(sum(p["length"] for p in preds) / len(preds), 1))
+        rows.append(row)
+    return rows
+
+
+def evaluate(
+    model_dir: str | Path,
+    sources: list[DataSource],
+    out_dir: str | Path,
+    *,
+    rewards: Sequence[str] = DEFAULT_REWARDS,
+    samples: int = 1,
+    temperature: float = 0.0,
+    top_p: float | None = None,
+    max_new_tokens: int = 256,
+    batch_size: int = 8,
+    seed: int = 0,
+    limit: int | None = None,
+    model=None,
+    processor=None,
+) -> dict:
+    """Generate, score and summarise; returns the summary dict (also written to ``out_dir``).
+
+    ``model``/``processor`` may be passed in (already loaded) to skip loading ``model_dir``.
+    """
+    if model is None:
+        model, processor = load_llava(resolve_model_folder(model_dir))
+    model.eval()
+    tokenizer = processor.tokenizer
+    n_image_tokens = image_seq_len(processor)
+    prefill = (
+        R1_PREFILL
+        if tokenizer.apply_chat_template(
+            [{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True
+        ).endswith(R1_PREFILL)
+        else ""
+    )
+    funcs = {name: load_reward(name) for name in rewards}
+    warm_up()
+    rows, _ = build_mix(sources, seed, strict=True)
+    rows = [s for s in rows if gold_answer(s) is not None][:limit]
+    if not rows:
+        raise AlignError(f"no rows with a gold answer in {', '.join(s.path for s in sources)}")
+    eos = model.generation_config.eos_token_id
+    eos_ids = sorted({tokenizer.eos_token_id, *([eos] if isinstance(eos, int) else list(eos or []))})
+    generator = torch.Generator().manual_seed(seed)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    predictions = []
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        prompts = [encode_prompt(s, tokenizer, model.config.image_token_id, n_image_tokens) for s in batch]
+        images = [load_image(im, DEFAULT_MAX_IMAGE_PIXELS) for s in batch for im in s.images]
+        sizes = [[load_image(im, DEFAULT_MAX_IMAGE_PIXELS).size for im in s.images] for s in batch]
+        pixels = (
+            processor.image_processor(images=images, return_tensors="pt")["pixel_values"] if images else None
+        )
+        rollout = generate(
+            model,
+            [p.input_ids for p in prompts],
+            pixels,
+            [len(s.images) for s in batch],
+            num_generations=samples,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=None,
+            eos_token_ids=eos_ids,
+            pad_token_id=tokenizer.pad_token_id,
+            generator=generator,
+            do_sample=temperature > 0,
+        )
+        texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+        texts = with_prefill(texts, prefill) if prefill else texts
+        rep = lambda values: [v for v in values for _ in range(samples)]  # noqa: E731
+        columns = {
+            "solution": rep([gold_answer(s) for s in batch]),
+            "box": rep([s.meta.get("box") for s in batch]),
+            "image_size": rep([sz[0] if sz else None for sz in sizes]),
+        }
+        matrix, _ = score_all(funcs, texts, columns, on_error="skip")
+        for i, text in enumerate(texts):
+            s = batch[i // samples]
+            predictions.append(
+                {
+                    "origin": s.origin,
+                    "source": s.source,
+                    "family": s.meta.get("family", "-"),
+                    "gold": gold_answer(s),
+                    "prediction": extract_answer(text),
+                    "completion": text,
+                    "length": int(rollout.lengths[i]),
+                    "truncated": bool(rollout.is_truncated[i]),
+                    "rewards": dict(zip(funcs, matrix[i], strict=True)),
+                }
+            )
+    with (out_dir / "predictions.jsonl").open("w") as f:
+        for p in predictions:
+            f.write(json.dumps(p) + "\n")
+    groups: dict[str, list[dict]] = {"all": predictions}
+    for key in ("source", "family"):
+        for p in predictions:
+            groups.setdefault(f"{key}={p[key]}", []).append(p)
+    headers = ["group", "questions", *rewards, *([f"pass@{samples}"] if samples > 1 else []), "mean_length"]
+    table = _table(groups, rewards, samples)
+    summary = {
+        "model": str(model_dir),
+        "samples": samples,
+        "temperature": temperature,
+        "questions": len(rows),
+        "groups": {row[0]: dict(zip(headers[1:], row[1:], strict=True)) for row in table},
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    md = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    md += ["| " + " | ".join(str(c) for c in row) + " |" for row in table]
+    (out_dir / "summary.md").write_text("\n".join(md) + "\n")
+    summary["table"] = format_table(headers, table)
+    return summary
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("model", help="model folder or stage output folder")
+    parser.add_argument("--data", required=True, nargs="+", help="data file(s) or HF dataset folder(s)")
+    parser.add_argument("--format", default="rl", choices=["rl", "messages", "llava", "r1_onevision", "hf"])
+    parser.add_argument("--image-root", default=None)
+    parser.add_argument(
+        "--question-template", default="{question}", help="rl/hf rows: how a question is asked"
+    )
+    parser.add_argument(
+        "--rewards", default=",".join(DEFAULT_REWARDS), help="comma-separated names or module:fn"
+    )
+    parser.add_argument("--samples", type=int, default=1, help="completions per question (pass@k)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=8, help="questions per generation batch")
+    parser.add_argument("--limit", type=int, default=None, help="first N rows with a gold answer")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="output folder (default: MODEL/eval-<data name>)")
+
+
+def run(args) -> int:
+    sources = []
+    for i, path in enumerate(args.data):
+        sources.append(
+            DataSource(
+                name=Path(path).stem if len(args.data) == 1 else f"{i}:{Path(path).stem}",
+                path=path,
+                format=args.format,
+                image_root=args.image_root,
+                question_template=args.question_template if args.format in ("rl", "hf") else "{question}",
+            )
+        )
+        sources[-1].check()
+    out = args.out or str(Path(args.model) / f"eval-{Path(args.data[0]).stem}")
+    summary = evaluate(
+        args.model,
+        sources,
+        out,
+        rewards=[r for r in args.rewards.split(",") if r],
+        samples=args.samples,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        limit=args.limit,
+    )
+    print(summary["table"])
+    print(f"predictions and summary: {out}")
+    return 0
