@@ -1,0 +1,216 @@
+"""``align run PIPELINE.yaml``: assemble -> projector -> sft -> grpo (any subset) -> export, evaluated after each.
+
+Run::
+
+    align run recipes/demo/pipeline.yaml                 # the embedded demo (scripts/demo.sh)
+    torchrun --nproc_per_node 8 -m align.cli run recipes/real/pipeline_siglip_r1_qwen7b.yaml
+
+One run folder (``output_dir``) holds every stage's output folder (``assembled/``, ``projector/``, ...), each
+with its checkpoints, metrics, plots and ``eval/`` results, the exported model (``export/``) and the final
+``report.md``. Each stage's input ``model`` is the previous stage's output; the pipeline sets ``model`` and
+``output_dir`` of every stage recipe, which must not set them differently.
+
+Re-running the same command continues where it stopped: a stage whose ``model/`` and ``summary.json`` exist
+is done and skipped, an interrupted stage resumes from its last checkpoint, and evaluations already written
+are reused.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from align.config import RecipeError, load_any, read_yaml, save_resolved
+from align.data.config import DataSource
+from align.data.mixing import format_table
+from align.engine import init_distributed
+
+STAGE_KINDS = ("projector", "sft", "grpo")
+
+
+@dataclass
+class StageEntry:
+    recipe: str  # path to a projector / sft / grpo recipe (relative to the pipeline file)
+    overrides: list[str] = field(default_factory=list)  # key.path=value applied to that recipe
+
+
+@dataclass
+class EvalSpec:
+    data: list[DataSource]  # held-out rows with gold answers
+    rewards: list[str] = field(default_factory=lambda: ["accuracy", "format"])
+    max_new_tokens: int = 256
+    samples: int = 1
+    temperature: float = 0.0
+    batch_size: int = 16
+    limit: int | None = None
+
+
+@dataclass
+class PipelineRecipe:
+    kind: Literal["pipeline"]
+    output_dir: str
+    assemble: str  # an assemble recipe, or a model folder to start from
+    stages: list[StageEntry] = field(default_factory=list)
+    eval: EvalSpec | None = None
+    export_dtype: Literal["fp32", "bf16", "none"] = "fp32"
+    prepare: str | None = None  # "module:function" run first (the demo builds its data and tiny parts here)
+
+    def check(self) -> None:
+        for i, stage in enumerate(self.stages):
+            if not stage.recipe.endswith((".yaml", ".yml")):
+                raise RecipeError.at(f"stages[{i}].recipe", f"expected a recipe file, got {stage.recipe!r}")
+
+
+def _stage_kind(path: Path, index: int, file: str) -> str:
+    kind = read_yaml(path).get("kind")
+    if kind not in STAGE_KINDS:
+        raise RecipeError(
+            f"{path} has kind {kind!r}; stages are {', '.join(STAGE_KINDS)}",
+            key=f"stages[{index}].recipe",
+            file=file,
+        )
+    return kind
+
+
+def _done(folder: Path) -> bool:
+    return (folder / "model" / "config.json").exists() and (folder / "summary.json").exists()
+
+
+def _evaluate(spec: EvalSpec, model_dir: Path, out: Path, dist) -> dict:
+    """The held-out evaluation of one stage's model (rank 0), reused when already written."""
+    from align.evaluate import evaluate
+
+    if (out / "summary.json").exists():
+        return json.loads((out / "summary.json").read_text())
+    summary = None
+    if dist.is_main:
+        summary = evaluate(
+            model_dir,
+            spec.data,
+            out,
+            rewards=spec.rewards,
+            samples=spec.samples,
+            temperature=spec.temperature,
+            max_new_tokens=spec.max_new_tokens,
+            batch_size=spec.batch_size,
+            limit=spec.limit,
+        )
+        print(summary.pop("table"))
+    dist.barrier()
+    return summary or json.loads((out / "summary.json").read_text())
+
+
+def run_pipeline(recipe: PipelineRecipe, recipe_file: str, dist) -> Path:
+    import importlib
+
+    from align.assemble import assemble
+
+    base = Path(recipe_file).parent
+    out = Path(recipe.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
+        save_resolved(recipe, out)
+    if recipe.prepare:
+        module, fn = recipe.prepare.split(":")
+        getattr(importlib.import_module(module), fn)()
+    rows = []
+
+    # assembly (or a given model folder)
+    t0 = time.perf_counter()
+    assembled = out / "assembled"
+    source = Path(recipe.assemble)
+    if source.suffix in (".yaml", ".yml"):
+        if not (assembled / "config.json").exists() and dist.is_main:
+            assemble(load_any(source, [f"output_dir={assembled}"], expect="assemble"), str(source))
+        dist.barrier()
+        current = assembled
+    else:
+        current = source
+    timings = {"assembled": time.perf_counter() - t0}
+    evals = {}
+    if recipe.eval is not None:
+        evals["assembled"] = _evaluate(recipe.eval, current, out / "assembled-eval", dist)
+
+    # stages, each reading the previous one's model
+    for i, stage in enumerate(recipe.stages):
+        path = (base / stage.recipe) if not Path(stage.recipe).exists() else Path(stage.recipe)
+        kind = _stage_kind(path, i, recipe_file)
+        name = kind if kind not in evals else f"{kind}{i}"
+        stage_out = out / name
+        overrides = [*stage.overrides, f"model={current}", f"output_dir={stage_out}"]
+        stage_recipe = load_any(path, overrides, expect=kind)
+        t0 = time.perf_counter()
+        if _done(stage_out):
+            if dist.is_main:
+                print(f"== {name}: done already ({stage_out})")
+        else:
+            module = importlib.import_module(f"align.stages.{kind}")
+            if dist.is_main:
+                print(f"== {name}: {path}")
+            module.train(stage_recipe, dist, resume=True)
+        summary = json.loads((stage_out / "summary.json").read_text())
+        timings[name] = summary.get("wall_time_s", time.perf_counter() - t0)
+        current = stage_out / "model"
+        if dist.is_main:
+            from align.plot import plot_run
+
+            plot_run(stage_out)
+        if recipe.eval is not None:
+            evals[name] = _evaluate(recipe.eval, current, stage_out / "eval", dist)
+
+    # export and report
+    if dist.is_main:
+        if recipe.export_dtype != "none":
+            from align.export import export
+
+            export(current, out / "export", dtype=recipe.export_dtype)
+        headers = ["stage", "accuracy", "format", "mean_length", "wall_time_s"]
+        for name in timings:
+            group = evals.get(name, {}).get("groups", {}).get("all", {})
+            rows.append(
+                [
+                    name,
+                    group.get("accuracy", ""),
+                    group.get("format", ""),
+                    group.get("mean_length", ""),
+                    round(timings[name], 1),
+                ]
+            )
+        table = format_table(headers, rows)
+        md = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+        md += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+        families = sorted({k for e in evals.values() for k in e.get("groups", {}) if k.startswith("family=")})
+        if families:
+            md += [
+                "",
+                "Accuracy per question family:",
+                "",
+                "| stage | " + " | ".join(f.removeprefix("family=") for f in families) + " |",
+                "|---|" + "---|" * len(families),
+            ]
+            for name, e in evals.items():
+                md.append(
+                    f"| {name} | "
+                    + " | ".join(str(e["groups"].get(f, {}).get("accuracy", "")) for f in families)
+                    + " |"
+                )
+        (out / "report.md").write_text("\n".join(md) + "\n")
+        print(table)
+        print(f"report: {out / 'report.md'}")
+    dist.barrier()
+    return out
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("recipe", help="pipeline recipe (kind: pipeline)")
+    parser.add_argument("overrides", nargs="*", help="key.path=value overrides")
+
+
+def run(args) -> int:
+    recipe = load_any(args.recipe, args.overrides, expect="pipeline")
+    dist = init_distributed()
+    run_pipeline(recipe, args.recipe, dist)
+    return dist.shutdown(0)
