@@ -56,11 +56,6 @@ class AssembleRecipe:
     dtype: Literal["float32", "bfloat16"] = "float32"
 
 
-def default_select_strategy(has_cls: bool) -> str:
-    """LLaVA drops CLIP's CLS token ("default"); towers without one (SigLIP) keep every token ("full")."""
-    return "default" if has_cls else "full"
-
-
 def add_tokens(tokenizer, llm, image_token: str) -> dict[str, int]:
     """Add ``<image>`` (special) and a pad token if missing; new embedding rows start at the mean row.
 
@@ -127,6 +122,15 @@ def build_llava(
     for k, v in llm.state_dict().items():  # causal LM: model.* (decoder) and lm_head.*
         state[k if k.startswith("lm_head.") else "model.language_model." + k.removeprefix("model.")] = v
     model.load_state_dict(state, strict=True, assign=True)
+    # Non-persistent buffers (rotary inv_freq, position ids) are not in state dicts: take the parts' own.
+    buffers = {
+        f"model.vision_tower.{k.removeprefix('vision_model.')}": v for k, v in vision_model.named_buffers()
+    }
+    buffers.update({"model.language_model." + k.removeprefix("model."): v for k, v in llm.named_buffers()})
+    for name, buf in list(model.named_buffers()):
+        if buf.is_meta:
+            owner, _, attr = name.rpartition(".")
+            model.get_submodule(owner).register_buffer(attr, buffers[name].clone(), persistent=False)
     if config.tie_word_embeddings:
         model.tie_weights()
     model.eval()
@@ -165,29 +169,22 @@ def check_image_tokens(model, processor) -> int:
     return expected
 
 
-def assemble(recipe: AssembleRecipe, recipe_file: str | None = None) -> Path:
-    """Load the parts named by ``recipe``, compose, check and save a Llava folder; returns its path."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+def compose(recipe: AssembleRecipe, recipe_file: str | None = None):
+    """``(model, processor, generation_config)`` in memory from the parts named by ``recipe``, checked."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from align.checkpoint import save_llava
-    from align.vision import describe_vision, load_vision_tower
+    from align.vision import check_feature_selection, describe_vision, load_vision_tower
 
     spec = recipe.vision
-    info = describe_vision(spec.source, spec.name_or_path, spec.pretrained)
-    strategy = spec.select_strategy or default_select_strategy(info.has_cls)
-    if strategy == "default" and not info.has_cls:
-        raise RecipeError(
-            f"'default' drops a CLS token, but {spec.name_or_path} ({info.kind}) has none; use 'full'",
-            key="vision.select_strategy",
-            file=recipe_file,
-        )
-    n_layers = info.num_layers
-    if not -n_layers - 1 <= spec.feature_layer <= n_layers:
-        raise RecipeError(
-            f"{spec.name_or_path} has {n_layers} layers ({n_layers + 1} hidden states); got {spec.feature_layer}",
-            key="vision.feature_layer",
-            file=recipe_file,
-        )
+    info = describe_vision(
+        spec.source, spec.name_or_path, spec.pretrained
+    )  # configs only: fail before loading
+    try:
+        strategy = check_feature_selection(info, spec.feature_layer, spec.select_strategy)
+    except RecipeError as err:
+        err = err.under("vision")
+        err.file = recipe_file
+        raise err from None
     dtype = getattr(torch, recipe.dtype)
     vision_model, image_processor, _ = load_vision_tower(
         spec.source, spec.name_or_path, spec.pretrained, dtype
@@ -207,11 +204,17 @@ def assemble(recipe: AssembleRecipe, recipe_file: str | None = None) -> Path:
         image_token=recipe.image_token,
         seed=recipe.seed,
     )
-    n_tokens = check_image_tokens(model, processor)
-    generation_config = GenerationConfig.from_model_config(llm.config)
-    if llm.generation_config is not None:
-        generation_config = llm.generation_config
+    check_image_tokens(model, processor)
+    generation_config = llm.generation_config
     generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, processor, generation_config
+
+
+def assemble(recipe: AssembleRecipe, recipe_file: str | None = None) -> Path:
+    """Compose and save a Llava folder (canonical llava-hf layout + the resolved recipe); returns its path."""
+    from align.checkpoint import save_llava
+
+    model, processor, generation_config = compose(recipe, recipe_file)
     out = save_llava(
         recipe.output_dir,
         config=model.config,
@@ -220,7 +223,8 @@ def assemble(recipe: AssembleRecipe, recipe_file: str | None = None) -> Path:
         generation_config=generation_config,
     )
     save_resolved(recipe, out)
-    print(format_parameter_table(parameter_table(model), f"assembled {out} ({n_tokens} image tokens)"))
+    title = f"assembled {out} ({model.config.image_seq_length} image tokens)"
+    print(format_parameter_table(parameter_table(model), title))
     return out
 
 

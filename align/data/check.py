@@ -171,20 +171,13 @@ def check_sources(
     return CheckReport(checks, problems, length_checked=length_fn is not None)
 
 
-def image_seq_len(processor: Any) -> int:
-    """Image tokens per image for a Llava processor (patch grid, plus CLS unless the strategy drops it)."""
-    size = getattr(processor.image_processor, "crop_size", None) or processor.image_processor.size
-    patch = processor.patch_size
-    n = (size["height"] // patch) * (size["width"] // patch) + (processor.num_additional_image_tokens or 0)
-    return n - 1 if processor.vision_feature_select_strategy == "default" else n
-
-
 def length_fn_for_model(model_dir: str) -> LengthFn:
     """Encoded length of a sample with the tokenizer and image-token count of a Llava model folder."""
     if not Path(model_dir, "config.json").is_file():
         raise AlignError(f"model folder {model_dir}: no config.json (pass a Llava folder with --model)")
     from transformers import AutoConfig, AutoProcessor
 
+    from align.checkpoint import image_seq_len
     from align.data.encode import encoded_length
 
     processor = AutoProcessor.from_pretrained(model_dir)
