@@ -9,15 +9,23 @@ Hugging Face modules, so the rest of align (assemble, checkpoints, training) onl
 * ``source="open_clip"``: a model name known to open_clip plus ``pretrained`` (a tag such as ``openai`` or a
   weights file), or ``local-dir:FOLDER`` (``open_clip_config.json`` + weights). The open_clip tower is
   converted weight by weight: open_clip's own ViT becomes a ``CLIPVisionModel``; a timm SigLIP ViT (no class
-  token, as open_clip's SigLIP models use) becomes a ``SiglipVisionModel``. The image processor is built from
-  open_clip's preprocess config so that it produces the same pixels as open_clip's eval transform.
+  token, MAP head: what open_clip's SigLIP models are, and the zoo's ``openclip-siglip``) becomes a
+  ``SiglipVisionModel``. The image processor is built from open_clip's preprocess config so that it produces
+  the same pixels as open_clip's eval transform.
 
 :func:`describe_vision` and :func:`hf_vision_config` only read configs (open_clip towers are instantiated
 on the meta device), so recipes can be validated and planned before any weights are touched.
 
-Processors use the PIL backend (``CLIPImageProcessorPil`` / ``SiglipImageProcessorPil``, saved under the
-plain class names): its resize is PIL's, which is what open_clip and the original towers use; the
-torchvision backend differs by up to one 8-bit level per pixel.
+Processors use the PIL backend: its resize is PIL's, which is what open_clip and the original towers use;
+transformers' torchvision backend resizes differently (on tests/test_vision.py's pictures at 64 px: 1-2
+levels of 255 per pixel, 17 where a squash upsamples one side across a hard edge). HF towers get their own
+processor class's PIL variant (``CLIPImageProcessorPil``, ...). open_clip towers get transformers' generic
+``PilBackend``, configured by value, because a saved folder must reload the PIL backend on its own:
+transformers saves ``FooImageProcessorPil`` as ``FooImageProcessor``, and ``AutoImageProcessor`` /
+``AutoProcessor`` then pick the torchvision backend (even when the saved name keeps the ``Pil`` suffix, since
+it is looked up in the same model-family table), whereas a saved ``PilBackend`` is in no family table and
+reloads as itself, whatever backend is asked for. So a Llava folder assembled from an open_clip tower gives
+open_clip's pixels after a plain ``AutoProcessor.from_pretrained(folder)``.
 
 Used by ``align assemble`` (load + validate) and ``align plan`` (configs only); it has no command of its own.
 Try it: ``python -c "from align.vision import describe_vision as d; print(d('open_clip', 'ViT-L-14-336', 'openai'))"``.
@@ -38,10 +46,9 @@ from torch import nn
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
-    CLIPImageProcessorPil,
     CLIPVisionConfig,
     CLIPVisionModel,
-    SiglipImageProcessorPil,
+    PilBackend,
     SiglipVisionConfig,
     SiglipVisionModel,
 )
@@ -106,7 +113,7 @@ def describe_vision(source: Source, name_or_path: str, pretrained: str | None = 
         return _info(_hf_config(name_or_path), _hf_processor(name_or_path))
     visual = _openclip_visual(name_or_path, pretrained, meta=True)
     config = _config_from_visual(visual, name_or_path)
-    return _info(config, openclip_image_processor(_kind(config), visual.preprocess_cfg, name_or_path))
+    return _info(config, openclip_image_processor(visual.preprocess_cfg, name_or_path))
 
 
 def hf_vision_config(name_or_path: str, pretrained: str | None = None) -> VisionConfig:
@@ -137,7 +144,7 @@ def load_vision_tower(
         visual = _openclip_visual(name_or_path, pretrained, meta=False)
         config = _config_from_visual(visual, name_or_path)
         model = convert_openclip_visual(visual, config, name_or_path).to(dtype)
-        processor = openclip_image_processor(_kind(config), visual.preprocess_cfg, name_or_path)
+        processor = openclip_image_processor(visual.preprocess_cfg, name_or_path)
     return model.eval(), processor, _info(config, processor)
 
 
@@ -423,34 +430,30 @@ def _check_pool(trunk: nn.Module, config: SiglipVisionConfig, name: str) -> None
         )
 
 
-def openclip_image_processor(
-    kind: Literal["clip", "siglip"], preprocess: dict, name: str = "open_clip tower"
-) -> BaseImageProcessor:
+def openclip_image_processor(preprocess: dict, name: str = "open_clip tower") -> PilBackend:
     """The HF image processor giving the pixels of open_clip's eval transform for ``preprocess``.
 
     ``preprocess`` is open_clip's preprocess config (``model.visual.preprocess_cfg``: size, mean, std,
-    interpolation, resize_mode). One known difference: when the resized long side exceeds the crop by
-    4k+3 pixels, torchvision's CenterCrop rounds the offset half-to-even and HF floors it, so the crop
-    starts one pixel earlier along that side.
+    interpolation, resize_mode). The processor is a ``PilBackend`` (see the module docstring: it survives
+    ``save_pretrained`` + ``AutoImageProcessor.from_pretrained`` as itself). One known difference: when the
+    resized long side exceeds the crop by 4k+3 pixels, torchvision's CenterCrop rounds the offset half-to-even
+    and HF floors it, so the crop starts one pixel earlier along that side.
     """
     size = _square(preprocess["size"], "preprocess size", name)
     mode = preprocess["resize_mode"]
     if mode == "squash":
         geometry = {"size": {"height": size, "width": size}, "do_center_crop": False}
     elif mode == "shortest":
-        geometry = {
-            "size": {"shortest_edge": size},
-            "do_center_crop": True,
-            "crop_size": {"height": size, "width": size},
-        }
+        geometry = {"size": {"shortest_edge": size}, "do_center_crop": True}
     else:
         raise AlignError(
             f"'{name}': open_clip resize_mode {mode!r} (resize longest side, then pad) has no Hugging Face image "
             "processor equivalent; supported: shortest, squash"
         )
-    processor_class = CLIPImageProcessorPil if kind == "clip" else SiglipImageProcessorPil
-    return processor_class(
+    return PilBackend(
         **geometry,
+        # the output size in both modes (unused by a squash); LlavaProcessor counts image tokens from it
+        crop_size={"height": size, "width": size},
         # open_clip evaluates 'random' interpolation (a training option) as bicubic
         resample=PILImageResampling.BILINEAR
         if preprocess["interpolation"] == "bilinear"

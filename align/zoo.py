@@ -6,20 +6,24 @@ This module owns ``align zoo`` and :func:`build_zoo`, which writes one folder pe
 * ``siglip-hf``: ``SiglipVisionModel`` + ``SiglipImageProcessor`` (no CLS, mean/std 0.5);
 * ``openclip-vit``: an open_clip CLIP ViT (with its tiny text tower) in open_clip's local layout,
   ``open_clip_config.json`` + ``open_clip_model.safetensors``;
-* ``openclip-siglip``: an open_clip SigLIP-style model. open_clip's real SigLIP towers are timm models
-  (``vit_base_patch16_siglip_*``, 86M+ parameters, no smaller timm variant exists), so this one uses open_clip's
-  native ``VisionTransformer`` with the SigLIP-like options open_clip's native configs offer: no pre-LayerNorm
-  (``no_ln_pre``), average pooling over the patch tokens (``pool_type: avg``, as ViT-*-CLIPA), LayerNorm eps
-  1e-6, tanh GELU, a learned logit bias and a bidirectional text tower (``CustomTextCLIP``). NOTE: open_clip 3.3's
-  native ViT has no ``class_token`` switch, so this tower still prepends a class token internally (65 tokens);
-  the class token is simply never pooled. Mean/std are 0.5 and resizing squashes, as SigLIP's;
+* ``openclip-siglip``: an open_clip SigLIP model built the way open_clip's real ones are (ViT-B-16-SigLIP,
+  ViT-SO400M-14-SigLIP-384): the image tower is a timm ViT named by ``vision_cfg.timm_model_name`` (timm's own
+  ``vit_base_patch16_siglip_224`` architecture at toy size: no class token, MAP attention-pooling head, exact
+  GELU, LayerNorm eps 1e-6, no projection after the pool), with a learned logit bias and a bidirectional text
+  tower (``CustomTextCLIP``). Mean/std are 0.5 and resizing squashes, as SigLIP's. timm reads the tower's shape
+  from ``timm-vision/config.json`` in the part folder, named as ``local-dir:ABSOLUTE_PATH``: open_clip hands the
+  name to timm unchanged and timm resolves a relative one against the working directory, so only an absolute
+  path keeps ``open_clip.create_model_and_transforms("local-dir:PART")`` working from anywhere. This part is
+  therefore bound to where it was built: its fingerprint includes that location, so a copied or moved zoo
+  rebuilds it in its new place;
 * ``qwen2-r1`` / ``llama-r1``: ``Qwen2ForCausalLM`` / ``LlamaForCausalLM`` shaped like the R1 distills (GQA,
   untied embeddings, llama3 rope scaling for Llama) with the tokenizers of :mod:`align.zoo_tokenizer`.
 
-Every part is deterministic (fixed seeds): rebuilding gives byte-identical files. A part folder is complete when
-its ``zoo-part.json`` marker holds the current fingerprint (part spec + library versions); complete parts are
-skipped unless ``force``. Parts are built in a temporary sibling folder and renamed into place, so an
-interrupted build never leaves a half-written part that looks complete.
+Every part is deterministic (fixed seeds): rebuilding into the same folder gives byte-identical files (folders
+built elsewhere differ only in openclip-siglip's absolute timm path). A part folder is complete when its
+``zoo-part.json`` marker holds the current fingerprint (part spec, library versions and, for openclip-siglip,
+its location); complete parts are skipped unless ``force``. Parts are built in a temporary sibling folder and
+renamed into place, so an interrupted build never leaves a half-written part that looks complete.
 
 Run ``align zoo [--out checkpoints/zoo] [--force]``. Nothing else may depend on the zoo at run time.
 """
@@ -90,16 +94,13 @@ OPENCLIP_CFG: dict[str, dict[str, Any]] = {
         "text_cfg": dict(_OPENCLIP_TEXT),
     },
     "openclip-siglip": {
-        "embed_dim": 32,
+        # timm_proj "none" passes the MAP-pooled trunk feature through, so the joint space is the trunk width
+        "embed_dim": VISION["hidden_size"],
         "init_logit_bias": -10,
         "custom_text": True,
+        # + timm_model_name, which names the part's own timm folder (see _openclip_model_cfg)
         "vision_cfg": dict(
-            _OPENCLIP_VISION,
-            no_ln_pre=True,
-            pool_type="avg",
-            final_ln_after_pool=False,
-            norm_kwargs={"eps": 1e-6},
-            act_kwargs={"approximate": "tanh"},
+            image_size=IMAGE_SIZE, timm_model_pretrained=False, timm_pool="map", timm_proj="none"
         ),
         "text_cfg": dict(
             _OPENCLIP_TEXT,
@@ -110,6 +111,29 @@ OPENCLIP_CFG: dict[str, dict[str, Any]] = {
             act_kwargs={"approximate": "tanh"},
         ),
     },
+}
+# timm's config.json for the openclip-siglip tower (timm's local-dir: layout). The architecture's defaults are
+# SigLIP's (class_token=False, global_pool="map"); model_args shrink it; pretrained_cfg tells timm users the
+# preprocessing (open_clip uses its own preprocess_cfg below).
+TIMM_DIR = "timm-vision"
+TIMM_SIGLIP: dict[str, Any] = {
+    "architecture": "vit_base_patch16_siglip_224",
+    "model_args": dict(
+        img_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+        embed_dim=VISION["hidden_size"],
+        depth=VISION["num_hidden_layers"],
+        num_heads=VISION["num_attention_heads"],
+        mlp_ratio=VISION["intermediate_size"] / VISION["hidden_size"],
+    ),
+    "pretrained_cfg": dict(
+        input_size=[3, IMAGE_SIZE, IMAGE_SIZE],
+        interpolation="bicubic",
+        mean=list(SIGLIP_MEAN),
+        std=list(SIGLIP_STD),
+        crop_pct=1.0,
+        crop_mode="squash",
+    ),
 }
 OPENCLIP_PREPROCESS: dict[str, dict[str, Any]] = {
     "openclip-vit": dict(
@@ -123,6 +147,8 @@ OPENCLIP_PREPROCESS: dict[str, dict[str, Any]] = {
 # open_clip.get_tokenizer would then fetch the SigLIP tokenizer from the hub.
 OPENCLIP_NAMES = {"openclip-vit": "zoo-ViT-T-8", "openclip-siglip": "zoo-ViT-T-8-SL"}
 OPENCLIP_WEIGHTS = "open_clip_model.safetensors"
+# Parts whose files name their own absolute location (openclip-siglip's timm tower): bound to where they are built.
+LOCATED = ("openclip-siglip",)
 
 
 def _seeded(seed: int) -> None:
@@ -135,7 +161,7 @@ def _parameters(model: Any) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _build_clip_hf(path: Path) -> int:
+def _build_clip_hf(path: Path, home: Path) -> int:
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
     _seeded(SEED)
@@ -150,7 +176,7 @@ def _build_clip_hf(path: Path) -> int:
     return _parameters(model)
 
 
-def _build_siglip_hf(path: Path) -> int:
+def _build_siglip_hf(path: Path, home: Path) -> int:
     from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
 
     _seeded(SEED)
@@ -164,30 +190,43 @@ def _build_siglip_hf(path: Path) -> int:
     return _parameters(model)
 
 
-def _build_openclip(part: str) -> Callable[[Path], int]:
-    def build(path: Path) -> int:
+def _openclip_model_cfg(part: str, home: Path) -> dict[str, Any]:
+    """The open_clip ``model_cfg`` of an open_clip part living in ``home`` (its timm tower named absolutely)."""
+    cfg = json.loads(json.dumps(OPENCLIP_CFG[part]))  # a deep copy: callers and constructors may consume it
+    if part in LOCATED:
+        cfg["vision_cfg"]["timm_model_name"] = f"local-dir:{Path(home).resolve() / TIMM_DIR}"
+    return cfg
+
+
+def _build_openclip(part: str) -> Callable[[Path, Path], int]:
+    def build(path: Path, home: Path) -> int:
         from open_clip.model import CLIP, CustomTextCLIP
         from safetensors.torch import save_file
 
-        cfg = json.loads(json.dumps(OPENCLIP_CFG[part]))  # a deep copy the model constructor may consume
+        if part in LOCATED:
+            (path / TIMM_DIR).mkdir()
+            _write_json(path / TIMM_DIR / "config.json", TIMM_SIGLIP)
+        # Built from the folder being written (timm reads its config now); saved naming the folder's final home.
+        cfg = _openclip_model_cfg(part, path)
         model_class = CustomTextCLIP if cfg.pop("custom_text", False) else CLIP
         _seeded(SEED)
         model = model_class(**cfg)
         state = {k: v.contiguous() for k, v in sorted(model.state_dict().items())}
         save_file(state, str(path / OPENCLIP_WEIGHTS))
+        saved_cfg = _openclip_model_cfg(part, home)
         _write_json(
             path / "open_clip_config.json",
-            {"model_cfg": OPENCLIP_CFG[part], "preprocess_cfg": OPENCLIP_PREPROCESS[part]},
+            {"model_cfg": saved_cfg, "preprocess_cfg": OPENCLIP_PREPROCESS[part]},
         )
         # The bare model config, for open_clip.add_model_config (see register_openclip).
-        _write_json(path / f"{OPENCLIP_NAMES[part]}.json", OPENCLIP_CFG[part])
+        _write_json(path / f"{OPENCLIP_NAMES[part]}.json", saved_cfg)
         return _parameters(model)
 
     return build
 
 
-def _build_llm(flavour: str) -> Callable[[Path], int]:
-    def build(path: Path) -> int:
+def _build_llm(flavour: str) -> Callable[[Path, Path], int]:
+    def build(path: Path, home: Path) -> int:
         from transformers import (
             GenerationConfig,
             LlamaConfig,
@@ -227,7 +266,8 @@ def _generation_ids(ids: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in ids.items() if k != "vocab_size" and v is not None}
 
 
-BUILDERS: dict[str, Callable[[Path], int]] = {
+# part -> builder(path, home): writes the part into ``path``, a staging folder renamed to ``home`` afterwards.
+BUILDERS: dict[str, Callable[[Path, Path], int]] = {
     "clip-hf": _build_clip_hf,
     "siglip-hf": _build_siglip_hf,
     "openclip-vit": _build_openclip("openclip-vit"),
@@ -239,7 +279,7 @@ SPECS: dict[str, Any] = {
     "clip-hf": [VISION_HF, CLIP_MEAN, CLIP_STD],
     "siglip-hf": [VISION_HF, SIGLIP_MEAN, SIGLIP_STD],
     "openclip-vit": [OPENCLIP_CFG["openclip-vit"], OPENCLIP_PREPROCESS["openclip-vit"]],
-    "openclip-siglip": [OPENCLIP_CFG["openclip-siglip"], OPENCLIP_PREPROCESS["openclip-siglip"]],
+    "openclip-siglip": [OPENCLIP_CFG["openclip-siglip"], TIMM_SIGLIP, OPENCLIP_PREPROCESS["openclip-siglip"]],
     "qwen2-r1": [LLM, QWEN_ROPE, GENERATION],
     "llama-r1": [LLM, LLAMA_ROPE, GENERATION],
 }
@@ -249,15 +289,25 @@ def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def fingerprint(part: str) -> str:
-    """What a part's files depend on: its spec, the seed and the versions of the libraries that write them."""
+def fingerprint(part: str, home: Path) -> str:
+    """What the files of ``part`` built in folder ``home`` depend on: its spec, the seed, the versions of the
+    libraries that write them and, for :data:`LOCATED` parts, the absolute location they name."""
     import open_clip
+    import timm
     import tokenizers
     import torch
     import transformers
 
-    versions = [transformers.__version__, open_clip.__version__, tokenizers.__version__, torch.__version__]
+    versions = [
+        transformers.__version__,
+        open_clip.__version__,
+        timm.__version__,
+        tokenizers.__version__,
+        torch.__version__,
+    ]
     inputs: list[Any] = [ZOO_VERSION, part, SEED, SPECS[part], versions]
+    if part in LOCATED:
+        inputs.append(str(Path(home).resolve()))
     if part in (
         "qwen2-r1",
         "llama-r1",
@@ -282,14 +332,14 @@ def build_part(part: str, out: Path, force: bool = False) -> Path:
     if part not in BUILDERS:
         raise ValueError(f"unknown zoo part {part!r}; parts are {', '.join(PARTS)}")
     path = out / part
-    expected = fingerprint(part)
+    expected = fingerprint(part, path)
     marker = read_marker(path)
     if not force and marker is not None and marker.get("fingerprint") == expected:
         return path
     staging = out / f".{part}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    parameters = BUILDERS[part](staging)
+    parameters = BUILDERS[part](staging, path)
     _write_json(staging / MARKER, {"part": part, "fingerprint": expected, "parameters": parameters})
     shutil.rmtree(path, ignore_errors=True)
     staging.rename(path)
@@ -309,6 +359,7 @@ def register_openclip(path: Path) -> tuple[str, str]:
     Afterwards ``open_clip.create_model_and_transforms(model_name, pretrained=pretrained)`` loads the part
     the way a named model plus a weights file loads. That route takes open_clip's default preprocessing
     (CLIP mean/std); pass ``image_mean``/``image_std`` from the part's ``open_clip_config.json`` for SigLIP.
+    The registered config is the part's own, so a SigLIP part's timm tower is found wherever the caller runs.
     """
     import open_clip
 

@@ -9,9 +9,10 @@ import pytest
 import yaml
 from PIL import Image
 
+from align.checkpoint import image_seq_len
 from align.cli import main
 from align.config import from_dict
-from align.data.check import check_sources, image_seq_len
+from align.data.check import check_sources
 from align.data.config import DataSource
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
@@ -202,24 +203,6 @@ def test_check_sources_fast_mode_counts():
     report = check_sources(sources(), 10_000, decode_images=False)
     assert report.ok and [(s.name, s.rows, s.ok) for s in report.sources] == [("chat", 3, 3), ("rl", 4, 4)]
     assert not report.length_checked
-
-
-def test_image_seq_len_follows_the_select_strategy():
-    from types import SimpleNamespace
-
-    def processor(strategy, crop=None, size=None, extra=0):
-        image_processor = SimpleNamespace(crop_size=crop, size=size)
-        return SimpleNamespace(
-            image_processor=image_processor,
-            patch_size=14,
-            num_additional_image_tokens=extra,
-            vision_feature_select_strategy=strategy,
-        )
-
-    assert (
-        image_seq_len(processor("default", crop={"height": 336, "width": 336}, extra=1)) == 576
-    )  # CLIP-L/336
-    assert image_seq_len(processor("full", size={"height": 224, "width": 224})) == 256  # SigLIP: no crop_size
 
 
 def test_model_folder_without_config_is_an_error(tmp_path, capsys):

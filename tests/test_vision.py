@@ -1,9 +1,11 @@
 """Vision towers: descriptions from configs, HF loading, and open_clip -> HF conversion that reproduces
 open_clip's pixels and hidden states.
 
-Parity is checked on the zoo's open_clip ViT, on a copy of it with every weight perturbed (default LayerNorm
-weights of 1 and biases of 0 would hide swapped or dropped tensors), and on tiny timm SigLIP towers built here
-(open_clip's SigLIP towers are timm ViTs; timm reads their shape from a ``local-dir:`` config.json).
+Parity is checked on the zoo's open_clip ViT and SigLIP (a timm ViT, as open_clip's real SigLIP towers are), on
+copies of both with every weight perturbed (default LayerNorm weights of 1 and biases of 0 would hide swapped or
+dropped tensors), and on more tiny timm SigLIP towers built here (timm reads their shape from a ``local-dir:``
+config.json). Assembled Llava folders must reload, through a plain ``AutoProcessor.from_pretrained``, a
+processor giving open_clip's pixels.
 """
 
 from __future__ import annotations
@@ -19,9 +21,17 @@ import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file, save_file
-from transformers import CLIPVisionModel, SiglipVisionModel
+from transformers import (
+    AutoImageProcessor,
+    AutoProcessor,
+    CLIPVisionModel,
+    LlavaForConditionalGeneration,
+    PilBackend,
+    SiglipVisionModel,
+)
 
-from align.config import RecipeError
+from align.assemble import assemble
+from align.config import RecipeError, load_any
 from align.errors import AlignError
 from align.vision import (
     VisionInfo,
@@ -32,6 +42,8 @@ from align.vision import (
     openclip_image_processor,
 )
 from align.zoo import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD, register_openclip
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "tiny"
 
 PIXEL_TOL = 1e-5
 HIDDEN_TOL = 1e-4
@@ -119,13 +131,14 @@ def timm_siglip_folder(folder: Path, model_args: dict, proj: str = "none") -> st
 def towers(zoo: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Name -> open_clip model name (``local-dir:...``) of every tower with a parity test."""
     root = tmp_path_factory.mktemp("towers")
-    perturbed = root / "openclip-vit-perturbed"
-    shutil.copytree(zoo / "openclip-vit", perturbed)
-    perturb(perturbed, seed=1)
-    names = {
-        "openclip-vit": f"local-dir:{zoo / 'openclip-vit'}",
-        "openclip-vit-perturbed": f"local-dir:{perturbed}",
-    }
+    names = {}
+    for part in ("openclip-vit", "openclip-siglip"):
+        names[part] = f"local-dir:{zoo / part}"
+        # The copy of openclip-siglip still names the zoo's timm folder (absolute): it only gives the shape.
+        perturbed = root / f"{part}-perturbed"
+        shutil.copytree(zoo / part, perturbed)
+        perturb(perturbed, seed=1)
+        names[f"{part}-perturbed"] = f"local-dir:{perturbed}"
     for key, args in TIMM_SIGLIPS.items():
         names[key] = timm_siglip_folder(root / key, args)
     names["timm-siglip-linear-proj"] = timm_siglip_folder(
@@ -176,6 +189,8 @@ def max_errors(name: str, pretrained: str | None = None) -> dict[str, float]:
     [
         "openclip-vit",
         "openclip-vit-perturbed",
+        "openclip-siglip",
+        "openclip-siglip-perturbed",
         "timm-siglip",
         "timm-siglip-tanh-nobias",
         "timm-siglip-linear-proj",
@@ -190,16 +205,20 @@ def test_converted_tower_reproduces_openclip_pixels_and_hidden_states(
     assert max(errors.values()) < HIDDEN_TOL, errors
 
 
-def test_feature_layers_minus_one_and_minus_two_are_the_last_two_blocks(towers: dict[str, str]) -> None:
+@pytest.mark.parametrize("tower", ["openclip-vit-perturbed", "openclip-siglip", "openclip-siglip-perturbed"])
+def test_feature_layers_minus_one_and_minus_two_are_the_last_two_blocks(
+    towers: dict[str, str], tower: str
+) -> None:
     image = picture(80, 120)
-    _, states, _, _ = openclip_reference(towers["openclip-vit-perturbed"], None, image)
-    model, processor, _ = load_vision_tower("open_clip", towers["openclip-vit-perturbed"])
+    _, states, _, _ = openclip_reference(towers[tower], None, image)
+    model, processor, _ = load_vision_tower("open_clip", towers[tower])
     with torch.no_grad():
         hidden = model(
             **processor(images=image, return_tensors="pt"), output_hidden_states=True
         ).hidden_states
-    for layer in (-1, -2):
-        assert (hidden[layer] - states[layer]).abs().max().item() < HIDDEN_TOL
+    errors = {layer: (hidden[layer] - states[layer]).abs().max().item() for layer in (-1, -2)}
+    print(tower, {k: f"{v:.1e}" for k, v in errors.items()})
+    assert max(errors.values()) < HIDDEN_TOL, errors
     assert (hidden[-1] - hidden[-2]).abs().max().item() > 1e-2  # the two layers do differ
 
 
@@ -219,6 +238,7 @@ def test_name_plus_weights_file_loads_the_same_tower_as_its_folder(zoo: Path) ->
         ("hf", "clip-hf", CLIPVisionModel, "clip", CLIP_MEAN),
         ("hf", "siglip-hf", SiglipVisionModel, "siglip", SIGLIP_MEAN),
         ("open_clip", "openclip-vit", CLIPVisionModel, "clip", CLIP_MEAN),
+        ("open_clip", "openclip-siglip", SiglipVisionModel, "siglip", SIGLIP_MEAN),
     ],
 )
 def test_zoo_towers_load_as_hf_models_matching_their_description(
@@ -246,11 +266,13 @@ def test_zoo_towers_load_as_hf_models_matching_their_description(
     assert out.hidden_states[-2].shape == (1, info.image_tokens("full"), 64)
 
 
-def test_zoo_openclip_siglip_part_is_rejected_with_the_reason(zoo: Path) -> None:
-    # The zoo's open_clip "SigLIP" is a native open_clip ViT without pre-LayerNorm but with a class token:
-    # no HF CLIP or SigLIP model computes the same hidden states.
-    with pytest.raises(AlignError, match="no pre-LayerNorm"):
-        describe_vision("open_clip", f"local-dir:{zoo / 'openclip-siglip'}")
+def test_zoo_openclip_siglip_loads_from_any_working_directory(
+    zoo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # its timm tower is named by absolute path, not relative to the caller
+    model, _, info = load_vision_tower("open_clip", f"local-dir:{zoo / 'openclip-siglip'}")
+    assert type(model) is SiglipVisionModel and model.config.vision_use_head
+    assert (info.kind, info.has_cls, info.image_tokens("full")) == ("siglip", False, 64)
 
 
 @pytest.fixture(scope="module")
@@ -313,37 +335,83 @@ def test_real_openclip_towers_are_described_offline_from_configs(name, pretraine
 SHIFTED = (64, 61)
 
 
+CLIP_NORM = {"mean": CLIP_MEAN, "std": CLIP_STD}
+SIGLIP_NORM = {"mean": SIGLIP_MEAN, "std": SIGLIP_STD}
+
+
 @pytest.mark.parametrize(
-    ("kind", "size", "mode", "interpolation", "width_height"),
+    ("norm", "size", "mode", "interpolation", "width_height"),
     [
-        ("clip", 64, "shortest", "bicubic", (97, 61)),
-        ("clip", 64, "shortest", "bilinear", (61, 97)),
-        ("clip", 32, "shortest", "bicubic", (200, 130)),
-        ("clip", 64, "shortest", "bicubic", (40, 30)),  # upscaling
-        ("clip", 64, "shortest", "bicubic", (64, 64)),  # already the right size
-        ("clip", 48, "squash", "bilinear", (50, 300)),
-        ("siglip", 64, "squash", "bicubic", (97, 61)),
-        ("siglip", 48, "shortest", "bicubic", (300, 200)),
-        ("clip", 64, "shortest", "bicubic", SHIFTED),
+        (CLIP_NORM, 64, "shortest", "bicubic", (97, 61)),
+        (CLIP_NORM, 64, "shortest", "bilinear", (61, 97)),
+        (CLIP_NORM, 32, "shortest", "bicubic", (200, 130)),
+        (CLIP_NORM, 64, "shortest", "bicubic", (40, 30)),  # upscaling
+        (CLIP_NORM, 64, "shortest", "bicubic", (64, 64)),  # already the right size
+        (CLIP_NORM, 48, "squash", "bilinear", (50, 300)),
+        (SIGLIP_NORM, 64, "squash", "bicubic", (97, 61)),
+        (SIGLIP_NORM, 64, "squash", "bicubic", (61, 97)),  # torchvision's resize is 17/255 off here
+        (SIGLIP_NORM, 48, "shortest", "bicubic", (300, 200)),
+        (CLIP_NORM, 64, "shortest", "bicubic", SHIFTED),
     ],
 )
-def test_image_processor_gives_openclip_pixels(kind, size, mode, interpolation, width_height) -> None:
-    preprocess = {
-        "size": size,
-        "mean": CLIP_MEAN,
-        "std": CLIP_STD,
-        "interpolation": interpolation,
-        "resize_mode": mode,
-    }
+def test_image_processor_gives_openclip_pixels_also_after_saving(
+    tmp_path, norm, size, mode, interpolation, width_height
+) -> None:
+    preprocess = {"size": size, **norm, "interpolation": interpolation, "resize_mode": mode}
     image = picture(*width_height)
     expected = image_transform_v2(PreprocessCfg(**preprocess), is_train=False)(image)
-    pixels = openclip_image_processor(kind, preprocess)(images=image, return_tensors="pt")["pixel_values"][0]
-    assert pixels.shape == expected.shape == (3, size, size)
-    if width_height == SHIFTED:  # documented difference: the crop starts one pixel earlier
-        assert (pixels - expected).abs().max().item() > 0.1
-        assert (pixels[..., 1:] - expected[..., :-1]).abs().max().item() < PIXEL_TOL
-    else:
-        assert (pixels - expected).abs().max().item() < PIXEL_TOL
+    processor = openclip_image_processor(preprocess)
+    processor.save_pretrained(tmp_path)
+    # A saved PilBackend reloads as itself whichever backend is asked for (the default is torchvision).
+    reloaded = {
+        b: AutoImageProcessor.from_pretrained(tmp_path, backend=b) for b in (None, "torchvision", "pil")
+    }
+    for name, p in {"built": processor, **{f"reloaded, backend={b}": r for b, r in reloaded.items()}}.items():
+        assert type(p) is PilBackend, name
+        pixels = p(images=image, return_tensors="pt")["pixel_values"][0]
+        assert pixels.shape == expected.shape == (3, size, size)
+        if width_height == SHIFTED:  # documented difference: the crop starts one pixel earlier
+            assert (pixels - expected).abs().max().item() > 0.1
+            assert (pixels[..., 1:] - expected[..., :-1]).abs().max().item() < PIXEL_TOL, name
+        else:
+            assert (pixels - expected).abs().max().item() < PIXEL_TOL, name
+
+
+@pytest.mark.parametrize(
+    ("recipe", "part", "llm"),
+    [
+        ("assemble_openclip_vit_qwen2.yaml", "openclip-vit", "qwen2-r1"),
+        ("assemble_openclip_siglip_llama.yaml", "openclip-siglip", "llama-r1"),
+        ("assemble_openclip_siglip_llama.yaml", "openclip-siglip", "qwen2-r1"),
+    ],
+)
+def test_assembled_llava_folder_reloads_openclip_pixels_and_features(
+    zoo, tmp_path, recipe, part, llm
+) -> None:
+    overrides = [
+        f"vision.name_or_path=local-dir:{zoo / part}",
+        f"llm.name_or_path={zoo / llm}",
+        f"output_dir={tmp_path / 'llava'}",
+    ]
+    out = assemble(load_any(RECIPES / recipe, overrides, expect="assemble"))
+    processor = AutoProcessor.from_pretrained(out)  # what users and the stage programs do
+    assert type(processor.image_processor) is PilBackend
+    assert processor._get_num_multimodal_tokens(image_sizes=[(61, 97)]).num_image_tokens == [64]
+    name = f"local-dir:{zoo / part}"
+    errors = {}
+    for width_height in [(97, 61), (61, 97), (64, 64)]:
+        image = picture(*width_height)
+        expected, states, _, _ = openclip_reference(name, None, image)
+        pixels = processor.image_processor(images=image, return_tensors="pt")["pixel_values"]
+        errors[f"pixels {width_height}"] = (pixels - expected).abs().max().item()
+    model = LlavaForConditionalGeneration.from_pretrained(out).eval()
+    layer = model.config.vision_feature_layer
+    with torch.no_grad():
+        hidden = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states
+    errors[f"hidden[{layer}]"] = (hidden[layer] - states[layer]).abs().max().item()
+    print(recipe, llm, {k: f"{v:.1e}" for k, v in errors.items()})
+    assert max(v for k, v in errors.items() if k.startswith("pixels")) < PIXEL_TOL, errors
+    assert errors[f"hidden[{layer}]"] < HIDDEN_TOL, errors
 
 
 CLIP_INFO = VisionInfo("clip", True, 64, 64, 8, 64, 2, CLIP_MEAN, CLIP_STD)

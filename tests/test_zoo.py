@@ -1,5 +1,9 @@
 """The tiny offline zoo: every part loads through its real loader, rebuilds are byte-identical, and the
-tokenizers behave like the DeepSeek-R1-Distill ones (specials, bos handling, chat template)."""
+tokenizers behave like the DeepSeek-R1-Distill ones (specials, bos handling, chat template).
+
+openclip-siglip names its timm tower by absolute path, so builds in different folders are compared with each
+folder's own path replaced by a placeholder, and a rebuild into the same folder must be byte-identical as is.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +27,16 @@ from transformers import (
 )
 
 from align.errors import AlignError
-from align.zoo import MARKER, PARTS, build_part, build_zoo, fingerprint, read_marker, register_openclip
+from align.zoo import (
+    MARKER,
+    PARTS,
+    TIMM_DIR,
+    build_part,
+    build_zoo,
+    fingerprint,
+    read_marker,
+    register_openclip,
+)
 from align.zoo_tokenizer import (
     ASSISTANT,
     BOS,
@@ -42,9 +55,21 @@ LLMS = ("qwen2-r1", "llama-r1")
 IMAGE = Image.new("RGB", (96, 72), (200, 30, 30))
 
 
-def _hashes(root: Path) -> dict[str, str]:
+def _hashes(root: Path, normalise: bool = False) -> dict[str, str]:
+    """Relative path -> sha256. ``normalise`` replaces the absolute location of ``root`` in every file and drops
+    the markers' fingerprints (a hash that includes openclip-siglip's location; checked against fingerprint())."""
+    location = str(root.resolve()).encode()
+
+    def content(path: Path) -> bytes:
+        data = path.read_bytes()
+        if not normalise:
+            return data
+        if path.name == MARKER:
+            data = json.dumps({k: v for k, v in json.loads(data).items() if k != "fingerprint"}).encode()
+        return data.replace(location, b"<zoo>")
+
     return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        str(p.relative_to(root)): hashlib.sha256(content(p)).hexdigest()
         for p in sorted(root.rglob("*"))
         if p.is_file()
     }
@@ -60,15 +85,41 @@ def test_zoo_has_every_part_with_a_current_marker(zoo: Path) -> None:
     for part in PARTS:
         marker = read_marker(zoo / part)
         assert marker is not None and marker["part"] == part
-        assert marker["fingerprint"] == fingerprint(part)
+        assert marker["fingerprint"] == fingerprint(part, zoo / part)
         assert marker["parameters"] > 0
 
 
 def test_rebuild_is_byte_identical(zoo: Path, tmp_path: Path) -> None:
     build_zoo(tmp_path)
-    first, second = _hashes(zoo), _hashes(tmp_path)
+    first, second = _hashes(zoo, normalise=True), _hashes(tmp_path, normalise=True)
     assert len(first) >= 6 * 3
     assert first == second
+    assert all(read_marker(tmp_path / p)["fingerprint"] == fingerprint(p, tmp_path / p) for p in PARTS)
+    # Only the location-bound part's configs (and its marker's fingerprint) name the folder they live in.
+    differing = {k for k, v in _hashes(zoo).items() if _hashes(tmp_path)[k] != v}
+    assert differing == {
+        "openclip-siglip/open_clip_config.json",
+        "openclip-siglip/zoo-ViT-T-8-SL.json",
+        f"openclip-siglip/{MARKER}",
+    }
+
+    before = _hashes(tmp_path)
+    build_part("openclip-siglip", tmp_path, force=True)
+    assert _hashes(tmp_path) == before
+
+
+def test_moved_openclip_siglip_is_stale_and_rebuilds_in_its_new_home(zoo: Path, tmp_path: Path) -> None:
+    moved = tmp_path / "openclip-siglip"
+    shutil.copytree(zoo / "openclip-siglip", moved)
+    assert read_marker(moved)["fingerprint"] != fingerprint("openclip-siglip", moved)
+    build_part("openclip-siglip", tmp_path)
+    assert read_marker(moved)["fingerprint"] == fingerprint("openclip-siglip", moved)
+    timm_name = json.loads((moved / "open_clip_config.json").read_text())["model_cfg"]["vision_cfg"][
+        "timm_model_name"
+    ]
+    assert timm_name == f"local-dir:{(moved / TIMM_DIR).resolve()}"
+    weights = "open_clip_model.safetensors"
+    assert (moved / weights).read_bytes() == (zoo / "openclip-siglip" / weights).read_bytes()
 
 
 def test_built_parts_are_skipped_unless_forced_or_stale(tmp_path: Path) -> None:
@@ -87,7 +138,7 @@ def test_built_parts_are_skipped_unless_forced_or_stale(tmp_path: Path) -> None:
     rebuilt = weights.stat().st_mtime_ns
     build_part("clip-hf", tmp_path)
     assert weights.stat().st_mtime_ns != rebuilt
-    assert read_marker(path)["fingerprint"] == fingerprint("clip-hf")
+    assert read_marker(path)["fingerprint"] == fingerprint("clip-hf", path)
     assert not list(tmp_path.glob(".*"))  # no staging folder left behind
 
 
@@ -113,28 +164,58 @@ def test_hf_vision_towers_load(zoo: Path, part: str, model_class: type, n_tokens
 
 
 @pytest.mark.parametrize(
-    ("part", "model_class", "mean", "resize_mode", "ln_pre"),
+    ("part", "model_class", "mean", "resize_mode", "embed_dim"),
     [
-        ("openclip-vit", open_clip.CLIP, 0.48145466, "shortest", torch.nn.LayerNorm),
-        ("openclip-siglip", open_clip.CustomTextCLIP, 0.5, "squash", torch.nn.Identity),
+        ("openclip-vit", open_clip.CLIP, 0.48145466, "shortest", 32),
+        ("openclip-siglip", open_clip.CustomTextCLIP, 0.5, "squash", 64),
     ],
 )
-def test_openclip_loads_from_local_dir(
-    zoo: Path, part: str, model_class: type, mean: float, resize_mode: str, ln_pre: type
+def test_openclip_loads_from_local_dir_in_any_working_directory(
+    zoo: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    part: str,
+    model_class: type,
+    mean: float,
+    resize_mode: str,
+    embed_dim: int,
 ) -> None:
+    monkeypatch.chdir(tmp_path)
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{zoo / part}")
     assert type(model) is model_class
     assert model.visual.preprocess_cfg["mean"][0] == pytest.approx(mean)
     assert model.visual.preprocess_cfg["resize_mode"] == resize_mode
-    assert isinstance(model.visual.ln_pre, ln_pre)
     pixels = preprocess(IMAGE).unsqueeze(0)
     assert pixels.shape == (1, 3, 64, 64)
-    model.visual.output_tokens = True
-    pooled, tokens = model.visual(pixels)
-    assert tokens.shape == (1, 64, 64) and pooled.shape == (1, 32)
+    assert model.encode_image(pixels).shape == (1, embed_dim)
     text = open_clip.get_tokenizer(f"local-dir:{zoo / part}")(["a red circle"])
-    assert model.encode_text(text).shape == (1, 32)
+    assert model.encode_text(text).shape == (1, embed_dim)
     assert sum(p.numel() for p in model.parameters()) == read_marker(zoo / part)["parameters"]
+
+
+def test_openclip_vit_is_open_clips_own_vit_with_a_class_token(zoo: Path) -> None:
+    model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{zoo / 'openclip-vit'}")
+    visual = model.visual
+    assert type(visual) is open_clip.transformer.VisionTransformer
+    assert isinstance(visual.ln_pre, torch.nn.LayerNorm)
+    visual.output_tokens = True
+    _, tokens = visual(torch.zeros(1, 3, 64, 64))
+    assert tokens.shape == (1, 64, 64)  # the patch tokens; the class token is pooled
+
+
+def test_openclip_siglip_is_a_timm_siglip_vit_like_the_real_ones(zoo: Path) -> None:
+    # The shape of open_clip's ViT-B-16-SigLIP: a timm ViT, no class token, MAP head, no projection after it.
+    model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{zoo / 'openclip-siglip'}")
+    visual = model.visual
+    assert type(visual) is open_clip.timm_model.TimmModel and len(visual.head) == 0
+    trunk = visual.trunk
+    assert type(trunk).__name__ == "VisionTransformer" and trunk.cls_token is None
+    assert trunk.num_prefix_tokens == 0 and trunk.global_pool == "map"
+    assert trunk.attn_pool.latent_len == 1
+    assert (trunk.embed_dim, len(trunk.blocks), trunk.blocks[0].attn.num_heads) == (64, 2, 4)
+    assert trunk.blocks[0].mlp.fc1.out_features == 128 and trunk.blocks[0].norm1.eps == 1e-6
+    assert trunk.forward_features(torch.zeros(1, 3, 64, 64)).shape == (1, 64, 64)  # 8x8 patches, nothing else
+    assert model.logit_bias is not None
 
 
 @pytest.mark.parametrize("part", ["openclip-vit", "openclip-siglip"])
@@ -311,7 +392,7 @@ def test_cli_prints_each_part_with_its_parameter_count(
     from align.cli import main
 
     out = tmp_path / "zoo"
-    shutil.copytree(zoo, out)  # already built: the command only reports
+    shutil.copytree(zoo, out)  # already built: the command reports (and rebuilds the location-bound part)
     assert main(["zoo", "--out", str(out)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines] == list(PARTS)
