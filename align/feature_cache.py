@@ -5,13 +5,21 @@ pure function of the image, the tower weights and the preprocessing. They are co
 reused across epochs, in memory or on disk. The cache key covers the tower weights, the image processor's
 settings, the feature layer and the selection strategy, so a changed encoder or processor never reuses
 stale features. Image keys are file path + size + mtime, or a hash of the pixels for in-memory images.
+
+Cached features live in host memory (and on disk in ``disk`` mode), never on the accelerator: one
+SigLIP-so400m/384 image is 729 x 1152 values, so a large caption set only fits where memory is plentiful. The
+cache pays off when images are seen more than once (several epochs, or rows sharing an image).
+
+Benchmark: ``python benchmarks/bench_feature_cache.py``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +27,30 @@ import torch
 from torch import nn
 
 
-def tower_features(vision_tower: nn.Module, pixel_values: torch.Tensor, feature_layer: int, strategy: str):
+@contextlib.contextmanager
+def _without_pooling_head(vision_tower: nn.Module) -> Iterator[None]:
+    """Skip SigLIP's attention-pooling head, whose output Llava never reads.
+
+    Besides wasted compute, the head is an ``nn.MultiheadAttention`` that reads ``out_proj.weight`` without
+    calling ``out_proj``, so under ZeRO-3 that weight is never gathered and the forward fails.
+    """
+    inner = getattr(vision_tower, "vision_model", vision_tower)
+    if not getattr(inner, "use_head", False):
+        yield
+        return
+    inner.use_head = False
+    try:
+        yield
+    finally:
+        inner.use_head = True
+
+
+def tower_features(
+    vision_tower: nn.Module, pixel_values: torch.Tensor, feature_layer: int, strategy: str
+) -> torch.Tensor:
     """Selected hidden states exactly as ``LlavaModel.get_image_features`` selects them (without projecting)."""
-    out = vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
+    with _without_pooling_head(vision_tower):
+        out = vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
     feats = out.hidden_states[feature_layer]
     return feats[:, 1:] if strategy == "default" else feats
 
@@ -48,7 +77,7 @@ def image_key(image: Any) -> str:
 
 
 class FeatureCache:
-    """``get(images, pixels_fn)`` -> [n, tokens, hidden] features, computing only the ones not cached."""
+    """``get(images, compute)`` -> [n, tokens, hidden] features, computing only the ones not cached."""
 
     def __init__(self, fingerprint: str, mode: str, directory: Path | None = None):
         if mode not in ("memory", "disk"):
@@ -82,15 +111,24 @@ class FeatureCache:
             tmp.replace(self.directory / f"{key}.pt")
 
     def get(self, images: list[Any], compute) -> torch.Tensor:
-        """Features for ``images``; ``compute(list_of_images) -> Tensor[n, T, H]`` fills the misses."""
+        """Features for ``images`` (on the host); ``compute(list_of_images) -> Tensor[n, T, H]`` fills the misses."""
         keys = [image_key(im) for im in images]
         found = [self._load(k) for k in keys]
         missing = [i for i, f in enumerate(found) if f is None]
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
         if missing:
-            fresh = compute([images[i] for i in missing])
+            fresh = compute([images[i] for i in missing]).detach().to("cpu")
             for j, i in enumerate(missing):
-                found[i] = fresh[j].detach().clone()
+                found[i] = fresh[j].clone()  # a view would keep the whole batch tensor alive
                 self._store(keys[i], found[i])
         return torch.stack(found)
+
+    def counts(self) -> dict[str, int]:
+        """Lookups so far: ``feature_cache_hits`` and ``feature_cache_misses``."""
+        return {"feature_cache_hits": self.hits, "feature_cache_misses": self.misses}
+
+    @property
+    def nbytes(self) -> int:
+        """Host memory held by cached features."""
+        return sum(t.numel() * t.element_size() for t in self.memory.values())

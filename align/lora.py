@@ -2,7 +2,11 @@
 
 Adapters go on the LLM only: the projector trains fully and the vision tower is never adapted. Saving
 computes ``W + delta`` for each adapted layer without touching the live model, so training can go on after a
-checkpoint, and the saved folder is an ordinary Llava checkpoint; the adapter is saved beside it.
+checkpoint, and the saved folder is an ordinary Llava checkpoint. The adapter is saved beside it together with
+the fully trained non-LoRA weights (projector, tower if trained) in ``non_lora_trainables.safetensors``, as
+LLaVA's LoRA runs do: the adapter alone on top of the input model would miss the trained projector.
+
+Tests: ``pytest tests/test_stages.py -k lora``.
 """
 
 from __future__ import annotations
@@ -10,9 +14,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
+from align.checkpoint import canonical_state_dict
+
 _PEFT_PREFIX = "base_model.model."
+NON_LORA_TRAINABLES = "non_lora_trainables.safetensors"
 
 
 def apply_lora(model: nn.Module, r: int, alpha: int, dropout: float, target_modules: list[str]) -> nn.Module:
@@ -53,6 +61,18 @@ def merge_lora_state_dict(state_dict: dict[str, torch.Tensor], scaling: float) -
     return out
 
 
-def save_adapter(model: nn.Module, folder: str | Path) -> None:
-    """The adapter alone (peft format), beside the merged model."""
-    model.save_pretrained(str(folder))
+def save_adapter(
+    model: nn.Module, folder: str | Path, state_dict: dict[str, torch.Tensor] | None = None
+) -> None:
+    """The adapter (peft format) and the non-LoRA trainable weights (canonical Llava names) into ``folder``.
+
+    ``state_dict`` is the consolidated peft-model state dict (``Engine.full_state_dict()``); pass it under
+    ZeRO-3, where the live parameters are partitions and saving them would write empty tensors.
+    """
+    folder = Path(folder)
+    state = state_dict if state_dict is not None else model.state_dict()
+    model.save_pretrained(str(folder), state_dict=dict(state), save_embedding_layers=False)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
+    if trainable:
+        plain = {k.removeprefix(_PEFT_PREFIX): v for k, v in state.items() if k in trainable}
+        save_file(canonical_state_dict(plain), str(folder / NON_LORA_TRAINABLES), metadata={"format": "pt"})

@@ -27,7 +27,10 @@ from typing import Literal
 import torch
 
 from align.config import RecipeError
+from align.engine import ParamGroup
 from align.errors import AlignError
+from align.feature_cache import tower_features
+from align.model import COMPONENTS, component_parameters
 
 
 @dataclass
@@ -96,8 +99,37 @@ class RunSpec:
         for name in ("epochs", "micro_batch_size", "grad_accum", "log_every", "keep_last"):
             if getattr(self, name) < 1:
                 raise RecipeError.at(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise RecipeError.at("max_steps", f"must be >= 1 (or null: all epochs), got {self.max_steps}")
+        if self.save_every < 0:
+            raise RecipeError.at(
+                "save_every", f"must be >= 0 (0: only the final model), got {self.save_every}"
+            )
         if self.strategy in ("zero2", "zero3") and self.deepspeed_config is None:
             raise RecipeError.at("deepspeed_config", f"strategy {self.strategy} needs a DeepSpeed JSON")
+
+
+def param_groups(model, optim: OptimSpec) -> list[ParamGroup]:
+    """Optimizer groups: one per component with trainable parameters, at its learning rate.
+
+    ``projector_lr`` / ``vision_lr`` default to ``lr``. With weight decay, each component's 1-D parameters
+    (biases, norm weights) go to a ``<component>_no_decay`` group: never decayed, as in transformers' Trainer.
+    """
+
+    def own(lr: float | None) -> float:
+        return optim.lr if lr is None else lr
+
+    lrs = {"vision": own(optim.vision_lr), "projector": own(optim.projector_lr), "llm": optim.lr}
+    groups = []
+    for component in COMPONENTS:
+        params = [p for _, p in component_parameters(model, component) if p.requires_grad]
+        decayed = [p for p in params if p.ndim >= 2 or optim.weight_decay == 0]
+        flat = [p for p in params if p.ndim < 2 and optim.weight_decay > 0]
+        if decayed:
+            groups.append(ParamGroup(component, decayed, lr=lrs[component], weight_decay=optim.weight_decay))
+        if flat:
+            groups.append(ParamGroup(f"{component}_no_decay", flat, lr=lrs[component], weight_decay=0.0))
+    return groups
 
 
 def lr_at(step: int, total_steps: int, base_lr: float, schedule: str, warmup_steps: int) -> float:
@@ -140,6 +172,74 @@ def checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
 def prune_checkpoints(output_dir: str | Path, keep_last: int) -> None:
     for _, path in checkpoints(output_dir)[:-keep_last]:
         shutil.rmtree(path)
+
+
+def remove_incomplete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Delete step folders a crash left half-written (no ``state/engine.json``); returns what was removed.
+
+    Call on the main process only, before training: nothing else writes checkpoints then.
+    """
+    root = Path(output_dir) / "checkpoints"
+    complete = {path for _, path in checkpoints(output_dir)}
+    steps = (
+        [p for p in root.glob("step-*") if _STEP_DIR.match(p.name) and p.is_dir()] if root.exists() else []
+    )
+    stale = [p for p in steps if p not in complete]
+    for path in stale:
+        shutil.rmtree(path)
+    return stale
+
+
+def resume_point(output_dir: str | Path, resume: bool) -> Path | None:
+    """The checkpoint a run starts from: the latest one with ``resume``, none for a fresh run.
+
+    A fresh run into a folder that already holds checkpoints is refused: their steps would mix with the new
+    run's, and a later ``--resume`` could continue the old run instead of the new one.
+    """
+    found = checkpoints(output_dir)
+    if resume:
+        return found[-1][1] if found else None
+    if found:
+        raise AlignError(
+            f"{Path(output_dir) / 'checkpoints'} holds {len(found)} checkpoint(s) of an earlier run (latest "
+            f"{found[-1][1].name}); pass --resume to continue it, or remove them / choose another output_dir"
+        )
+    return None
+
+
+def truncate_metrics(output_dir: str | Path, after_step: int) -> None:
+    """Drop metrics.jsonl rows of steps after ``after_step`` (0: all): a resumed run logs them again."""
+    path = Path(output_dir) / "metrics.jsonl"
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= after_step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def freeze_unreachable_vision(llava) -> list[str]:
+    """Freeze trainable vision-tower parameters that no image feature depends on; returns their names.
+
+    Llava reads ``hidden_states[vision_feature_layer]``, so the layers after it, the post-LayerNorm and SigLIP's
+    pooling head never get a gradient. Under DDP a trainable parameter without a gradient stops the run at
+    the second step; frozen, they also show up honestly in the parameter table. Found by one backward pass
+    through the tower on a blank image, so it holds for any tower layout. Call before the engine wraps the model.
+    """
+    tower = llava.model.vision_tower
+    params = [(n, p) for n, p in tower.named_parameters() if p.requires_grad]
+    if not params:
+        return []
+    cfg = llava.config
+    size = cfg.vision_config.image_size
+    p0 = params[0][1]
+    blank = torch.zeros(1, 3, size, size, device=p0.device, dtype=p0.dtype)
+    feats = tower_features(tower, blank, cfg.vision_feature_layer, cfg.vision_feature_select_strategy)
+    grads = torch.autograd.grad(feats.float().sum(), [p for _, p in params], allow_unused=True)
+    frozen = []
+    for (name, param), grad in zip(params, grads, strict=True):
+        if grad is None:
+            param.requires_grad_(False)
+            frozen.append(f"vision_tower.{name}")
+    return frozen
 
 
 def peak_memory_mb() -> float:

@@ -2,9 +2,11 @@
 
 The same program as SFT (``align/stages/sft.py``) with stage-1 defaults: only the projector trains (vision
 tower and LLM frozen), LR 1e-3 with cosine decay and 3% warm-up, no weight decay, and the frozen tower's
-features cached per image so later epochs skip the tower.
+features cached per image in memory so later epochs skip the tower (``benchmarks/bench_feature_cache.py``).
+The cache only pays when images are seen more than once; for one epoch over distinct images, and always
+under ZeRO-3, write ``feature_cache: "off"`` (quoted: YAML reads a bare ``off`` as ``false``).
 
-Run: ``align projector RECIPE [key=value ...] [--resume]``.
+Run: ``align projector RECIPE [key=value ...] [--resume]``. Tests: ``pytest tests/test_stages.py``.
 """
 
 from __future__ import annotations

@@ -12,7 +12,10 @@ Read it top to bottom: recipe -> model -> data -> engine -> one loop -> save.
 
 Loss: cross-entropy summed over every supervised token of the *global* batch (all ranks, all accumulation
 micro-batches) divided by their count, so 1 process and N processes with the same global batch give the same
-loss and gradients whatever the split.
+loss and gradients whatever the split. Rows with and without images mix freely (see ``input_embeddings``).
+
+Tests: ``tests/test_stages.py`` (what trains, outputs, LoRA, packing), ``tests/test_stage_resume.py``
+(kill and resume), ``tests/test_stage_distributed.py`` (DDP / ZeRO-2 / ZeRO-3 vs one process).
 """
 
 from __future__ import annotations
@@ -34,17 +37,11 @@ from align.data.config import DataConfig
 from align.data.encode import IGNORE_INDEX, encode_sft, fit_all
 from align.data.images import load_image
 from align.data.mixing import build_mix
-from align.engine import ParamGroup, init_distributed, setup
+from align.engine import init_distributed, setup
 from align.errors import AlignError
 from align.feature_cache import FeatureCache, cache_fingerprint, tower_features
 from align.lora import apply_lora, is_lora, merge_lora_state_dict, save_adapter
-from align.model import (
-    COMPONENTS,
-    component_parameters,
-    format_parameter_table,
-    parameter_table,
-    set_trainable,
-)
+from align.model import format_parameter_table, parameter_table, set_trainable
 from align.stages.common import (
     LoRASpec,
     MetricsWriter,
@@ -52,11 +49,15 @@ from align.stages.common import (
     Progress,
     RunSpec,
     TrainableSpec,
-    checkpoints,
+    freeze_unreachable_vision,
     lr_at,
+    param_groups,
     peak_memory_mb,
     prune_checkpoints,
+    remove_incomplete_checkpoints,
     resolve_model_folder,
+    resume_point,
+    truncate_metrics,
 )
 
 
@@ -102,14 +103,16 @@ def _supervised(unit) -> int:
 def _global_batches(
     units, global_batch: int, seed: int, epoch: int, group_by_length: bool
 ) -> list[list[int]]:
-    """Indices of each optimizer step's units: a function of (seed, epoch) only, so resume replays it exactly."""
+    """Indices of each optimizer step's units: a function of (seed, epoch) only, so resume replays it exactly.
+
+    Only full global batches are kept (the few units left over change from epoch to epoch). A short
+    length-grouped batch is dropped as a whole rather than spliced into its neighbours, which would mix lengths.
+    """
     if group_by_length:
-        order = [
-            i for b in length_grouped_batches([len(u) for u in units], global_batch, seed, epoch) for i in b
-        ]
-    else:
-        order = list(range(len(units)))
-        random.Random(f"sft-order:{seed}:{epoch}").shuffle(order)
+        batches = length_grouped_batches([len(u) for u in units], global_batch, seed, epoch)
+        return [b for b in batches if len(b) == global_batch]
+    order = list(range(len(units)))
+    random.Random(f"sft-order:{seed}:{epoch}").shuffle(order)
     return [order[i : i + global_batch] for i in range(0, len(order) - global_batch + 1, global_batch)]
 
 
@@ -119,95 +122,95 @@ def _collate(units, packing: bool, pad_id: int) -> dict:
     return batch
 
 
-def _image_features(model, batch, processor, cache: FeatureCache | None, max_pixels: int):
-    """Projected image features for a batch, or (0 * features of a blank image) for a text-only one.
-
-    Every rank runs the tower and projector every step, images or not: DDP expects every trainable parameter
-    to get a gradient and ZeRO-3 gathers parameters collectively, so a rank that skipped the tower would hang.
-    """
+def _image_features(
+    model, images: list, processor, cache: FeatureCache | None, max_pixels: int
+) -> torch.Tensor:
+    """Projected features, ``[images x image tokens, hidden]``, of ``images`` (of one blank image if none)."""
     cfg = model.config
-    llava = model.model
-    images = batch["images"]
-
-    def pixels(ims):
-        loaded = [load_image(im, max_pixels) for im in ims]
-        return processor.image_processor(images=loaded, return_tensors="pt")["pixel_values"]
+    tower = model.model.vision_tower
 
     def compute(ims):
-        px = pixels(ims).to(llava.vision_tower.device, llava.vision_tower.dtype)
-        return tower_features(
-            llava.vision_tower, px, cfg.vision_feature_layer, cfg.vision_feature_select_strategy
-        )
+        loaded = [load_image(im, max_pixels) for im in ims]
+        px = processor.image_processor(images=loaded, return_tensors="pt")["pixel_values"]
+        px = px.to(tower.device, tower.dtype)
+        return tower_features(tower, px, cfg.vision_feature_layer, cfg.vision_feature_select_strategy)
 
     if not images:
         size = cfg.vision_config.image_size
-        blank = torch.zeros(
-            1, 3, size, size, device=llava.vision_tower.device, dtype=llava.vision_tower.dtype
-        )
-        feats = tower_features(
-            llava.vision_tower, blank, cfg.vision_feature_layer, cfg.vision_feature_select_strategy
-        )
-        return None, 0.0 * llava.multi_modal_projector(feats).sum()
-    if cache is not None:
+        blank = torch.zeros(1, 3, size, size, device=tower.device, dtype=tower.dtype)
+        feats = tower_features(tower, blank, cfg.vision_feature_layer, cfg.vision_feature_select_strategy)
+    elif cache is not None:
         with torch.no_grad():
-            feats = cache.get(images, compute).to(llava.vision_tower.device)
+            feats = cache.get(images, compute).to(tower.device)
     else:
         feats = compute(images)
-    return list(llava.multi_modal_projector(feats)), None
+    return model.model.multi_modal_projector(feats).flatten(0, 1)
+
+
+def input_embeddings(model, batch, processor, cache, max_pixels: int, device) -> torch.Tensor:
+    """Token embeddings of a micro-batch with its image features written into the image-token positions.
+
+    A text-only micro-batch still runs the tower and projector, on a blank image, and adds 0 x those features
+    to its embeddings. Every rank thus runs the same modules forward *and backward* whatever its rows hold:
+    ZeRO-3 gathers parameters collectively in both passes, and with a frozen LLM or LoRA a text-only rank
+    would otherwise skip the backward of every layer before the first adapter and hang the others; DDP wants
+    a gradient for every trainable parameter.
+    """
+    ids = batch["input_ids"].to(device)
+    embeds = model.get_input_embeddings()(ids)
+    features = _image_features(model, batch["images"], processor, cache, max_pixels).to(embeds.dtype)
+    if not batch["images"]:
+        return embeds + 0.0 * features.sum()
+    mask = ids == model.config.image_token_id
+    if int(mask.sum()) != features.shape[0]:
+        raise AlignError(
+            f"{int(mask.sum())} image tokens in the micro-batch but {features.shape[0]} image features "
+            f"({len(batch['images'])} images): the data was encoded for another image size"
+        )
+    return embeds.masked_scatter(mask.unsqueeze(-1).expand_as(embeds), features)
 
 
 def forward_loss_sum(module, model, batch, processor, cache, max_pixels, device) -> tuple[torch.Tensor, int]:
-    """(sum of token cross-entropies, supervised tokens) for one micro-batch."""
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
+    """(sum of token cross-entropies, supervised tokens) for one micro-batch.
 
-    features, zero = _image_features(model, batch, processor, cache, max_pixels)
-    kwargs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    if features is not None:
-        kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=features)}
-    logits = module(**kwargs, use_cache=False).logits
+    ``module`` runs the forward (the engine's wrapper); ``model`` is the unwrapped Llava whose tower, projector
+    and embeddings build the inputs.
+    """
+    embeds = input_embeddings(model, batch, processor, cache, max_pixels, device)
+    kwargs = {k: batch[k].to(device) for k in ("attention_mask", "position_ids") if k in batch}
+    logits = module(inputs_embeds=embeds, **kwargs, use_cache=False).logits
     labels = batch["labels"].to(device)
     shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
     shift_labels = labels[:, 1:].reshape(-1)
     loss_sum = F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
-    if zero is not None:
-        loss_sum = loss_sum + zero
     return loss_sum, int((shift_labels != IGNORE_INDEX).sum())
 
 
-def _all_sum(dist, value: float) -> float:
-    return float(dist.all_reduce_mean(float(value))) * dist.world_size
+def _all_sum(dist, counts: dict[str, float]) -> dict[str, float]:
+    """Sums over ranks of this rank's numbers, in one collective (float64: token counts stay exact)."""
+    mean = dist.all_reduce_mean(torch.tensor(list(counts.values()), dtype=torch.float64))
+    return dict(zip(counts, (mean * dist.world_size).tolist(), strict=True))
 
 
-def _param_groups(model, optim: OptimSpec) -> list[ParamGroup]:
-    lrs = {
-        "vision": optim.vision_lr or optim.lr,
-        "projector": optim.projector_lr or optim.lr,
-        "llm": optim.lr,
-    }
-    groups = []
-    for component in COMPONENTS:
-        params = [p for _, p in component_parameters(model, component) if p.requires_grad]
-        if params:
-            groups.append(ParamGroup(component, params, lr=lrs[component], weight_decay=optim.weight_decay))
-    return groups
+def _save_model(engine, model, processor, folder: Path, lora: LoRASpec, recipe) -> dict | None:
+    """Consolidate (every rank), merge LoRA, and write a plain Llava folder from rank 0.
 
-
-def _save_model(engine, model, processor, folder: Path, lora: LoRASpec, recipe) -> None:
-    """Consolidate (every rank), merge LoRA, and write a plain Llava folder from rank 0."""
+    Returns the consolidated (unmerged) state dict on rank 0, ``None`` elsewhere.
+    """
     state = engine.full_state_dict()
     if state is None:
-        return
-    if is_lora(model):
-        state = merge_lora_state_dict(state, lora.alpha / lora.r)
+        return None
+    merged = merge_lora_state_dict(state, lora.alpha / lora.r) if is_lora(model) else state
     base = model.get_base_model() if is_lora(model) else model
     save_llava(
         folder,
         config=base.config,
-        state_dict=state,
+        state_dict=merged,
         processor=processor,
         generation_config=base.generation_config,
     )
     save_resolved(recipe, folder)
+    return state
 
 
 def train(recipe, dist, resume: bool) -> Path:
@@ -219,18 +222,22 @@ def train(recipe, dist, resume: bool) -> Path:
         run.precision if run.precision != "auto" else ("bf16" if dist.device.type == "cuda" else "fp32")
     )
     strategy = run.strategy if run.strategy != "auto" else ("ddp" if dist.world_size > 1 else "single")
+    # before any heavy work: a fresh run into a folder with old checkpoints stops here
+    resume_from = resume_point(out, resume)
 
     # --- model -----------------------------------------------------------------------------------------------
     model_dir = resolve_model_folder(recipe.model)
-    model, processor = load_llava(model_dir)
+    # ZeRO in bf16 trains bf16 weights (fp32 masters are made from them): loading in bf16 halves host memory.
+    # single/ddp keep fp32 weights and autocast.
+    zero_bf16 = strategy.startswith("zero") and precision == "bf16"
+    model, processor = load_llava(model_dir, dtype=torch.bfloat16 if zero_bf16 else torch.float32)
     tokenizer = processor.tokenizer
     n_image_tokens = image_seq_len(processor)
     if run.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if recipe.lora.r > 0:
-        if (
-            run.gradient_checkpointing
-        ):  # frozen embeddings: checkpointed blocks would see no grad-requiring input
+        if run.gradient_checkpointing:
+            # the embeddings are frozen: checkpointed blocks would otherwise see no input that requires grad
             model.enable_input_require_grads()
         model = apply_lora(
             model, recipe.lora.r, recipe.lora.alpha, recipe.lora.dropout, recipe.lora.target_modules
@@ -244,8 +251,14 @@ def train(recipe, dist, resume: bool) -> Path:
         },
     )
     llava = model.get_base_model() if is_lora(model) else model
+    unreachable = freeze_unreachable_vision(llava)
     if dist.is_main:
         print(format_parameter_table(parameter_table(model), f"{recipe.kind}: {model_dir}"))
+        if unreachable:
+            print(
+                f"vision: {len(unreachable)} tensors feed no image feature (layer "
+                f"{llava.config.vision_feature_layer}) and stay frozen, e.g. {', '.join(unreachable[:3])}"
+            )
 
     # --- data ------------------------------------------------------------------------------------------------
     data = recipe.data
@@ -283,7 +296,7 @@ def train(recipe, dist, resume: bool) -> Path:
     # --- engine ----------------------------------------------------------------------------------------------
     engine = setup(
         model,
-        _param_groups(model, recipe.optim),
+        param_groups(model, recipe.optim),
         dist=dist,
         strategy=strategy,
         micro_batch_size=run.micro_batch_size,
@@ -296,20 +309,26 @@ def train(recipe, dist, resume: bool) -> Path:
     base_lrs = engine.lrs()  # before load_state, which restores the schedule's current values
     warmup = int(recipe.optim.warmup_ratio * total_steps)
     start_step = 0
-    if resume and checkpoints(out):
-        step_dir = checkpoints(out)[-1][1]
-        extra = engine.load_state(step_dir / "state")
-        start_step = extra["step"]
+    if resume_from is not None:
+        start_step = engine.load_state(resume_from / "state")["step"]
         if dist.is_main:
-            print(f"resumed from {step_dir} at step {start_step}")
-    elif dist.is_main:
-        save_resolved(recipe, out)
+            print(f"resumed from {resume_from} at step {start_step}")
+    elif resume and dist.is_main:
+        print(f"--resume: no complete checkpoint under {out / 'checkpoints'}; starting at step 0")
+    if dist.is_main:
+        for stale in remove_incomplete_checkpoints(out):
+            print(f"removed {stale}: an interrupted save (no state/engine.json)")
+        truncate_metrics(out, start_step)  # steps after the checkpoint are logged again
+        if resume_from is None:
+            save_resolved(recipe, out)
 
     metrics = MetricsWriter(out, dist.is_main, run.tensorboard, run.wandb_project, to_dict(recipe))
     progress = Progress(total_steps, start_step, dist.is_main)
     device = dist.device
     t_start = time.perf_counter()
     tokens_seen = 0
+    loss = float("nan")
+    after: dict[str, float] = {}
     epoch_batches: dict[int, list[list[int]]] = {}
     engine.module.train()
 
@@ -324,7 +343,16 @@ def train(recipe, dist, resume: bool) -> Path:
         per_rank = run.micro_batch_size * run.grad_accum
         mine = step_units[dist.rank * per_rank : (dist.rank + 1) * per_rank]
         micro = [mine[i : i + run.micro_batch_size] for i in range(0, per_rank, run.micro_batch_size)]
-        n_tokens = max(1.0, _all_sum(dist, sum(_supervised(u) for u in mine)))
+        counts = _all_sum(
+            dist,
+            {
+                "supervised": sum(_supervised(u) for u in mine),
+                "tokens": sum(len(u) for u in mine),
+                "images": sum(u.n_images for u in mine),
+                "text_only_micro_batches": sum(all(u.n_images == 0 for u in mb) for mb in micro),
+            },
+        )
+        n_tokens = max(1.0, counts["supervised"])
         torch.manual_seed(run.seed * 1_000_003 + step)  # dropout etc. depend on the step only: exact resume
         lrs = {n: lr_at(step, total_steps, base_lrs[n], recipe.optim.schedule, warmup) for n in base_lrs}
         engine.set_lrs(lrs)
@@ -338,37 +366,41 @@ def train(recipe, dist, resume: bool) -> Path:
             engine.backward(loss_sum * (dist.world_size * run.grad_accum) / n_tokens)
             grad_norm = engine.step()
             step_loss += float(loss_sum.detach())
-        loss = _all_sum(dist, step_loss) / n_tokens
-        step_tokens = _all_sum(dist, sum(len(u) for u in mine))
-        tokens_seen += step_tokens
+        after = _all_sum(dist, {"loss": step_loss, **(cache.counts() if cache is not None else {})})
+        loss = after.pop("loss") / n_tokens
+        tokens_seen += counts["tokens"]
         dt = time.perf_counter() - t0
         if (step + 1) % run.log_every == 0 or step + 1 == total_steps:
             row = {
                 "loss": loss,
                 "lr": lrs.get("llm", next(iter(lrs.values()))),
+                **{f"lr_{name}": value for name, value in lrs.items()},
                 "grad_norm": grad_norm,
-                "tokens_per_s": step_tokens / dt,
+                "tokens_per_s": counts["tokens"] / dt,
                 "epoch": epoch,
                 "step_time_s": dt,
+                "supervised_tokens": counts["supervised"],
+                "images": counts["images"],
+                "text_only_micro_batches": counts["text_only_micro_batches"],
             }
             if cache is not None:
-                row["feature_cache_hits"] = cache.hits
+                row.update(after)  # feature-cache hits and misses so far, all ranks
             metrics.log(step + 1, row)
             progress.update(step, row)
         if run.save_every and (step + 1) % run.save_every == 0 and step + 1 < total_steps:
-            step_dir = out / "checkpoints" / f"step-{step + 1:07d}"
-            _save_model(engine, model, processor, step_dir / "model", recipe.lora, recipe)
-            engine.save_state(step_dir / "state", extra={"step": step + 1})  # written last: marks it complete
+            ckpt = out / "checkpoints" / f"step-{step + 1:07d}"
+            _save_model(engine, model, processor, ckpt / "model", recipe.lora, recipe)
+            engine.save_state(ckpt / "state", extra={"step": step + 1})  # written last: marks it complete
             if dist.is_main:
                 prune_checkpoints(out, run.keep_last)
             dist.barrier()
 
     # --- save ------------------------------------------------------------------------------------------------
-    _save_model(engine, model, processor, out / "model", recipe.lora, recipe)
+    state = _save_model(engine, model, processor, out / "model", recipe.lora, recipe)
     if dist.is_main:
         if is_lora(model):
             with atomic_folder(out / "adapter") as tmp:
-                save_adapter(model, tmp)
+                save_adapter(model, tmp, state)
         wall = time.perf_counter() - t_start
         summary = {
             "stage": recipe.kind,
@@ -380,7 +412,10 @@ def train(recipe, dist, resume: bool) -> Path:
             "world_size": dist.world_size,
             "strategy": strategy,
             "precision": precision,
+            "final_loss": loss,
         }
+        if cache is not None:  # hits and misses of all ranks; the memory is this rank's
+            summary.update(after, feature_cache_mb=cache.nbytes / 2**20)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         print(
             f"done: {out / 'model'} | wall {wall:.1f}s | {summary['tokens_per_s']:.0f} tokens/s | "
