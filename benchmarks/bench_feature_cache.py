@@ -1,4 +1,4 @@
-"""Stage 1 epoch time with and without the frozen-tower feature cache (``feature_cache: memory | disk | off``).
+"""Stage 1 epoch time with and without the frozen-tower feature cache (``feature_cache: memory | disk | none``).
 
 Runs ``align projector`` (the real stage, in this process) on the tiny zoo for several epochs per mode and
 prints per-epoch step time. Epoch 1 fills the cache; later epochs read every image's features from it and
@@ -109,7 +109,7 @@ def main() -> None:
         f"run.epochs={args.epochs}",
         f"run.micro_batch_size={args.micro_batch}",
     ]
-    runs: dict[str, list[list[dict]]] = {"off": [], "memory": [], "disk": []}
+    runs: dict[str, list[list[dict]]] = {"none": [], "memory": [], "disk": []}
     for _ in range(args.repeats):
         for mode in runs:  # interleaved: load changes on a shared machine hit every mode alike
             out = args.work / f"cache-{mode}"
@@ -126,8 +126,8 @@ def main() -> None:
     print("|---|" + "---|" * (args.epochs + 2))
     for mode, values in med.items():
         cells = " | ".join(f"{v:.2f}" for v in values)
-        print(f"| {mode} | {cells} | {later[mode]:.2f} | {later['off'] / later[mode]:.2f}x |")
-    same = all(abs(a - b) < 1e-5 for a, b in zip(losses["off"], losses["memory"], strict=True))
+        print(f"| {mode} | {cells} | {later[mode]:.2f} | {later['none'] / later[mode]:.2f}x |")
+    same = all(abs(a - b) < 1e-5 for a, b in zip(losses["none"], losses["memory"], strict=True))
     print(f"losses identical with and without the cache (|diff| < 1e-5): {same}")
 
 

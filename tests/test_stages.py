@@ -174,7 +174,7 @@ def test_feature_cache_gives_the_losses_of_the_uncached_run(
         f"data.sources.0.path={world.captions}",
         "run.micro_batch_size=4",
         "run.epochs=3",
-        "feature_cache='off'",
+        "feature_cache=none",
     )
     assert "feature_cache_hits" not in metrics(uncached)[-1]
     assert [m["loss"] for m in metrics(uncached)] == pytest.approx(
@@ -557,7 +557,7 @@ def test_real_recipes_have_the_llava_1_5_hyper_parameters(name: str) -> None:
     assert (recipe.trainable.vision, recipe.trainable.projector, recipe.trainable.llm) == trainable
     assert recipe.data.max_length == 2048 and run.epochs == 1 and run.precision == "bf16"
     assert run.strategy in ("zero2", "zero3") and (ROOT / run.deepspeed_config).is_file()
-    assert recipe.feature_cache == "off"  # one epoch over distinct images: a cache would only hold memory
+    assert recipe.feature_cache == "none"  # one epoch over distinct images: a cache would only hold memory
     header = path.read_text().split("\nkind:")[0]
     assert f"torchrun --nproc_per_node 8 -m align.cli {kind} {path.relative_to(ROOT)}" in header
     assert "--nnodes" in header  # the multi-node launch too

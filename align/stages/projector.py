@@ -4,7 +4,7 @@ The same program as SFT (``align/stages/sft.py``) with stage-1 defaults: only th
 tower and LLM frozen), LR 1e-3 with cosine decay and 3% warm-up, no weight decay, and the frozen tower's
 features cached per image in memory so later epochs skip the tower (``benchmarks/bench_feature_cache.py``).
 The cache only pays when images are seen more than once; for one epoch over distinct images, and always
-under ZeRO-3, write ``feature_cache: "off"`` (quoted: YAML reads a bare ``off`` as ``false``).
+under ZeRO-3, write ``feature_cache: none``.
 
 Run: ``align projector RECIPE [key=value ...] [--resume]``. Tests: ``pytest tests/test_stages.py``.
 """
@@ -29,7 +29,7 @@ class ProjectorRecipe(SFTRecipe):
     trainable: TrainableSpec = field(
         default_factory=lambda: TrainableSpec(vision=False, projector=True, llm=False)
     )
-    feature_cache: Literal["off", "memory", "disk"] = "memory"
+    feature_cache: Literal["none", "memory", "disk"] = "memory"
 
 
 def run(args) -> int:

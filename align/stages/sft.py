@@ -71,14 +71,14 @@ class SFTRecipe:
     optim: OptimSpec = field(default_factory=OptimSpec)
     trainable: TrainableSpec = field(default_factory=TrainableSpec)
     lora: LoRASpec = field(default_factory=LoRASpec)
-    feature_cache: Literal["off", "memory", "disk"] = "off"  # frozen-tower features computed once per image
+    feature_cache: Literal["none", "memory", "disk"] = "none"  # frozen-tower features computed once per image
 
     def check(self) -> None:
         if not any((self.trainable.vision, self.trainable.projector, self.trainable.llm)):
             raise RecipeError.at("trainable", "nothing would train: set at least one of vision/projector/llm")
         if self.lora.r > 0 and not self.trainable.llm:
             raise RecipeError.at("lora.r", "LoRA adapts the LLM: it needs trainable.llm: true")
-        if self.feature_cache != "off":
+        if self.feature_cache != "none":
             if self.trainable.vision:
                 raise RecipeError.at(
                     "feature_cache", "caches frozen-tower features; trainable.vision is true"
@@ -283,7 +283,7 @@ def train(recipe, dist, resume: bool) -> Path:
         )
 
     cache = None
-    if recipe.feature_cache != "off":
+    if recipe.feature_cache != "none":
         ip = processor.image_processor.to_dict()
         fp = cache_fingerprint(
             llava.model.vision_tower,
