@@ -39,7 +39,8 @@ DATA_COMMANDS: dict[str, tuple[str, str]] = {
 
 def _add(sub: argparse._SubParsersAction, name: str, module: str, help_text: str, load: bool) -> None:
     parser = sub.add_parser(name, help=help_text, description=help_text)
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    # SUPPRESS: an absent sub-command flag must not overwrite `align --debug CMD`
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     parser.set_defaults(_module=module)
     if load:  # import only the chosen command's module: `align --help` stays fast
         importlib.import_module(module).add_arguments(parser)

@@ -212,6 +212,13 @@ def _parse_value(raw: str) -> Any:
     return value
 
 
+def _index(items: list, part: str, item: str) -> int:
+    """A list position from an override path, or a RecipeError naming the override and the list length."""
+    if not part.lstrip("-").isdigit() or not -len(items) <= int(part) < len(items):
+        raise RecipeError(f"override {item!r}: '{part}' is not an index of a list of {len(items)} items")
+    return int(part)
+
+
 def apply_overrides(data: dict, overrides: typing.Sequence[str]) -> dict:
     """Apply ``a.b.c=value`` strings; list items are addressed by index (``data.sources.0.weight=2``)."""
     data = dict(data)
@@ -223,7 +230,7 @@ def apply_overrides(data: dict, overrides: typing.Sequence[str]) -> dict:
         parts = dotted.strip().split(".")
         node: Any = data
         for depth, part in enumerate(parts[:-1]):
-            child = node[int(part)] if isinstance(node, list) else node.get(part)
+            child = node[_index(node, part, item)] if isinstance(node, list) else node.get(part)
             if child is None:
                 child = {}
             elif isinstance(child, dict):
@@ -233,11 +240,11 @@ def apply_overrides(data: dict, overrides: typing.Sequence[str]) -> dict:
             else:
                 where = ".".join(parts[: depth + 1])
                 raise RecipeError(f"override {item!r}: {where} is a value, not a section")
-            node[int(part) if isinstance(node, list) else part] = child
+            node[_index(node, part, item) if isinstance(node, list) else part] = child
             node = child
         last = parts[-1]
         if isinstance(node, list):
-            node[int(last)] = value
+            node[_index(node, last, item)] = value
         else:
             node[last] = value
     return data
@@ -294,7 +301,11 @@ def schema_for(kind: str) -> type:
 
 def load_any(path: str | Path, overrides: typing.Sequence[str] = (), expect: str | None = None) -> Any:
     """Load a recipe whose schema is chosen by its ``kind:`` key (checked against ``expect`` if given)."""
-    data = apply_overrides(read_yaml(path), overrides)
+    try:
+        data = apply_overrides(read_yaml(path), overrides)
+    except RecipeError as err:
+        err.file = err.file or str(path)
+        raise
     kind = data.get("kind")
     if kind not in SCHEMAS:
         raise RecipeError(f"expected one of {', '.join(SCHEMAS)}, got {kind!r}", key="kind", file=str(path))

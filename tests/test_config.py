@@ -125,3 +125,28 @@ def test_cli_prints_one_line_and_exits_2(tmp_path, capsys) -> None:
     assert err == f"error: {recipe}: vision.feature_layr: unknown key (did you mean 'feature_layer'?)"
     with pytest.raises(RecipeError):
         main(["assemble", str(recipe), "--debug"])
+
+
+def test_override_list_index_errors_name_the_override_and_file(tmp_path) -> None:
+    from align.config import load_any
+
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        "kind: assemble\nvision: {source: hf, name_or_path: x}\nllm: {name_or_path: y}\noutput_dir: o\n"
+    )
+    with pytest.raises(
+        RecipeError, match=r"r\.yaml: override 'vision\.name_or_path\.y=1': vision\.name_or_path is a value"
+    ):
+        load_any(path, ["vision.name_or_path.y=1"])
+    data = {"sources": [{"path": "a"}]}
+    with pytest.raises(RecipeError, match=r"'5' is not an index of a list of 1 items"):
+        apply_overrides(data, ["sources.5.path=x"])
+    with pytest.raises(RecipeError, match=r"'x' is not an index"):
+        apply_overrides(data, ["sources.x.path=y"])
+
+
+def test_debug_flag_works_before_the_command(tmp_path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("kind: assemble\nvision: {source: hf, name_or_path: x, feature_layr: -2}\n")
+    with pytest.raises(RecipeError):
+        main(["--debug", "assemble", str(recipe)])

@@ -863,3 +863,10 @@ def test_fuzzed_completions_never_raise_and_stay_in_range() -> None:
         assert 0.0 <= iou_soft(completion, BOX, (150, 150)) <= 1.0
         assert 0.0 <= length(completion) <= 1.0
         assert -1.0 <= repetition(completion) <= 0.0
+
+
+def test_score_all_raises_a_missing_column_even_when_skipping() -> None:
+    from align.rewards import RewardSetupError
+
+    with pytest.raises(RewardSetupError, match="needs a 'solution' column"):
+        score_all({"accuracy": REWARDS["accuracy"]}, ["<answer>1</answer>"], {}, on_error="skip")

@@ -79,7 +79,11 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
         ) from None
     except OSError as err:
         raise ImageUnreadable(f"image {path}: cannot be read: {err}") from None
-    _check_pixels(image, str(path), max_pixels)
+    try:
+        _check_pixels(image, str(path), max_pixels)
+    except ImageTooLarge:
+        image.close()
+        raise
     return image
 
 

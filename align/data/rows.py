@@ -197,6 +197,8 @@ def _box(value: Any, declared: bool) -> list[float] | None:
         return None
     x1, y1, x2, y2 = box
     if x1 < 0 or y1 < 0 or x2 <= x1 or y2 <= y1:
+        if not declared:  # four numbers that are not a box (e.g. a list answer) on a non-grounding row
+            return None
         raise RowError("box", f"malformed box {box}: need 0 <= x1 < x2 and 0 <= y1 < y2")
     return box
 

@@ -59,6 +59,7 @@ __all__ = [
     "R1_PREFILL",
     "REWARDS",
     "RewardFn",
+    "RewardSetupError",
     "accuracy",
     "accuracy_reward",
     "as_box",
@@ -94,12 +95,16 @@ RewardFn = Callable[..., list]
 logger = logging.getLogger(__name__)
 
 
+class RewardSetupError(AlignError):
+    """The data lacks what a reward needs (a column): every completion would fail alike, so it stops the run."""
+
+
 def _column(reward: str, name: str, values: object, n: int) -> list:
     if values is None:
-        raise AlignError(f"reward '{reward}' needs a '{name}' column in the data; it is missing")
+        raise RewardSetupError(f"reward '{reward}' needs a '{name}' column in the data; it is missing")
     if not isinstance(values, Sequence) or isinstance(values, str) or len(values) != n:
         size = len(values) if isinstance(values, Sequence) else type(values).__name__
-        raise AlignError(f"reward '{reward}': column '{name}' has {size} values for {n} completions")
+        raise RewardSetupError(f"reward '{reward}': column '{name}' has {size} values for {n} completions")
     return list(values)
 
 
@@ -299,6 +304,8 @@ def score_all(
         try:
             per_reward.append(_checked(name, fn(completions, **columns), n))
             continue
+        except RewardSetupError:
+            raise
         except Exception as err:
             if on_error == "raise":
                 raise

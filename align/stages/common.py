@@ -105,6 +105,10 @@ class RunSpec:
             raise RecipeError.at(
                 "save_every", f"must be >= 0 (0: only the final model), got {self.save_every}"
             )
+        if self.deepspeed_config is not None and self.strategy not in ("zero2", "zero3"):
+            raise RecipeError.at(
+                "strategy", f"deepspeed_config is set but strategy is '{self.strategy}' (zero2/zero3)"
+            )
         if self.strategy in ("zero2", "zero3") and self.deepspeed_config is None:
             raise RecipeError.at("deepspeed_config", f"strategy {self.strategy} needs a DeepSpeed JSON")
 

@@ -86,7 +86,7 @@ class SFTRecipe:
             if self.run.strategy == "zero3":
                 raise RecipeError.at(
                     "feature_cache",
-                    "ZeRO-3 partitions the tower, so every rank must run it every step; use 'off'",
+                    "ZeRO-3 partitions the tower, so every rank must run it every step; use 'none'",
                 )
 
 
