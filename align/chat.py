@@ -23,6 +23,7 @@ from typing import Any, TextIO
 
 import torch
 
+from align.data.encode import generation_prefill
 from align.errors import AlignError
 from align.rewards.extract import THINK_CLOSE, THINK_OPEN
 
@@ -263,8 +264,8 @@ class ChatSession:
         ).to(self.model.device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        prefilled = rendered.rstrip().endswith(THINK_OPEN)
-        prefill = rendered[rendered.rfind(THINK_OPEN) :] if prefilled else ""  # R1: "<think>\n"
+        prefill = generation_prefill(self.processor.tokenizer)  # R1: "<think>\n"
+        prefilled = THINK_OPEN in prefill
         splitter = ReasoningSplitter(prefilled)
         generated = []
         for chunk in stream_generate(self.model, self.processor.tokenizer, inputs, self.generation_config):

@@ -164,3 +164,10 @@ def image_seq_len(processor) -> int:
     # The processor resizes any image to the tower's input, so a blank one measures the expansion.
     text = processor(text=processor.image_token, images=[Image.new("RGB", (48, 40))], return_tensors="pt")
     return int((text["input_ids"] == processor.image_token_id).sum())
+
+
+def eos_token_ids(tokenizer, generation_config) -> list[int]:
+    """Every id that ends a turn: the tokenizer's eos and the generation config's (an int or a list)."""
+    eos = getattr(generation_config, "eos_token_id", None)
+    ids = {tokenizer.eos_token_id, *([eos] if isinstance(eos, int) else list(eos or []))}
+    return sorted(i for i in ids if i is not None)

@@ -22,14 +22,14 @@ from pathlib import Path
 
 import torch
 
-from align.checkpoint import image_seq_len, load_llava
+from align.checkpoint import eos_token_ids, image_seq_len, load_llava
 from align.data.config import DEFAULT_MAX_IMAGE_PIXELS, DataSource
-from align.data.encode import encode_prompt
-from align.data.images import load_image
+from align.data.encode import encode_prompt, generation_prefill
+from align.data.images import pixel_values
 from align.data.mixing import build_mix, format_table
 from align.errors import AlignError
 from align.grpo.sampler import generate
-from align.rewards import R1_PREFILL, extract_answer, load_reward, score_all, warm_up, with_prefill
+from align.rewards import extract_answer, load_reward, score_all, warm_up, with_prefill
 from align.stages.common import resolve_model_folder
 
 DEFAULT_REWARDS = ("accuracy", "format")
@@ -74,6 +74,7 @@ def evaluate(
     batch_size: int = 8,
     seed: int = 0,
     limit: int | None = None,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     model=None,
     processor=None,
 ) -> dict:
@@ -86,21 +87,14 @@ def evaluate(
     model.eval()
     tokenizer = processor.tokenizer
     n_image_tokens = image_seq_len(processor)
-    prefill = (
-        R1_PREFILL
-        if tokenizer.apply_chat_template(
-            [{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True
-        ).endswith(R1_PREFILL)
-        else ""
-    )
+    prefill = generation_prefill(tokenizer)
     funcs = {name: load_reward(name) for name in rewards}
     warm_up()
     rows, _ = build_mix(sources, seed, strict=True)
     rows = [s for s in rows if gold_answer(s) is not None][:limit]
     if not rows:
         raise AlignError(f"no rows with a gold answer in {', '.join(s.path for s in sources)}")
-    eos = model.generation_config.eos_token_id
-    eos_ids = sorted({tokenizer.eos_token_id, *([eos] if isinstance(eos, int) else list(eos or []))})
+    eos_ids = eos_token_ids(tokenizer, model.generation_config)
     generator = torch.Generator().manual_seed(seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -108,11 +102,13 @@ def evaluate(
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
         prompts = [encode_prompt(s, tokenizer, model.config.image_token_id, n_image_tokens) for s in batch]
-        images = [load_image(im, DEFAULT_MAX_IMAGE_PIXELS) for s in batch for im in s.images]
-        sizes = [[load_image(im, DEFAULT_MAX_IMAGE_PIXELS).size for im in s.images] for s in batch]
-        pixels = (
-            processor.image_processor(images=images, return_tensors="pt")["pixel_values"] if images else None
+        pixels, sizes = pixel_values(
+            [im for s in batch for im in s.images], processor.image_processor, max_pixels
         )
+        first_size = []  # each row's first image size: the frame grounding boxes are in
+        for s in batch:
+            first_size.append(sizes[0] if s.images else None)
+            sizes = sizes[len(s.images) :]
         rollout = generate(
             model,
             [p.input_ids for p in prompts],
@@ -134,7 +130,7 @@ def evaluate(
         columns = {
             "solution": rep([gold_answer(s) for s in batch]),
             "box": rep([s.meta.get("box") for s in batch]),
-            "image_size": rep([sz[0] if sz else None for sz in sizes]),
+            "image_size": rep(first_size),
         }
         matrix, _ = score_all(funcs, texts, columns, on_error="skip")
         for i, text in enumerate(texts):

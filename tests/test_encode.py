@@ -269,3 +269,22 @@ def test_text_spelling_the_image_token_is_an_error(zoo: Path) -> None:
         AlignError, match=r"rows.jsonl:7: 8 image tokens after tokenisation, expected 4 \(1 image"
     ):
         encode_sft(sample, tokenizer, pad_id, 4)
+
+
+def test_generation_prefill_is_what_the_template_opens_with(r1, chatml) -> None:
+    from align.data.encode import generation_prefill
+
+    assert generation_prefill(r1[0]) == "<think>\n"
+    assert generation_prefill(chatml[0]) == ""
+
+
+def test_eos_token_ids_merge_tokenizer_and_generation_config(r1) -> None:
+    from types import SimpleNamespace
+
+    from align.checkpoint import eos_token_ids
+
+    tokenizer = r1[0]
+    eos = tokenizer.eos_token_id
+    assert eos_token_ids(tokenizer, SimpleNamespace(eos_token_id=None)) == [eos]
+    assert eos_token_ids(tokenizer, SimpleNamespace(eos_token_id=[eos, 7])) == sorted({eos, 7})
+    assert eos_token_ids(SimpleNamespace(eos_token_id=None), SimpleNamespace(eos_token_id=5)) == [5]

@@ -562,3 +562,20 @@ def test_real_recipes_have_the_llava_1_5_hyper_parameters(name: str) -> None:
     assert f"torchrun --nproc_per_node 8 -m align.cli {kind} {path.relative_to(ROOT)}" in header
     assert "--nnodes" in header  # the multi-node launch too
     assert yaml.safe_load(path.read_text())["kind"] == kind
+
+
+def test_stage_refuses_broken_rows_before_loading_the_model(tmp_path, capsys) -> None:
+    rows = tmp_path / "rows.jsonl"
+    good = {
+        "messages": [{"role": "user", "content": "<image>\nhi"}, {"role": "assistant", "content": "ok"}],
+        "images": ["missing.png"],
+    }
+    rows.write_text(json.dumps(good) + "\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"kind: sft\nmodel: {tmp_path}/no-model\noutput_dir: {tmp_path}/out\n"
+        f"data: {{sources: [{{name: rows, path: {rows}, format: messages}}]}}\n"
+    )
+    assert main(["sft", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert f"{rows}:1" in err and "missing.png" in err and "no-model" not in err

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from align.checkpoint import eos_token_ids
+from align.data.encode import generation_prefill
 from align.errors import AlignError
 from align.rewards.extract import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN
 
@@ -245,15 +247,11 @@ class HFTeacher:
         new = out[0, inputs["input_ids"].shape[1] :]
         text = self.tokenizer.decode(new, skip_special_tokens=True)
         # R1 templates end the prompt with "<think>\n": the reply starts inside the think block.
-        prefill = prompt[prompt.rfind(THINK_OPEN) :] if prompt.rstrip().endswith(THINK_OPEN) else ""
-        stopped = len(new) < self.max_tokens or int(new[-1]) in _eos_ids(self.model, self.tokenizer)
+        prefill = generation_prefill(self.tokenizer)
+        stopped = len(new) < self.max_tokens or int(new[-1]) in eos_token_ids(
+            self.tokenizer, self.model.generation_config
+        )
         return TeacherReply(prefill + text, None, "stop" if stopped else "length")
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    eos = model.generation_config.eos_token_id
-    ids = {tokenizer.eos_token_id, *([eos] if isinstance(eos, int) else list(eos or []))}
-    return {i for i in ids if i is not None}
 
 
 _ANSWER_TAGS = re.compile(rf"{re.escape(ANSWER_OPEN)}|{re.escape(ANSWER_CLOSE)}")

@@ -182,6 +182,14 @@ def _prompt_parts(tokenizer: Any, history: list[dict[str, str]], origin: str) ->
     return prompt, prompt[len(opening) :], end
 
 
+def generation_prefill(tokenizer: Any) -> str:
+    """What the chat template writes after the assistant opening of a generation prompt (R1: ``<think>\n``).
+
+    Generated text continues it, so rewards and displays put it back in front of a completion.
+    """
+    return _prompt_parts(tokenizer, [{"role": "user", "content": "x"}], "chat template probe")[1]
+
+
 def encode_sft(sample: Sample, tokenizer: Any, image_token_id: int, image_seq_len: int) -> Encoded:
     """Ids and labels of a conversation whose last message is the assistant target (see the module docstring)."""
     messages = sample.messages

@@ -146,3 +146,11 @@ def load_image(image: str | Path | Image.Image, max_pixels: int) -> Image.Image:
     finally:
         if opened is not image:
             opened.close()
+
+
+def pixel_values(images: list, image_processor, max_pixels: int):
+    """``(pixel_values or None, [(width, height), ...])`` of ``images`` in order, each decoded once."""
+    loaded = [load_image(im, max_pixels) for im in images]
+    if not loaded:
+        return None, []
+    return image_processor(images=loaded, return_tensors="pt")["pixel_values"], [im.size for im in loaded]

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from align.checkpoint import atomic_folder, image_seq_len, load_llava, save_llava
 from align.config import RecipeError, load_any, save_resolved, to_dict
 from align.data.batching import length_grouped_batches, pack, packed_collate, pad_collate
+from align.data.check import check_sources
 from align.data.config import DataConfig
 from align.data.encode import IGNORE_INDEX, encode_sft, fit_all
 from align.data.images import load_image
@@ -224,6 +225,11 @@ def train(recipe, dist, resume: bool) -> Path:
     strategy = run.strategy if run.strategy != "auto" else ("ddp" if dist.world_size > 1 else "single")
     # before any heavy work: a fresh run into a folder with old checkpoints stops here
     resume_from = resume_point(out, resume)
+    # every row checked (image headers, placeholders, answers, boxes) before the model loads
+    report = check_sources(recipe.data.sources, recipe.data.max_image_pixels, decode_images=False)
+    if not report.ok and recipe.data.strict:
+        raise AlignError(f"data check failed:\n{report.listing(10)}\n(all of them: align data check RECIPE)")
+    bad_rows = {p.origin for p in report.problems}
 
     # --- model -----------------------------------------------------------------------------------------------
     model_dir = resolve_model_folder(recipe.model)
@@ -264,6 +270,10 @@ def train(recipe, dist, resume: bool) -> Path:
     data = recipe.data
     seed = data.seed if data.seed is not None else run.seed
     samples, mix = build_mix(data.sources, seed, data.strict)
+    if bad_rows:
+        samples = [s for s in samples if s.origin not in bad_rows]
+        if dist.is_main:
+            print(f"data.strict is false: skipping {len(bad_rows)} rows that failed the data check")
     encoded = [encode_sft(s, tokenizer, llava.config.image_token_id, n_image_tokens) for s in samples]
     encoded, fit = fit_all(encoded, data.max_length, data.overlong)
     units = _units(encoded, data.packing, data.max_length)
