@@ -43,16 +43,21 @@ GROUPS: tuple[Group, ...] = (
         "reward",
         lambda k: (k == "reward" or k.startswith(("reward/", "rewards/"))) and not _is_std(k),
     ),
-    Group("loss", "Loss", "loss", lambda k: k == "loss" or k.endswith(("/loss", "_loss"))),
+    Group(
+        "loss",
+        "Loss",
+        "loss",
+        lambda k: k == "loss" or k.startswith("loss/") or k.endswith(("/loss", "_loss")),
+    ),
     Group(
         "lr",
         "Learning rate",
         "learning rate",
-        lambda k: k == "lr" or k.startswith("lr/") or k.endswith("_lr"),
+        lambda k: k == "lr" or k.startswith(("lr/", "lr_")) or k.endswith("_lr"),
     ),
     Group("accuracy", "Accuracy", "accuracy", lambda k: "accuracy" in k and not _is_std(k)),
     Group("completion_length", "Completion length", "tokens", lambda k: "length" in k and not _is_std(k)),
-    Group("kl", "KL divergence to the reference", "KL", lambda k: k == "kl" or k.endswith("/kl")),
+    Group("kl", "KL divergence to the reference", "KL", lambda k: k == "kl"),  # loss/kl (beta * KL) is a loss
     Group("grad_norm", "Gradient norm (before clipping)", "norm", lambda k: k == "grad_norm"),
 )
 

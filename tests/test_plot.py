@@ -89,6 +89,10 @@ def _assert_real_png(path: Path) -> None:
             ["eval/loss", "eval/accuracy", "projector_lr"],
             {"loss": ["eval/loss"], "lr": ["projector_lr"], "accuracy": ["eval/accuracy"]},
         ),
+        (
+            ["loss", "loss/policy", "loss/kl", "kl", "lr_llm", "lr_projector"],
+            {"loss": ["loss", "loss/kl", "loss/policy"], "lr": ["lr_llm", "lr_projector"], "kl": ["kl"]},
+        ),
         (["epoch", "step_time_s"], {}),
     ],
 )
