@@ -9,21 +9,38 @@ Read it top to bottom: recipe -> model (+ reference) -> data -> engine -> rounds
 samples G completions for each of this step's questions (one vision pass and one prefill per question batch,
 the cache shared by the G completions), scores them, turns rewards into group-normalised advantages, and then
 takes ``num_iterations`` optimizer steps on those completions (TRL's meaning). A step in the logs and in
-``max_steps`` / ``save_every`` is an optimizer step.
+``max_steps`` / ``save_every`` is an optimizer step. ``run.micro_batch_size`` counts *questions*; TRL's
+``per_device_train_batch_size`` counts completions (= questions x ``num_generations``).
 
 Defaults and why (TRL's defaults differ where noted):
 * ``beta: 0.04`` — R1-V and VLM-R1 used 0.04; TRL now defaults to 0 (no reference model). ``beta: 0`` loads
-  no reference model here too.
+  no reference model here too. The reference is a frozen copy of the input model, or with LoRA the same model
+  with its adapters disabled (no second copy).
 * ``loss_type: grpo`` and ``scale_rewards: group`` — the original GRPO the R1 vision projects trained with;
   TRL's default is ``dapo``. Every TRL value listed in the schema is implemented with TRL's math.
 * ``num_generations: 8``, ``temperature: 1.0``, ``epsilon: 0.2`` — TRL's and R1-V's.
 * ``max_completion_length: 256`` — long enough for the synthetic task's reasoning; real runs raise it.
 
+What is computed once: with ``num_iterations: 1`` the sampling policy is the trained one, so no old log-probs
+exist (TRL's shortcut); with more, the sampler returns the log-probs of the tokens it drew and they serve as
+the old log-probs of every iteration (no extra forward). Under ZeRO-3 the engine gathers the weights once for
+the whole rollout phase, which also holds the reference pass (with LoRA it runs on those gathered weights). The
+reward functions see the full reasoning text: a ``<think>\\n`` the chat template prefilled is put back in
+front of every completion. SigLIP's attention-pooling head, whose output Llava never reads, is switched off.
+
 Per step the metrics show reward mean/std per function, the fraction of groups whose rewards do not vary
 (their advantages are 0 and they teach nothing), completion length (mean/max/truncated share), KL, clip
-ratios, entropy, and the loss split into its policy-gradient and KL parts: with ``num_iterations: 1`` the
-ratio is exactly 1, so the policy-gradient part is ~0 while its gradient is not. Sampled completions go to
+ratios, entropy, the loss split into its policy-gradient and KL parts (with ``num_iterations: 1`` the ratio is
+exactly 1, so the policy-gradient part is ~0 while its gradient is not), throughput and where the time went
+(``time/rollout_s``, ``time/rewards_s``, ``time/reference_s``, ``time/update_s``). Sampled completions go to
 ``completions.jsonl`` with their rewards.
+
+Where this differs from TRL 1.16 on purpose: micro-batches hold whole question groups (TRL shuffles
+completions across the micro-batches of a generation batch, which only changes how ``grpo``/``bnpo`` average
+within a micro-batch); reward functions get the columns ``solution``, ``box``, ``image_size``, ``family`` (not
+``prompts``/``completion_ids``); the prefill is restored before scoring (TRL scores the raw completion).
+
+Tests: ``.venv/bin/pytest -q tests/test_grpo_stage.py`` (``-m distributed`` for the 2-process runs).
 """
 
 from __future__ import annotations
@@ -73,11 +90,13 @@ from align.stages.common import (
     Progress,
     RunSpec,
     TrainableSpec,
-    checkpoints,
+    freeze_unreachable_vision,
     lr_at,
     peak_memory_mb,
     prune_checkpoints,
     resolve_model_folder,
+    resume_point,
+    truncate_metrics,
 )
 
 
@@ -118,8 +137,16 @@ class GRPOSpec:
             raise RecipeError.at("beta", f"must be >= 0, got {self.beta}")
         if self.num_iterations < 1:
             raise RecipeError.at("num_iterations", f"must be >= 1, got {self.num_iterations}")
+        if self.temperature <= 0:
+            raise RecipeError.at("temperature", f"GRPO samples: must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise RecipeError.at("top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.top_k is not None and self.top_k < 0:
+            raise RecipeError.at("top_k", f"must be >= 0 (0 or null: off), got {self.top_k}")
         if not self.reward_funcs:
             raise RecipeError.at("reward_funcs", "needs at least one reward function")
+        if len(set(self.reward_funcs)) != len(self.reward_funcs):
+            raise RecipeError.at("reward_funcs", f"lists a function twice: {self.reward_funcs}")
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
             raise RecipeError.at(
                 "reward_weights",
@@ -143,6 +170,12 @@ class GRPORecipe:
     def check(self) -> None:
         if self.lora.r > 0 and not self.trainable.llm:
             raise RecipeError.at("lora.r", "LoRA adapts the LLM: it needs trainable.llm: true")
+        if self.run.gradient_checkpointing and self.grpo.shared_prefix:
+            raise RecipeError.at(
+                "grpo.shared_prefix",
+                "the shared-prefix training forward needs the KV cache, which gradient-checkpointed layers drop: "
+                "set grpo.shared_prefix: false with run.gradient_checkpointing: true",
+            )
 
 
 class PolicyLogps(nn.Module):
@@ -157,7 +190,24 @@ class PolicyLogps(nn.Module):
 
 
 def _llava(model: nn.Module) -> nn.Module:
-    return model.get_base_model() if is_lora(model) else model
+    """The Llava model inside a peft wrapper (its LoRA layers active), or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model  # per forward: no param scan
+
+
+def skip_pooling_head(llava: nn.Module) -> bool:
+    """Switch off SigLIP's attention-pooling head for this run; True if there was one.
+
+    Llava never reads the tower's pooled output (it replaces ``pooler_output`` with the projected features), so
+    the head is a wasted forward per image; it is also an ``nn.MultiheadAttention`` that reads
+    ``out_proj.weight`` without calling ``out_proj``, a weight ZeRO-3 then never gathers. Its weights stay in the
+    model and in the saved folder, unchanged.
+    """
+    tower = llava.model.vision_tower
+    inner = getattr(tower, "vision_model", tower)
+    if not getattr(inner, "use_head", False):
+        return False
+    inner.use_head = False
+    return True
 
 
 def _param_groups(module: nn.Module, optim: OptimSpec) -> list[ParamGroup]:
@@ -205,6 +255,22 @@ def _reward_columns(samples, sizes, g: int) -> dict[str, list]:
     }
 
 
+def reward_names(specs: list[str]) -> list[str]:
+    """Metric names of the reward functions: the function's name (TRL's way), the full spec if two share one."""
+    short = [spec.rpartition(":")[2] for spec in specs]
+    return [s if short.count(s) == 1 else spec for s, spec in zip(short, specs, strict=True)]
+
+
+def _trim_completions(output_dir: Path, after_step: int) -> None:
+    """Drop completions.jsonl records of steps after ``after_step`` (0: all): a resumed run writes them again."""
+    path = output_dir / "completions.jsonl"
+    if path.exists():
+        kept = [
+            line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= after_step
+        ]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
 @dataclass
 class RolloutBatch:
     """One micro-batch of questions and what the round learns about it, filled in as the round goes."""
@@ -224,13 +290,24 @@ class RolloutBatch:
     advantages: torch.Tensor | None = None
 
 
-def _reference_logps(reference, model, b: RolloutBatch, g: int, cfg: GRPOSpec, engine) -> torch.Tensor:
-    """Log-probs under the reference: the frozen copy, or with LoRA the same model with adapters disabled."""
-    kwargs = dict(num_generations=g, temperature=cfg.temperature, shared_prefix=cfg.shared_prefix)
-    args = (b.prompt_ids, b.pixels, b.images_per_prompt, b.rollout.completion_ids, b.mask)
-    with torch.no_grad(), engine.autocast():
+def reference_logps(
+    reference: nn.Module | None,
+    model: nn.Module,
+    b: RolloutBatch,
+    num_generations: int,
+    temperature: float,
+    shared_prefix: bool,
+) -> torch.Tensor:
+    """Log-probs of ``b``'s completions under the reference: the frozen copy ``reference``, or with LoRA
+    (``reference=None``) the policy ``model`` itself with its adapters disabled (under ZeRO-3: call it while the
+    engine holds the weights gathered, as the stage does in its rollout phase)."""
+    kwargs = dict(num_generations=num_generations, temperature=temperature, shared_prefix=shared_prefix)
+    args = (b.prompt_ids, b.pixels, b.images_per_prompt, b.rollout.completion_ids, b.rollout.completion_mask)
+    with torch.no_grad():
         if reference is not None:
             return completion_logps(reference, *args, **kwargs)
+        if not is_lora(model):
+            raise ValueError("reference_logps: without a reference model the policy must carry LoRA adapters")
         with model.disable_adapter():
             return completion_logps(_llava(model), *args, **kwargs)
 
@@ -242,10 +319,23 @@ def _global_std(dist, rewards: torch.Tensor) -> float:
     return (_all_sum(dist, float(((finite - mean) ** 2).sum())) / max(n - 1, 1)) ** 0.5
 
 
+def _group_std(rewards: torch.Tensor, g: int) -> torch.Tensor:
+    """Sample std of each group of ``g`` rewards, NaNs (unscorable completions) left out; 0 below 2 values."""
+    grouped = rewards.view(-1, g)
+    count = (~grouped.isnan()).sum(1)
+    centred = grouped - grouped.nanmean(1, keepdim=True)
+    var = (centred**2).nansum(1) / (count - 1).clamp(min=1)
+    return torch.where(count > 1, var.sqrt(), torch.zeros_like(var))
+
+
 def _rollout_metrics(
-    dist, batches: list[RolloutBatch], names: list[str], errors: dict, zero_std: list
+    dist, batches: list[RolloutBatch], names: list[str], errors: dict, zero_std: list, g: int
 ) -> dict:
-    """Reward per function, zero-variance groups and completion lengths, averaged over ranks."""
+    """Reward per function, zero-variance groups and completion lengths over all ranks.
+
+    ``reward_std`` is TRL's: the mean over groups of the std within a group (what the advantages divide by);
+    ``reward_std/<name>`` is a function's std over the whole batch.
+    """
     per_func = torch.cat([b.per_func for b in batches])
     lengths = torch.cat([b.rollout.lengths for b in batches]).float()
     truncated = torch.cat([b.rollout.is_truncated for b in batches]).float()
@@ -254,15 +344,15 @@ def _rollout_metrics(
     row = {}
     for j, name in enumerate(names):
         row[f"reward/{name}"] = float(dist.all_reduce_mean(mean(per_func[:, j])))
-        col = per_func[:, j][~per_func[:, j].isnan()]
-        row[f"reward_std/{name}"] = float(col.std()) if col.numel() > 1 else 0.0
+        row[f"reward_std/{name}"] = _global_std(dist, per_func[:, j])
         row[f"reward_errors/{name}"] = _all_sum(dist, errors[name])
     row.update(
         {
             "reward": float(dist.all_reduce_mean(mean(rewards))),
+            "reward_std": float(dist.all_reduce_mean(float(_group_std(rewards, g).mean()))),
             "frac_reward_zero_std": float(dist.all_reduce_mean(sum(zero_std) / len(zero_std))),
             "completion_length": float(dist.all_reduce_mean(float(lengths.mean()))),
-            "completion_length_max": float(lengths.max()),
+            "completion_length_max": float(lengths.max()),  # this rank's (rank 0 logs)
             "truncated_share": float(dist.all_reduce_mean(float(truncated.mean()))),
             "completion_tokens": _all_sum(dist, float(lengths.sum())),
         }
@@ -270,22 +360,26 @@ def _rollout_metrics(
     return row
 
 
-def _save_model(engine, model, processor, folder: Path, lora: LoRASpec, recipe) -> None:
+def _save_model(engine, model, processor, folder: Path, lora: LoRASpec, recipe) -> dict | None:
+    """Consolidate (every rank), merge LoRA, write a plain Llava folder from rank 0.
+
+    Returns the consolidated, unmerged peft-model state dict on rank 0 (for the adapter), ``None`` elsewhere.
+    """
     state = engine.full_state_dict()  # every rank takes part; rank 0 gets the weights
     if state is None:
-        return
+        return None
     state = {k.removeprefix("model."): v for k, v in state.items()}  # PolicyLogps wraps the model as .model
-    if is_lora(model):
-        state = merge_lora_state_dict(state, lora.alpha / lora.r)
+    merged = merge_lora_state_dict(state, lora.alpha / lora.r) if is_lora(model) else state
     base = _llava(model)
     save_llava(
         folder,
         config=base.config,
-        state_dict=state,
+        state_dict=merged,
         processor=processor,
         generation_config=base.generation_config,
     )
     save_resolved(recipe, folder)
+    return state
 
 
 def train(recipe: GRPORecipe, dist, resume: bool) -> Path:
@@ -298,15 +392,22 @@ def train(recipe: GRPORecipe, dist, resume: bool) -> Path:
     )
     strategy = run.strategy if run.strategy != "auto" else ("ddp" if dist.world_size > 1 else "single")
     g = cfg.num_generations
+    # before any heavy work: a fresh run into a folder with old checkpoints stops here
+    resume_from = resume_point(out, resume)
 
     # --- policy, reference, rewards --------------------------------------------------------------------------
     model_dir = resolve_model_folder(recipe.model)
-    model, processor = load_llava(model_dir)
+    # ZeRO in bf16 trains bf16 weights (fp32 masters are made from them); single/ddp keep fp32 and autocast.
+    # The reference takes the policy's dtype so that KL is exactly 0 before the first update.
+    dtype = torch.bfloat16 if strategy.startswith("zero") and precision == "bf16" else torch.float32
+    model, processor = load_llava(model_dir, dtype=dtype)
     tokenizer = processor.tokenizer
     n_image_tokens = image_seq_len(processor)
     if run.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if recipe.lora.r > 0:
+        if run.gradient_checkpointing:
+            model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks need an input with grad
         model = apply_lora(
             model, recipe.lora.r, recipe.lora.alpha, recipe.lora.dropout, recipe.lora.target_modules
         )
@@ -318,15 +419,23 @@ def train(recipe: GRPORecipe, dist, resume: bool) -> Path:
             "llm": recipe.trainable.llm and recipe.lora.r == 0,
         },
     )
+    unreachable = freeze_unreachable_vision(_llava(model))  # DDP stops on trainable parameters without grads
+    skip_pooling_head(_llava(model))
     reference = None
     if cfg.beta > 0 and not is_lora(model):  # with LoRA the reference is the same model, adapters disabled
-        reference, _ = load_llava(model_dir)
+        reference, _ = load_llava(model_dir, dtype=dtype)
         reference.requires_grad_(False).eval().to(dist.device)
-    rewards = {spec: load_reward(spec) for spec in cfg.reward_funcs}
+        skip_pooling_head(reference)
+    rewards = {
+        name: load_reward(spec)
+        for name, spec in zip(reward_names(cfg.reward_funcs), cfg.reward_funcs, strict=True)
+    }
     weights = cfg.reward_weights or [1.0] * len(rewards)
     eos_ids = _eos_ids(tokenizer.eos_token_id, _llava(model).generation_config.eos_token_id)
     if dist.is_main:
         print(format_parameter_table(parameter_table(model), f"grpo: {model_dir}"))
+        if unreachable:
+            print(f"vision: {len(unreachable)} tensors feed no image feature and stay frozen")
         print(
             f"rewards: {', '.join(f'{n} x{w}' for n, w in zip(rewards, weights, strict=True))}; reference model: "
             f"{'none (beta 0)' if cfg.beta == 0 else 'adapters disabled' if is_lora(model) else 'frozen copy'}"
@@ -339,12 +448,14 @@ def train(recipe: GRPORecipe, dist, resume: bool) -> Path:
     if not report.ok and data.strict:
         raise AlignError(f"data check failed:\n{report.listing(10)}\n(see all: align data check RECIPE)")
     samples, mix = build_mix(data.sources, seed, data.strict)
-    warm_up()  # math_verify's grammar loads once here, not inside the first timed reward call
+    if "accuracy" in cfg.reward_funcs:
+        warm_up()  # math_verify's grammar loads once here, not inside the first timed reward call
     prompts = []
+    image_token_id = _llava(model).config.image_token_id
     for s in samples:
         if s.answer is None:
             raise AlignError(f"{s.origin}: GRPO rows need a gold answer (solution) for the rewards")
-        enc = encode_prompt(s, tokenizer, _llava(model).config.image_token_id, n_image_tokens)
+        enc = encode_prompt(s, tokenizer, image_token_id, n_image_tokens)
         if len(enc) + cfg.max_completion_length > data.max_length and data.overlong == "error":
             raise AlignError(
                 f"{s.origin}: prompt {len(enc)} + max_completion_length {cfg.max_completion_length} "
@@ -359,10 +470,10 @@ def train(recipe: GRPORecipe, dist, resume: bool) -> Path:
             f"max_length {data.max_length}) for {questions_per_round} questions per step"
         )
     rounds_per_epoch = len(kept) // questions_per_round
-    total_rounds = run.epochs * rounds_per_epoch
+    total_steps = run.epochs * rounds_per_epoch * cfg.num_iterations
     if run.max_steps:
-        total_rounds = min(total_rounds, -(-run.max_steps // cfg.num_iterations))
-    total_steps = total_rounds * cfg.num_iterations
+        total_steps = min(total_steps, run.max_steps)
+    total_rounds = -(-total_steps // cfg.num_iterations)  # the last round may stop before num_iterations
     prefill = (
         R1_PREFILL
         if tokenizer.apply_chat_template(
@@ -374,7 +485,7 @@ def train(recipe: GRPORecipe, dist, resume: bool) -> Path:
         print(mix.table())
         print(
             f"{len(kept)} questions ({len(prompts) - len(kept)} too long), {questions_per_round} per step x {g} "
-            f"completions, {total_rounds} rounds x {cfg.num_iterations} iterations = {total_steps} steps"
+            f"completions, {total_rounds} rounds x {cfg.num_iterations} iterations -> {total_steps} steps"
         )
 
     # --- engine ----------------------------------------------------------------------------------------------
@@ -391,25 +502,29 @@ def train(recipe: GRPORecipe, dist, resume: bool) -> Path:
         betas=tuple(recipe.optim.betas),
         deepspeed_config=run.deepspeed_config,
     )
-    base_lrs = engine.lrs()
+    base_lrs = engine.lrs()  # before load_state, which restores the schedule's current values
     warmup = int(recipe.optim.warmup_ratio * total_steps)
     start_round = 0
-    if resume and checkpoints(out):
-        step_dir = checkpoints(out)[-1][1]
-        start_round = engine.load_state(step_dir / "state")["round"]
+    if resume_from is not None:
+        start_round = engine.load_state(resume_from / "state")["round"]
         if dist.is_main:
-            print(f"resumed from {step_dir} at round {start_round}")
-    elif dist.is_main:
-        save_resolved(recipe, out)
+            print(f"resumed from {resume_from} at round {start_round}")
+    start_step = start_round * cfg.num_iterations
+    if dist.is_main:
+        truncate_metrics(out, start_step)  # steps after the checkpoint are logged again
+        _trim_completions(out, start_step)
+        if resume_from is None:
+            save_resolved(recipe, out)
     metrics = MetricsWriter(out, dist.is_main, run.tensorboard, run.wandb_project, to_dict(recipe))
     samples_file = (out / "completions.jsonl").open("a") if dist.is_main else None
-    progress = Progress(total_steps, start_round * cfg.num_iterations, dist.is_main)
+    progress = Progress(total_steps, start_step, dist.is_main)
     t_start = time.perf_counter()
     order: dict[int, list[int]] = {}
 
     # --- the loop: one round = rollouts for this step's questions, then num_iterations updates ---------------
     for rnd in range(start_round, total_rounds):
-        t0 = time.perf_counter()
+        t_round = time.perf_counter()
+        torch.manual_seed(run.seed * 1_000_003 + rnd)  # dropout depends on the round only: exact resume
         epoch, index = divmod(rnd, rounds_per_epoch)
         if epoch not in order:
             order = {epoch: random.Random(f"grpo-order:{seed}:{epoch}").sample(range(len(kept)), len(kept))}
@@ -419,7 +534,7 @@ def train(recipe: GRPORecipe, dist, resume: bool) -> Path:
         micro = [mine[i : i + run.micro_batch_size] for i in range(0, per_rank, run.micro_batch_size)]
         generator = torch.Generator().manual_seed(run.seed * 1_000_003 + rnd * 1009 + dist.rank)
 
-        # rollouts: sample, decode, score (old log-probs come from the sampler, once per round)
+        # rollouts: one gathered phase for all micro-batches; old log-probs come from the sampler, once per round
         batches: list[RolloutBatch] = []
         policy.eval()
         with engine.gathered_for_generation() as gathered, engine.autocast():
@@ -448,7 +563,20 @@ def train(recipe: GRPORecipe, dist, resume: bool) -> Path:
                     return_logps=cfg.num_iterations > 1,
                 )
                 batches.append(b)
+            t_rollout = time.perf_counter()
+            if cfg.beta > 0 and reference is None:  # LoRA: the policy's own gathered weights, adapters off
+                for b in batches:
+                    b.ref_logps = reference_logps(
+                        None, gathered.model, b, g, cfg.temperature, cfg.shared_prefix
+                    )
         policy.train()
+        if (
+            reference is not None
+        ):  # the frozen copy: after the block, so the gathered policy is released first
+            with engine.autocast():
+                for b in batches:
+                    b.ref_logps = reference_logps(reference, model, b, g, cfg.temperature, cfg.shared_prefix)
+        t_reference = time.perf_counter()
 
         reward_errors = dict.fromkeys(rewards, 0)
         for b in batches:
@@ -464,8 +592,7 @@ def train(recipe: GRPORecipe, dist, resume: bool) -> Path:
             b.mask = b.rollout.completion_mask
             if cfg.mask_truncated_completions:
                 b.mask = mask_truncated(b.mask, b.rollout.is_truncated)
-            if cfg.beta > 0:
-                b.ref_logps = _reference_logps(reference, model, b, g, cfg, engine)
+        t_rewards = time.perf_counter()
 
         # advantages: per group of G; "batch" scales by the std of the whole global batch, as TRL does
         all_rewards = torch.cat([b.rewards for b in batches])
@@ -478,11 +605,20 @@ def train(recipe: GRPORecipe, dist, resume: bool) -> Path:
             if batch_std is not None:
                 b.advantages = b.advantages / (batch_std + 1e-4)
             zero_std.append(stats.frac_reward_zero_std)
+        rollout_row = _rollout_metrics(dist, batches, list(rewards), reward_errors, zero_std, g)
+        rollout_row.update(
+            {
+                "time/rollout_s": t_rollout - t_round,
+                "time/reference_s": t_reference - t_rollout,
+                "time/rewards_s": t_rewards - t_reference,
+            }
+        )
 
         # updates: num_iterations optimizer steps on the same completions
         n_tokens = _all_sum(dist, sum(float(b.mask.sum()) for b in batches))
-        for it in range(cfg.num_iterations):
-            step = rnd * cfg.num_iterations + it
+        t_step = t_round
+        for step in range(rnd * cfg.num_iterations, min((rnd + 1) * cfg.num_iterations, total_steps)):
+            t_update = time.perf_counter()
             lrs = {n: lr_at(step, total_steps, base_lrs[n], recipe.optim.schedule, warmup) for n in base_lrs}
             engine.set_lrs(lrs)
             sums: dict[str, float] = {}
@@ -493,7 +629,7 @@ def train(recipe: GRPORecipe, dist, resume: bool) -> Path:
                         pixel_values=b.pixels,
                         images_per_prompt=b.images_per_prompt,
                         completion_ids=b.rollout.completion_ids,
-                        completion_mask=b.mask,
+                        completion_mask=b.rollout.completion_mask,  # attention; the loss masks with b.mask
                         num_generations=g,
                         temperature=cfg.temperature,
                         shared_prefix=cfg.shared_prefix,
@@ -516,7 +652,7 @@ def train(recipe: GRPORecipe, dist, resume: bool) -> Path:
                 engine.backward(loss)
                 grad_norm = engine.step()
                 values = {
-                    "loss": loss,
+                    "loss": loss.detach(),
                     "loss/policy": parts.policy,
                     "loss/kl": parts.kl_penalty,
                     "kl": parts.kl,
@@ -529,26 +665,29 @@ def train(recipe: GRPORecipe, dist, resume: bool) -> Path:
                 for key, value in values.items():
                     if value is not None:
                         sums[key] = sums.get(key, 0.0) + float(value) / len(batches)
+            now = time.perf_counter()
             row = {k: float(dist.all_reduce_mean(v)) for k, v in sums.items()}
-            row.update(_rollout_metrics(dist, batches, list(rewards), reward_errors, zero_std))
-            elapsed = time.perf_counter() - t0
+            row.update(rollout_row)
             row.update(
                 {
                     "lr": lrs.get("llm", next(iter(lrs.values()))),
                     "grad_norm": grad_norm,
-                    "round_time_s": elapsed,
-                    "completion_tokens_per_s": row["completion_tokens"] / elapsed,
+                    "time/update_s": now - t_update,
+                    "step_time_s": now - t_step,  # the round's first step also carries its rollout phase
+                    "completion_tokens_per_s": rollout_row["completion_tokens"] / (now - t_round),
                 }
             )
+            t_step = now
             if (step + 1) % run.log_every == 0 or step + 1 == total_steps:
                 metrics.log(step + 1, row)
                 progress.update(step, row)
+        done = step + 1
         if samples_file is not None:
             b = batches[0]
             for i in range(min(cfg.log_completions, len(b.texts))):
                 s = b.samples[i // g]
                 record = {
-                    "step": (rnd + 1) * cfg.num_iterations,
+                    "step": done,
                     "origin": s.origin,
                     "gold": s.answer,
                     "completion": b.texts[i],
@@ -557,7 +696,6 @@ def train(recipe: GRPORecipe, dist, resume: bool) -> Path:
                 samples_file.write(json.dumps(record) + "\n")
             samples_file.flush()
 
-        done = (rnd + 1) * cfg.num_iterations
         crossed = run.save_every and done // run.save_every > rnd * cfg.num_iterations // run.save_every
         if crossed and rnd + 1 < total_rounds:
             step_dir = out / "checkpoints" / f"step-{done:07d}"
@@ -568,11 +706,11 @@ def train(recipe: GRPORecipe, dist, resume: bool) -> Path:
             dist.barrier()
 
     # --- save ------------------------------------------------------------------------------------------------
-    _save_model(engine, model, processor, out / "model", recipe.lora, recipe)
+    state = _save_model(engine, model, processor, out / "model", recipe.lora, recipe)
     if dist.is_main:
         if is_lora(model):
             with atomic_folder(out / "adapter") as tmp:
-                save_adapter(model, tmp)
+                save_adapter(model, tmp, state)
         wall = time.perf_counter() - t_start
         summary = {
             "stage": "grpo",
@@ -582,6 +720,7 @@ def train(recipe: GRPORecipe, dist, resume: bool) -> Path:
             "peak_memory_mb": peak_memory_mb(),
             "world_size": dist.world_size,
             "strategy": strategy,
+            "precision": precision,
         }
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         samples_file.close()

@@ -1,0 +1,33 @@
+"""Reward functions for the GRPO stage tests (``tests/test_grpo_stage.py``), loaded as ``path.py:function``.
+
+* :func:`vowel_share`: a dense, learnable signal for a random tiny model (whose completions never score on the
+  real rewards): the share of the completion's letters that are vowels, reasoning prefill excluded.
+* :func:`recorder`: scores 0 and appends every completion it receives, with its columns, as JSON lines to the
+  file named by ``$GRPO_REWARD_RECORD`` (works in-process and under torchrun).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+PREFILL = "<think>\n"
+
+
+def vowel_share(completions: list[str], **columns) -> list[float]:
+    """Vowels / letters of each completion after the prefill (0 when it has no letters)."""
+    scores = []
+    for text in completions:
+        letters = [c for c in text.removeprefix(PREFILL).lower() if c.isalpha()]
+        scores.append(sum(c in "aeiou" for c in letters) / len(letters) if letters else 0.0)
+    return scores
+
+
+def recorder(completions: list[str], **columns) -> list[float]:
+    """0 for every completion; records ``{"completion", "solution", "rank"}`` lines for the test to read."""
+    path = os.environ["GRPO_REWARD_RECORD"]
+    with open(path, "a") as f:
+        for i, text in enumerate(completions):
+            row = {"completion": text, "solution": columns.get("solution", [None] * len(completions))[i]}
+            f.write(json.dumps({**row, "rank": int(os.environ.get("RANK", "0"))}) + "\n")
+    return [0.0] * len(completions)
