@@ -133,6 +133,8 @@ def save_llava(
 ) -> Path:
     """Write a complete Llava folder (config, canonical weights, processor + tokenizer, generation config)."""
     folder = Path(folder)
+    # vLLM and TRL choose the model class from `architectures`; a config built in memory has none.
+    config.architectures = ["LlavaForConditionalGeneration"]
     with atomic_folder(folder) as tmp:
         config.save_pretrained(tmp)
         write_weights(canonical_state_dict(state_dict, dtype), tmp, max_shard_bytes)

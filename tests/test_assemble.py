@@ -146,3 +146,8 @@ def test_cli_assemble_writes_the_folder(zoo, tmp_path) -> None:
     )
     assert main(["assemble", str(path), f"output_dir={tmp_path}/y"]) == 0
     assert (tmp_path / "y" / "config.json").exists() and not (tmp_path / "x").exists()
+
+
+def test_config_names_the_architecture_for_vllm_and_trl(zoo, tmp_path) -> None:
+    out = assemble(recipe(zoo, "siglip-hf", "qwen2-r1", tmp_path / "m"))
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["LlavaForConditionalGeneration"]

@@ -418,3 +418,17 @@ def test_shared_prefix_refuses_gradient_checkpointing() -> None:
         shared_prefix=False,
     )
     assert logps.shape == (3, 2) and logps.requires_grad
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_the_image_token_is_never_sampled(do_sample: bool) -> None:
+    model = _tiny_llava("siglip")
+
+    def favour_image_token(module, inputs, logits):  # by far the most likely next token everywhere
+        logits[..., model.config.image_token_id] += 100.0
+        return logits
+
+    model.lm_head.register_forward_hook(favour_image_token)
+    prompts, pixel_values, images = _image_prompts()
+    rollout = _sample(model, prompts, pixel_values, images, do_sample=do_sample, temperature=1.0)
+    assert not (rollout.completion_ids == model.config.image_token_id).any()

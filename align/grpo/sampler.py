@@ -257,11 +257,14 @@ def generate(
     eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)
     active = torch.arange(n_rows, device=device)  # rows still decoding, in the order of the cache batch
 
+    # A sampled image token would make the next forward scatter image features onto it: never emit it.
+    image_token = torch.tensor([model.config.image_token_id], device=device)
     for step in range(max_new_tokens):
+        allowed = logits.index_fill(-1, image_token, float("-inf"))
         if greedy:
-            next_tokens = logits.argmax(-1)
+            next_tokens = allowed.argmax(-1)
         else:
-            probs = warp_logits(logits, temperature, top_k, top_p).softmax(-1)
+            probs = warp_logits(allowed, temperature, top_k, top_p).softmax(-1)
             next_tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         tokens[active, step] = next_tokens
         lengths[active] = step + 1
