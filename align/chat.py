@@ -348,8 +348,7 @@ def _parse_intermixed(parser) -> None:
 
 
 def run(args) -> int:
-    from align.checkpoint import load_llava
-    from align.stages.common import resolve_model_folder
+    from align.checkpoint import load_llava, resolve_model_folder
 
     if args.max_new_tokens < 1:
         raise AlignError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")

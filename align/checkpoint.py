@@ -145,6 +145,16 @@ def save_llava(
     return folder
 
 
+def resolve_model_folder(path: str | Path) -> Path:
+    """A model folder, or a stage's output folder (whose model/ is used)."""
+    path = Path(path)
+    if (path / "config.json").exists():
+        return path
+    if (path / "model" / "config.json").exists():
+        return path / "model"
+    raise AlignError(f"{path}: not a model folder (no config.json) nor a stage output (no model/config.json)")
+
+
 def load_llava(folder: str | Path, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
     """(model, processor) from a Llava folder: ours, or any llava-hf checkpoint."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration

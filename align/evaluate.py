@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from align.checkpoint import eos_token_ids, image_seq_len, load_llava
+from align.checkpoint import eos_token_ids, image_seq_len, load_llava, resolve_model_folder
 from align.data.config import DEFAULT_MAX_IMAGE_PIXELS, DataSource
 from align.data.encode import encode_prompt, generation_prefill
 from align.data.images import pixel_values
@@ -30,7 +30,6 @@ from align.data.mixing import build_mix, format_table
 from align.errors import AlignError
 from align.grpo.sampler import generate
 from align.rewards import extract_answer, load_reward, score_all, warm_up, with_prefill
-from align.stages.common import resolve_model_folder
 
 DEFAULT_REWARDS = ("accuracy", "format")
 

@@ -112,7 +112,7 @@ def _stage_record(model_dir: Path) -> StageRecord:
 def lineage(model_dir: str | Path, max_stages: int = 32) -> list[StageRecord]:
     """The stages that made ``model_dir``, oldest first: each recipe's ``model:`` leads to the stage before,
     back to the ``assemble`` recipe (or to a folder without a recipe, or an input that no longer exists)."""
-    from align.stages.common import resolve_model_folder
+    from align.checkpoint import resolve_model_folder
 
     records: list[StageRecord] = []
     folder = Path(model_dir).resolve()
@@ -316,9 +316,8 @@ def export(
     """
     from transformers import AutoConfig, AutoProcessor, GenerationConfig, LlavaForConditionalGeneration
 
-    from align.checkpoint import atomic_folder, save_llava
+    from align.checkpoint import atomic_folder, resolve_model_folder, save_llava
     from align.model import parameter_table
-    from align.stages.common import resolve_model_folder
 
     model_dir = resolve_model_folder(source).resolve()
     out = Path(out).resolve()

@@ -20,7 +20,6 @@ import argparse
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 from align.config import RecipeError, apply_overrides, from_dict, read_yaml
@@ -172,13 +171,21 @@ def check_sources(
 
 
 def length_fn_for_model(model_dir: str) -> LengthFn:
-    """Encoded length of a sample with the tokenizer and image-token count of a Llava model folder."""
-    if not Path(model_dir, "config.json").is_file():
-        raise AlignError(f"model folder {model_dir}: no config.json (pass a Llava folder with --model)")
+    """Encoded length of a sample with the tokenizer and image-token count of a Llava model folder.
+
+    ``model_dir`` may also be a stage's output folder (its ``model/`` is used), as stage recipes name them.
+    """
     from transformers import AutoConfig, AutoProcessor
 
-    from align.checkpoint import image_seq_len
+    from align.checkpoint import image_seq_len, resolve_model_folder
     from align.data.encode import encoded_length
+
+    try:
+        model_dir = resolve_model_folder(model_dir)
+    except AlignError:
+        raise AlignError(
+            f"model folder {model_dir}: no config.json (pass a Llava folder with --model)"
+        ) from None
 
     processor = AutoProcessor.from_pretrained(model_dir)
     config = AutoConfig.from_pretrained(model_dir)

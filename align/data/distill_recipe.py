@@ -152,7 +152,7 @@ def build_teacher(spec: TeacherSpec, seed: int) -> Teacher:
 
 def build_describe(spec: DescriptionSpec, max_image_pixels: int) -> Describe:
     """The describer a recipe names; a captioner may be a model folder or a stage output (its model/)."""
-    from align.stages.common import resolve_model_folder
+    from align.checkpoint import resolve_model_folder
 
     if spec.column is not None:
         return column_description(spec.column)

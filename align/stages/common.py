@@ -149,16 +149,6 @@ def lr_at(step: int, total_steps: int, base_lr: float, schedule: str, warmup_ste
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def resolve_model_folder(path: str | Path) -> Path:
-    """A model folder, or a stage's output folder (whose model/ is used)."""
-    path = Path(path)
-    if (path / "config.json").exists():
-        return path
-    if (path / "model" / "config.json").exists():
-        return path / "model"
-    raise AlignError(f"{path}: not a model folder (no config.json) nor a stage output (no model/config.json)")
-
-
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 

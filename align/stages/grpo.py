@@ -55,7 +55,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from align.checkpoint import atomic_folder, image_seq_len, load_llava, save_llava
+from align.checkpoint import atomic_folder, image_seq_len, load_llava, resolve_model_folder, save_llava
 from align.config import RecipeError, load_any, save_resolved, to_dict
 from align.data.check import check_sources
 from align.data.config import DataConfig
@@ -94,7 +94,6 @@ from align.stages.common import (
     lr_at,
     peak_memory_mb,
     prune_checkpoints,
-    resolve_model_folder,
     resume_point,
     truncate_metrics,
 )

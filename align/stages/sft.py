@@ -30,7 +30,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from align.checkpoint import atomic_folder, image_seq_len, load_llava, save_llava
+from align.checkpoint import atomic_folder, image_seq_len, load_llava, resolve_model_folder, save_llava
 from align.config import RecipeError, load_any, save_resolved, to_dict
 from align.data.batching import length_grouped_batches, pack, packed_collate, pad_collate
 from align.data.check import check_sources
@@ -56,7 +56,6 @@ from align.stages.common import (
     peak_memory_mb,
     prune_checkpoints,
     remove_incomplete_checkpoints,
-    resolve_model_folder,
     resume_point,
     truncate_metrics,
 )
