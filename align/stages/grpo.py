@@ -55,16 +55,23 @@ from typing import Literal
 import torch
 from torch import nn
 
-from align.checkpoint import atomic_folder, image_seq_len, load_llava, resolve_model_folder, save_llava
+from align.checkpoint import (
+    atomic_folder,
+    eos_token_ids,
+    image_seq_len,
+    load_llava,
+    resolve_model_folder,
+    save_llava,
+)
 from align.config import RecipeError, load_any, save_resolved, to_dict
 from align.data.check import check_sources
 from align.data.config import DataConfig
 from align.data.encode import encode_prompt
-from align.data.images import load_image
+from align.data.images import pixel_values
 from align.data.mixing import build_mix
-from align.engine import ParamGroup, init_distributed, setup
+from align.engine import init_distributed, setup
 from align.errors import AlignError
-from align.grpo.logps import completion_logps, completion_logps_and_entropy
+from align.grpo.logps import completion_logps_and_entropy
 from align.grpo.loss import (
     LOSS_TYPES,
     SCALE_REWARDS,
@@ -73,11 +80,20 @@ from align.grpo.loss import (
     grpo_loss,
     mask_truncated,
 )
+from align.grpo.rollout import (
+    RolloutBatch,
+    all_sum,
+    global_std,
+    llava_of,
+    reference_logps,
+    reward_columns,
+    reward_names,
+    rollout_metrics,
+    skip_pooling_head,
+)
 from align.grpo.sampler import SharedPrefixSampler
 from align.lora import apply_lora, is_lora, merge_lora_state_dict, save_adapter
 from align.model import (
-    COMPONENTS,
-    component_parameters,
     format_parameter_table,
     parameter_table,
     set_trainable,
@@ -92,6 +108,7 @@ from align.stages.common import (
     TrainableSpec,
     freeze_unreachable_vision,
     lr_at,
+    param_groups,
     peak_memory_mb,
     prune_checkpoints,
     resume_point,
@@ -185,79 +202,7 @@ class PolicyLogps(nn.Module):
         self.model = model
 
     def forward(self, **kwargs):
-        return completion_logps_and_entropy(_llava(self.model), **kwargs)
-
-
-def _llava(model: nn.Module) -> nn.Module:
-    """The Llava model inside a peft wrapper (its LoRA layers active), or the model itself."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model  # per forward: no param scan
-
-
-def skip_pooling_head(llava: nn.Module) -> bool:
-    """Switch off SigLIP's attention-pooling head for this run; True if there was one.
-
-    Llava never reads the tower's pooled output (it replaces ``pooler_output`` with the projected features), so
-    the head is a wasted forward per image; it is also an ``nn.MultiheadAttention`` that reads
-    ``out_proj.weight`` without calling ``out_proj``, a weight ZeRO-3 then never gathers. Its weights stay in the
-    model and in the saved folder, unchanged.
-    """
-    tower = llava.model.vision_tower
-    inner = getattr(tower, "vision_model", tower)
-    if not getattr(inner, "use_head", False):
-        return False
-    inner.use_head = False
-    return True
-
-
-def _param_groups(module: nn.Module, optim: OptimSpec) -> list[ParamGroup]:
-    lrs = {
-        "vision": optim.vision_lr or optim.lr,
-        "projector": optim.projector_lr or optim.lr,
-        "llm": optim.lr,
-    }
-    groups = []
-    for component in COMPONENTS:
-        params = [p for _, p in component_parameters(module, component) if p.requires_grad]
-        if params:
-            groups.append(ParamGroup(component, params, lr=lrs[component], weight_decay=optim.weight_decay))
-    return groups
-
-
-def _all_sum(dist, value: float) -> float:
-    return float(dist.all_reduce_mean(float(value))) * dist.world_size
-
-
-def _eos_ids(tokenizer_eos: int, generation_eos: int | list[int] | None) -> list[int]:
-    """End-of-turn ids: the tokenizer's eos and whatever the generation config adds."""
-    extra = [generation_eos] if isinstance(generation_eos, int) else list(generation_eos or [])
-    return sorted({tokenizer_eos, *extra})
-
-
-def _pixels(samples, processor, max_pixels: int):
-    """Pixel values of every image of ``samples`` in order (None when text-only) and each row's image sizes."""
-    loaded = [[load_image(im, max_pixels) for im in s.images] for s in samples]
-    sizes = [[im.size for im in row] for row in loaded]
-    flat = [im for row in loaded for im in row]
-    if not flat:
-        return None, sizes
-    return processor.image_processor(images=flat, return_tensors="pt")["pixel_values"], sizes
-
-
-def _reward_columns(samples, sizes, g: int) -> dict[str, list]:
-    """Dataset columns for the reward functions, one value per completion (question-major)."""
-    rep = lambda values: [v for v in values for _ in range(g)]  # noqa: E731
-    return {
-        "solution": rep([s.answer for s in samples]),
-        "box": rep([s.meta.get("box") for s in samples]),
-        "image_size": rep([sz[0] if sz else None for sz in sizes]),
-        "family": rep([s.meta.get("family") for s in samples]),
-    }
-
-
-def reward_names(specs: list[str]) -> list[str]:
-    """Metric names of the reward functions: the function's name (TRL's way), the full spec if two share one."""
-    short = [spec.rpartition(":")[2] for spec in specs]
-    return [s if short.count(s) == 1 else spec for s, spec in zip(short, specs, strict=True)]
+        return completion_logps_and_entropy(llava_of(self.model), **kwargs)
 
 
 def _trim_completions(output_dir: Path, after_step: int) -> None:
@@ -270,95 +215,6 @@ def _trim_completions(output_dir: Path, after_step: int) -> None:
         path.write_text("".join(line + "\n" for line in kept))
 
 
-@dataclass
-class RolloutBatch:
-    """One micro-batch of questions and what the round learns about it, filled in as the round goes."""
-
-    samples: list
-    prompt_ids: list[list[int]]
-    pixels: torch.Tensor | None
-    images_per_prompt: list[int]
-    sizes: list[list[tuple[int, int]]]
-    rollout: object = None
-    texts: list[str] = field(default_factory=list)
-    scores: list[list[float | None]] = field(default_factory=list)
-    per_func: torch.Tensor | None = None
-    rewards: torch.Tensor | None = None
-    mask: torch.Tensor | None = None
-    ref_logps: torch.Tensor | None = None
-    advantages: torch.Tensor | None = None
-
-
-def reference_logps(
-    reference: nn.Module | None,
-    model: nn.Module,
-    b: RolloutBatch,
-    num_generations: int,
-    temperature: float,
-    shared_prefix: bool,
-) -> torch.Tensor:
-    """Log-probs of ``b``'s completions under the reference: the frozen copy ``reference``, or with LoRA
-    (``reference=None``) the policy ``model`` itself with its adapters disabled (under ZeRO-3: call it while the
-    engine holds the weights gathered, as the stage does in its rollout phase)."""
-    kwargs = dict(num_generations=num_generations, temperature=temperature, shared_prefix=shared_prefix)
-    args = (b.prompt_ids, b.pixels, b.images_per_prompt, b.rollout.completion_ids, b.rollout.completion_mask)
-    with torch.no_grad():
-        if reference is not None:
-            return completion_logps(reference, *args, **kwargs)
-        if not is_lora(model):
-            raise ValueError("reference_logps: without a reference model the policy must carry LoRA adapters")
-        with model.disable_adapter():
-            return completion_logps(_llava(model), *args, **kwargs)
-
-
-def _global_std(dist, rewards: torch.Tensor) -> float:
-    finite = rewards[~rewards.isnan()]
-    n = _all_sum(dist, finite.numel())
-    mean = _all_sum(dist, float(finite.sum())) / max(n, 1)
-    return (_all_sum(dist, float(((finite - mean) ** 2).sum())) / max(n - 1, 1)) ** 0.5
-
-
-def _group_std(rewards: torch.Tensor, g: int) -> torch.Tensor:
-    """Sample std of each group of ``g`` rewards, NaNs (unscorable completions) left out; 0 below 2 values."""
-    grouped = rewards.view(-1, g)
-    count = (~grouped.isnan()).sum(1)
-    centred = grouped - grouped.nanmean(1, keepdim=True)
-    var = (centred**2).nansum(1) / (count - 1).clamp(min=1)
-    return torch.where(count > 1, var.sqrt(), torch.zeros_like(var))
-
-
-def _rollout_metrics(
-    dist, batches: list[RolloutBatch], names: list[str], errors: dict, zero_std: list, g: int
-) -> dict:
-    """Reward per function, zero-variance groups and completion lengths over all ranks.
-
-    ``reward_std`` is TRL's: the mean over groups of the std within a group (what the advantages divide by);
-    ``reward_std/<name>`` is a function's std over the whole batch.
-    """
-    per_func = torch.cat([b.per_func for b in batches])
-    lengths = torch.cat([b.rollout.lengths for b in batches]).float()
-    truncated = torch.cat([b.rollout.is_truncated for b in batches]).float()
-    rewards = torch.cat([b.rewards for b in batches])
-    mean = lambda t: float(t[~t.isnan()].mean()) if (~t.isnan()).any() else 0.0  # noqa: E731
-    row = {}
-    for j, name in enumerate(names):
-        row[f"reward/{name}"] = float(dist.all_reduce_mean(mean(per_func[:, j])))
-        row[f"reward_std/{name}"] = _global_std(dist, per_func[:, j])
-        row[f"reward_errors/{name}"] = _all_sum(dist, errors[name])
-    row.update(
-        {
-            "reward": float(dist.all_reduce_mean(mean(rewards))),
-            "reward_std": float(dist.all_reduce_mean(float(_group_std(rewards, g).mean()))),
-            "frac_reward_zero_std": float(dist.all_reduce_mean(sum(zero_std) / len(zero_std))),
-            "completion_length": float(dist.all_reduce_mean(float(lengths.mean()))),
-            "completion_length_max": float(lengths.max()),  # this rank's (rank 0 logs)
-            "truncated_share": float(dist.all_reduce_mean(float(truncated.mean()))),
-            "completion_tokens": _all_sum(dist, float(lengths.sum())),
-        }
-    )
-    return row
-
-
 def _save_model(engine, model, processor, folder: Path, lora: LoRASpec, recipe) -> dict | None:
     """Consolidate (every rank), merge LoRA, write a plain Llava folder from rank 0.
 
@@ -369,7 +225,7 @@ def _save_model(engine, model, processor, folder: Path, lora: LoRASpec, recipe) 
         return None
     state = {k.removeprefix("model."): v for k, v in state.items()}  # PolicyLogps wraps the model as .model
     merged = merge_lora_state_dict(state, lora.alpha / lora.r) if is_lora(model) else state
-    base = _llava(model)
+    base = llava_of(model)
     save_llava(
         folder,
         config=base.config,
@@ -418,8 +274,10 @@ def train(recipe: GRPORecipe, dist, resume: bool) -> Path:
             "llm": recipe.trainable.llm and recipe.lora.r == 0,
         },
     )
-    unreachable = freeze_unreachable_vision(_llava(model))  # DDP stops on trainable parameters without grads
-    skip_pooling_head(_llava(model))
+    unreachable = freeze_unreachable_vision(
+        llava_of(model)
+    )  # DDP stops on trainable parameters without grads
+    skip_pooling_head(llava_of(model))
     reference = None
     if cfg.beta > 0 and not is_lora(model):  # with LoRA the reference is the same model, adapters disabled
         reference, _ = load_llava(model_dir, dtype=dtype)
@@ -430,7 +288,7 @@ def train(recipe: GRPORecipe, dist, resume: bool) -> Path:
         for name, spec in zip(reward_names(cfg.reward_funcs), cfg.reward_funcs, strict=True)
     }
     weights = cfg.reward_weights or [1.0] * len(rewards)
-    eos_ids = _eos_ids(tokenizer.eos_token_id, _llava(model).generation_config.eos_token_id)
+    eos_ids = eos_token_ids(tokenizer, llava_of(model).generation_config)
     if dist.is_main:
         print(format_parameter_table(parameter_table(model), f"grpo: {model_dir}"))
         if unreachable:
@@ -450,7 +308,7 @@ def train(recipe: GRPORecipe, dist, resume: bool) -> Path:
     if "accuracy" in cfg.reward_funcs:
         warm_up()  # math_verify's grammar loads once here, not inside the first timed reward call
     prompts = []
-    image_token_id = _llava(model).config.image_token_id
+    image_token_id = llava_of(model).config.image_token_id
     for s in samples:
         if s.answer is None:
             raise AlignError(f"{s.origin}: GRPO rows need a gold answer (solution) for the rewards")
@@ -491,7 +349,7 @@ def train(recipe: GRPORecipe, dist, resume: bool) -> Path:
     policy = PolicyLogps(model)
     engine = setup(
         policy,
-        _param_groups(policy, recipe.optim),
+        param_groups(policy, recipe.optim),
         dist=dist,
         strategy=strategy,
         micro_batch_size=run.micro_batch_size,
@@ -537,9 +395,15 @@ def train(recipe: GRPORecipe, dist, resume: bool) -> Path:
         batches: list[RolloutBatch] = []
         policy.eval()
         with engine.gathered_for_generation() as gathered, engine.autocast():
-            sampler = SharedPrefixSampler(_llava(gathered.model))
+            sampler = SharedPrefixSampler(llava_of(gathered.model))
             for mb in micro:
-                pixels, sizes = _pixels([s for s, _ in mb], processor, data.max_image_pixels)
+                pixels, flat_sizes = pixel_values(
+                    [im for s, _ in mb for im in s.images], processor.image_processor, data.max_image_pixels
+                )
+                sizes, at = [], 0  # per row: its images' sizes
+                for s, _ in mb:
+                    sizes.append(flat_sizes[at : at + len(s.images)])
+                    at += len(s.images)
                 b = RolloutBatch(
                     [s for s, _ in mb],
                     [enc.input_ids for _, enc in mb],
@@ -582,7 +446,7 @@ def train(recipe: GRPORecipe, dist, resume: bool) -> Path:
             texts = tokenizer.batch_decode(b.rollout.completion_ids, skip_special_tokens=True)
             b.texts = with_prefill(texts, prefill) if prefill else texts  # rewards see the full reasoning
             b.scores, errors = score_all(
-                rewards, b.texts, _reward_columns(b.samples, b.sizes, g), on_error=cfg.reward_errors
+                rewards, b.texts, reward_columns(b.samples, b.sizes, g), on_error=cfg.reward_errors
             )
             for name, n in errors.items():
                 reward_errors[name] += n
@@ -595,7 +459,7 @@ def train(recipe: GRPORecipe, dist, resume: bool) -> Path:
 
         # advantages: per group of G; "batch" scales by the std of the whole global batch, as TRL does
         all_rewards = torch.cat([b.rewards for b in batches])
-        batch_std = _global_std(dist, all_rewards) if cfg.scale_rewards == "batch" else None
+        batch_std = global_std(dist, all_rewards) if cfg.scale_rewards == "batch" else None
         zero_std = []
         for b in batches:
             b.advantages, stats = group_advantages(
@@ -604,7 +468,7 @@ def train(recipe: GRPORecipe, dist, resume: bool) -> Path:
             if batch_std is not None:
                 b.advantages = b.advantages / (batch_std + 1e-4)
             zero_std.append(stats.frac_reward_zero_std)
-        rollout_row = _rollout_metrics(dist, batches, list(rewards), reward_errors, zero_std, g)
+        rollout_row = rollout_metrics(dist, batches, list(rewards), reward_errors, zero_std, g)
         rollout_row.update(
             {
                 "time/rollout_s": t_rollout - t_round,
@@ -614,7 +478,7 @@ def train(recipe: GRPORecipe, dist, resume: bool) -> Path:
         )
 
         # updates: num_iterations optimizer steps on the same completions
-        n_tokens = _all_sum(dist, sum(float(b.mask.sum()) for b in batches))
+        n_tokens = all_sum(dist, sum(float(b.mask.sum()) for b in batches))
         t_step = t_round
         for step in range(rnd * cfg.num_iterations, min((rnd + 1) * cfg.num_iterations, total_steps)):
             t_update = time.perf_counter()

@@ -1,0 +1,149 @@
+"""What one GRPO round works on: a micro-batch of questions, its rollouts, rewards and reference log-probs.
+
+The stage (``align/stages/grpo.py``) owns the loop; this module owns the per-batch record and the pure helpers
+around it: reward columns, reference log-probs (a frozen copy, or the LoRA policy with adapters disabled),
+group/batch reward statistics and the per-step rollout metrics. ``dist`` arguments are the engine's
+``Dist`` (its reductions); nothing here imports a distributed library.
+Tests: ``.venv/bin/pytest -q tests/test_grpo_stage.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from align.grpo.logps import completion_logps
+from align.lora import is_lora
+
+
+def llava_of(model: nn.Module) -> nn.Module:
+    """The Llava model inside a peft wrapper (its LoRA layers active), or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model  # per forward: no param scan
+
+
+def skip_pooling_head(llava: nn.Module) -> bool:
+    """Switch off SigLIP's attention-pooling head for this run; True if there was one.
+
+    Llava never reads the tower's pooled output (it replaces ``pooler_output`` with the projected features), so
+    the head is a wasted forward per image; it is also an ``nn.MultiheadAttention`` that reads
+    ``out_proj.weight`` without calling ``out_proj``, a weight ZeRO-3 then never gathers. Its weights stay in the
+    model and in the saved folder, unchanged.
+    """
+    tower = llava.model.vision_tower
+    inner = getattr(tower, "vision_model", tower)
+    if not getattr(inner, "use_head", False):
+        return False
+    inner.use_head = False
+    return True
+
+
+def all_sum(dist, value: float) -> float:
+    return float(dist.all_reduce_mean(float(value))) * dist.world_size
+
+
+def reward_columns(samples, sizes, g: int) -> dict[str, list]:
+    """Dataset columns for the reward functions, one value per completion (question-major)."""
+    rep = lambda values: [v for v in values for _ in range(g)]  # noqa: E731
+    return {
+        "solution": rep([s.answer for s in samples]),
+        "box": rep([s.meta.get("box") for s in samples]),
+        "image_size": rep([sz[0] if sz else None for sz in sizes]),
+        "family": rep([s.meta.get("family") for s in samples]),
+    }
+
+
+def reward_names(specs: list[str]) -> list[str]:
+    """Metric names of the reward functions: the function's name (TRL's way), the full spec if two share one."""
+    short = [spec.rpartition(":")[2] for spec in specs]
+    return [s if short.count(s) == 1 else spec for s, spec in zip(short, specs, strict=True)]
+
+
+@dataclass
+class RolloutBatch:
+    """One micro-batch of questions and what the round learns about it, filled in as the round goes."""
+
+    samples: list
+    prompt_ids: list[list[int]]
+    pixels: torch.Tensor | None
+    images_per_prompt: list[int]
+    sizes: list[list[tuple[int, int]]]
+    rollout: object = None
+    texts: list[str] = field(default_factory=list)
+    scores: list[list[float | None]] = field(default_factory=list)
+    per_func: torch.Tensor | None = None
+    rewards: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    ref_logps: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+
+
+def reference_logps(
+    reference: nn.Module | None,
+    model: nn.Module,
+    b: RolloutBatch,
+    num_generations: int,
+    temperature: float,
+    shared_prefix: bool,
+) -> torch.Tensor:
+    """Log-probs of ``b``'s completions under the reference: the frozen copy ``reference``, or with LoRA
+    (``reference=None``) the policy ``model`` itself with its adapters disabled (under ZeRO-3: call it while the
+    engine holds the weights gathered, as the stage does in its rollout phase)."""
+    kwargs = dict(num_generations=num_generations, temperature=temperature, shared_prefix=shared_prefix)
+    args = (b.prompt_ids, b.pixels, b.images_per_prompt, b.rollout.completion_ids, b.rollout.completion_mask)
+    with torch.no_grad():
+        if reference is not None:
+            return completion_logps(reference, *args, **kwargs)
+        if not is_lora(model):
+            raise ValueError("reference_logps: without a reference model the policy must carry LoRA adapters")
+        with model.disable_adapter():
+            return completion_logps(llava_of(model), *args, **kwargs)
+
+
+def global_std(dist, rewards: torch.Tensor) -> float:
+    finite = rewards[~rewards.isnan()]
+    n = all_sum(dist, finite.numel())
+    mean = all_sum(dist, float(finite.sum())) / max(n, 1)
+    return (all_sum(dist, float(((finite - mean) ** 2).sum())) / max(n - 1, 1)) ** 0.5
+
+
+def group_std(rewards: torch.Tensor, g: int) -> torch.Tensor:
+    """Sample std of each group of ``g`` rewards, NaNs (unscorable completions) left out; 0 below 2 values."""
+    grouped = rewards.view(-1, g)
+    count = (~grouped.isnan()).sum(1)
+    centred = grouped - grouped.nanmean(1, keepdim=True)
+    var = (centred**2).nansum(1) / (count - 1).clamp(min=1)
+    return torch.where(count > 1, var.sqrt(), torch.zeros_like(var))
+
+
+def rollout_metrics(
+    dist, batches: list[RolloutBatch], names: list[str], errors: dict, zero_std: list, g: int
+) -> dict:
+    """Reward per function, zero-variance groups and completion lengths over all ranks.
+
+    ``reward_std`` is TRL's: the mean over groups of the std within a group (what the advantages divide by);
+    ``reward_std/<name>`` is a function's std over the whole batch.
+    """
+    per_func = torch.cat([b.per_func for b in batches])
+    lengths = torch.cat([b.rollout.lengths for b in batches]).float()
+    truncated = torch.cat([b.rollout.is_truncated for b in batches]).float()
+    rewards = torch.cat([b.rewards for b in batches])
+    mean = lambda t: float(t[~t.isnan()].mean()) if (~t.isnan()).any() else 0.0  # noqa: E731
+    row = {}
+    for j, name in enumerate(names):
+        row[f"reward/{name}"] = float(dist.all_reduce_mean(mean(per_func[:, j])))
+        row[f"reward_std/{name}"] = global_std(dist, per_func[:, j])
+        row[f"reward_errors/{name}"] = all_sum(dist, errors[name])
+    row.update(
+        {
+            "reward": float(dist.all_reduce_mean(mean(rewards))),
+            "reward_std": float(dist.all_reduce_mean(float(group_std(rewards, g).mean()))),
+            "frac_reward_zero_std": float(dist.all_reduce_mean(sum(zero_std) / len(zero_std))),
+            "completion_length": float(dist.all_reduce_mean(float(lengths.mean()))),
+            "completion_length_max": float(lengths.max()),  # this rank's (rank 0 logs)
+            "truncated_share": float(dist.all_reduce_mean(float(truncated.mean()))),
+            "completion_tokens": all_sum(dist, float(lengths.sum())),
+        }
+    )
+    return row
