@@ -253,6 +253,7 @@ def test_output_folder_loads_in_transformers_and_runs(work: Path, learned: Run) 
     assert logits.shape[:2] == inputs["input_ids"].shape and torch.isfinite(logits).all()
     summary = json.loads((learned.out / "summary.json").read_text())
     assert summary["steps"] == LEARN_STEPS and summary["world_size"] == 1
+    assert {"reward.png", "loss.png", "kl.png"} <= {p.name for p in (learned.out / "plots").iterdir()}
 
 
 @pytest.mark.slow

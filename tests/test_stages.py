@@ -119,6 +119,7 @@ def assert_run_outputs(out: Path, steps: int) -> None:
     assert [m["step"] for m in metrics(out)] == list(range(1, steps + 1))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == steps and summary["tokens_per_s"] > 0 and summary["peak_memory_mb"] > 0
+    assert (out / "plots" / "loss.png").stat().st_size > 0, "a stage plots its metrics when it ends"
 
 
 def loss_drop(out: Path) -> tuple[float, float]:

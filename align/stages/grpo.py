@@ -98,6 +98,7 @@ from align.model import (
     parameter_table,
     set_trainable,
 )
+from align.plot import plot_run
 from align.rewards import R1_PREFILL, load_reward, score_all, warm_up, with_prefill
 from align.stages.common import (
     LoRASpec,
@@ -589,6 +590,8 @@ def train(recipe: GRPORecipe, dist, resume: bool) -> Path:
         samples_file.close()
         print(f"done: {out / 'model'} | wall {wall:.1f}s | peak memory {summary['peak_memory_mb']:.0f} MB")
     metrics.close()
+    if dist.is_main:
+        print(f"plots: {len(plot_run(out))} PNG charts in {out / 'plots'}")
     return out
 
 

@@ -43,6 +43,7 @@ from align.errors import AlignError
 from align.feature_cache import FeatureCache, cache_fingerprint, tower_features
 from align.lora import apply_lora, is_lora, merge_lora_state_dict, save_adapter
 from align.model import format_parameter_table, parameter_table, set_trainable
+from align.plot import plot_run
 from align.stages.common import (
     LoRASpec,
     MetricsWriter,
@@ -431,6 +432,8 @@ def train(recipe, dist, resume: bool) -> Path:
             f"peak memory {summary['peak_memory_mb']:.0f} MB"
         )
     metrics.close()
+    if dist.is_main:
+        print(f"plots: {len(plot_run(out))} PNG charts in {out / 'plots'}")
     return out
 
 
