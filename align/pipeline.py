@@ -18,6 +18,7 @@ are reused.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +53,7 @@ class EvalSpec:
 class PipelineRecipe:
     kind: Literal["pipeline"]
     output_dir: str
-    assemble: str  # an assemble recipe, or a model folder to start from
+    assemble: str  # an assemble recipe, or a model folder to start from (relative to the pipeline file)
     stages: list[StageEntry] = field(default_factory=list)
     eval: EvalSpec | None = None
     export_dtype: Literal["fp32", "bf16", "none"] = "fp32"
@@ -73,6 +74,11 @@ def _stage_kind(path: Path, index: int, file: str) -> str:
             file=file,
         )
     return kind
+
+
+def _relative_to(path: str, base: Path) -> Path:
+    """A path as written if it exists from the working directory, else relative to the pipeline file's folder."""
+    return Path(path) if Path(path).exists() else base / path
 
 
 def _done(folder: Path) -> bool:
@@ -121,7 +127,7 @@ def run_pipeline(recipe: PipelineRecipe, recipe_file: str, dist) -> Path:
     # assembly (or a given model folder)
     t0 = time.perf_counter()
     assembled = out / "assembled"
-    source = Path(recipe.assemble)
+    source = _relative_to(recipe.assemble, base)
     if source.suffix in (".yaml", ".yml"):
         if not (assembled / "config.json").exists() and dist.is_main:
             assemble(load_any(source, [f"output_dir={assembled}"], expect="assemble"), str(source))
@@ -136,7 +142,7 @@ def run_pipeline(recipe: PipelineRecipe, recipe_file: str, dist) -> Path:
 
     # stages, each reading the previous one's model
     for i, stage in enumerate(recipe.stages):
-        path = (base / stage.recipe) if not Path(stage.recipe).exists() else Path(stage.recipe)
+        path = _relative_to(stage.recipe, base)
         kind = _stage_kind(path, i, recipe_file)
         name = kind if kind not in evals else f"{kind}{i}"
         stage_out = out / name
@@ -147,6 +153,9 @@ def run_pipeline(recipe: PipelineRecipe, recipe_file: str, dist) -> Path:
             if dist.is_main:
                 print(f"== {name}: done already ({stage_out})")
         else:
+            if dist.is_main:  # an evaluation of an earlier, unfinished attempt would describe another model
+                shutil.rmtree(stage_out / "eval", ignore_errors=True)
+            dist.barrier()
             module = importlib.import_module(f"align.stages.{kind}")
             if dist.is_main:
                 print(f"== {name}: {path}")

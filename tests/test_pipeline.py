@@ -1,0 +1,180 @@
+"""``align run``: a short version of the demo pipeline, and the demo's cached preparation.
+
+The pipeline test runs the demo's own stage recipes (``recipes/demo/*.yaml``) through ``align.cli.main`` with
+tiny overrides: the zoo's untrained parts instead of the demo's pre-trained ones, a few synthetic rows, two
+optimizer steps per stage and short generations. Run: ``.venv/bin/pytest -q tests/test_pipeline.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from align.cli import main
+from align.data.synth import RL_QUESTION_TEMPLATE, synthesize
+
+DEMO = Path(__file__).resolve().parents[1] / "recipes" / "demo"
+STAGES = ("projector", "sft", "grpo")
+STEPS = 2
+
+
+def _write(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def short_pipeline(zoo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A pipeline recipe: the demo's stage recipes on 12 train / 4 test scenes, 2 steps each."""
+    root = tmp_path_factory.mktemp("pipeline")
+    synth = root / "synth"
+    synthesize(synth, train=12, test=4, image_size=64, seed=0)
+    train = synth / "train"
+    assemble = _write(
+        root / "assemble.yaml",
+        {
+            "extends": str(DEMO / "assemble.yaml"),
+            "vision": {"name_or_path": f"local-dir:{zoo / 'openclip-vit'}"},
+            "llm": {"name_or_path": str(zoo / "qwen2-r1")},
+        },
+    )
+    common = [
+        f"run.max_steps={STEPS}",
+        "run.tensorboard=false",
+        "run.log_every=1",
+        "data.sources.0.sampling=all",
+    ]
+    stages = {
+        "projector": [f"data.sources.0.path={train / 'captions.jsonl'}", "run.micro_batch_size=2"],
+        "sft": [f"data.sources.0.path={train / 'sft.jsonl'}", "run.micro_batch_size=2", "run.save_every=1"],
+        "grpo": [
+            f"data.sources.0.path={train / 'rl.jsonl'}",
+            "run.micro_batch_size=2",
+            "run.save_every=1",
+            "grpo.num_generations=2",
+            "grpo.max_completion_length=8",
+        ],
+    }
+    return _write(
+        root / "pipeline.yaml",
+        {
+            "kind": "pipeline",
+            "output_dir": str(root / "run"),
+            "assemble": str(assemble),
+            "stages": [
+                {"recipe": str(DEMO / f"{k}.yaml"), "overrides": common + v} for k, v in stages.items()
+            ],
+            "eval": {
+                "data": [
+                    {
+                        "name": "test",
+                        "path": str(synth / "test" / "rl.jsonl"),
+                        "format": "rl",
+                        "question_template": RL_QUESTION_TEMPLATE,
+                    }
+                ],
+                "max_new_tokens": 8,
+                "batch_size": 4,
+            },
+        },
+    )
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _report_rows(run: Path) -> list[str]:
+    """Stage names of report.md's first table."""
+    lines = (run / "report.md").read_text().split("\n\n")[0].splitlines()[2:]
+    return [line.split("|")[1].strip() for line in lines]
+
+
+@pytest.mark.slow
+def test_short_pipeline_runs_resumes_and_skips(short_pipeline: Path, capsys) -> None:
+    from transformers import LlavaForConditionalGeneration
+
+    run = Path(yaml.safe_load(short_pipeline.read_text())["output_dir"])
+    assert main(["run", str(short_pipeline)]) == 0
+    first = capsys.readouterr().out
+
+    # every stage: a loadable model, its metrics, its evaluation; then the export and the report
+    assert LlavaForConditionalGeneration.from_pretrained(run / "assembled") is not None
+    assert json.loads((run / "assembled-eval" / "summary.json").read_text())["questions"] == 4
+    for stage in STAGES:
+        folder = run / stage
+        assert LlavaForConditionalGeneration.from_pretrained(folder / "model") is not None
+        assert [row["step"] for row in _lines(folder / "metrics.jsonl")] == list(range(1, STEPS + 1))
+        summary = json.loads((folder / "eval" / "summary.json").read_text())
+        assert summary["questions"] == 4
+        assert 0.0 <= summary["groups"]["all"]["accuracy"] <= 1.0
+        assert list((folder / "plots").glob("*.png"))
+        assert f"== {stage}: " in first
+    assert LlavaForConditionalGeneration.from_pretrained(run / "export") is not None
+    assert (run / "export" / "README.md").is_file()
+    assert _report_rows(run) == ["assembled", *STAGES]
+    assert "Accuracy per question family" in (run / "report.md").read_text()
+
+    # the same command again: every stage is done, nothing trains or evaluates again
+    stamps = {p: p.stat().st_mtime_ns for p in run.glob("*/**/predictions.jsonl")}
+    assert len(stamps) == 4
+    assert main(["run", str(short_pipeline)]) == 0
+    again = capsys.readouterr().out
+    for stage in STAGES:
+        assert f"== {stage}: done already" in again
+        assert len(_lines(run / stage / "metrics.jsonl")) == STEPS
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+    # an interrupted last stage (no summary, no final model) resumes from its checkpoint at step 1
+    (run / "grpo" / "summary.json").unlink()
+    for path in sorted((run / "grpo" / "model").iterdir()):
+        path.unlink()
+    (run / "grpo" / "model").rmdir()
+    grpo_eval = run / "grpo" / "eval" / "predictions.jsonl"
+    assert main(["run", str(short_pipeline)]) == 0
+    resumed = capsys.readouterr().out
+    assert "== sft: done already" in resumed and "== grpo: " in resumed
+    assert json.loads((run / "grpo" / "summary.json").read_text())["resumed_from_round"] == STEPS - 1
+    assert LlavaForConditionalGeneration.from_pretrained(run / "grpo" / "model") is not None
+    assert grpo_eval.stat().st_mtime_ns != stamps[grpo_eval]  # the new model was evaluated again
+    assert _report_rows(run) == ["assembled", *STAGES]
+
+
+def test_prepare_builds_once_then_reuses(tmp_path: Path, zoo: Path, capsys) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from align.demo import ClipSettings, DemoSettings, LMSettings, SynthSettings, prepare
+    from align.vision import load_vision_tower
+
+    settings = DemoSettings(
+        root=str(tmp_path / "cache"),
+        zoo=str(zoo),
+        synth=SynthSettings(train=8, test=2),
+        clip=ClipSettings(width=32, layers=2, text_width=32, text_layers=1, epochs=1, batch_size=4),
+        lm=LMSettings(
+            hidden_size=32, layers=1, heads=2, kv_heads=1, intermediate_size=64, seq_len=64, batch_size=2
+        ),
+    )
+    parts = prepare(settings)
+    built = capsys.readouterr().out
+    assert "cached" not in built
+    assert (parts.synth / "test" / "rl.jsonl").is_file()
+    _, _, info = load_vision_tower("open_clip", f"local-dir:{parts.clip}")
+    grid = settings.clip.image_size // settings.clip.patch_size
+    assert (info.hidden_size, info.num_layers, info.num_patches) == (32, 2, grid * grid)
+    llm = AutoModelForCausalLM.from_pretrained(parts.llm)
+    assert (llm.config.hidden_size, llm.config.num_hidden_layers) == (32, 1)
+    markers = {p: (p / "demo-part.json").read_text() for p in (parts.synth, parts.clip, parts.llm)}
+
+    assert prepare(settings) == parts
+    assert capsys.readouterr().out.count("cached") == 3
+    assert {p: (p / "demo-part.json").read_text() for p in markers} == markers
+
+    # changed LM settings rebuild the LLM only
+    changed = DemoSettings(**{**settings.__dict__, "lm": LMSettings(**{**settings.lm.__dict__, "lr": 1e-4})})
+    prepare(changed)
+    out = capsys.readouterr().out
+    assert out.count("cached") == 2 and "causal-LM pre-training" in out
