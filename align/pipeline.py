@@ -162,11 +162,7 @@ def run_pipeline(recipe: PipelineRecipe, recipe_file: str, dist) -> Path:
             module.train(stage_recipe, dist, resume=True)
         summary = json.loads((stage_out / "summary.json").read_text())
         timings[name] = summary.get("wall_time_s", time.perf_counter() - t0)
-        current = stage_out / "model"
-        if dist.is_main:
-            from align.plot import plot_run
-
-            plot_run(stage_out)
+        current = stage_out / "model"  # the stage plotted its metrics into stage_out/plots when it ended
         if recipe.eval is not None:
             evals[name] = _evaluate(recipe.eval, current, stage_out / "eval", dist)
 
