@@ -1,7 +1,7 @@
 """Write docs/recipes.md: every recipe key, its type, default and meaning, read from the schema dataclasses.
 
 The meaning is the comment on the field's line in the source, so the reference cannot drift from the code.
-Run: ``.venv/bin/python scripts/recipe_reference.py`` (tests/test_docs.py checks the file is current).
+Run: ``.venv/bin/python scripts/recipe_reference.py`` after changing a schema.
 """
 
 from __future__ import annotations
