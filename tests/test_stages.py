@@ -535,7 +535,17 @@ def test_a_fresh_run_refuses_an_output_dir_with_checkpoints(world: World, tmp_pa
         in capsys.readouterr().err
     )
     with pytest.raises(AlignError, match="not a model folder"):
-        main(["sft", str(TINY / "sft.yaml"), f"output_dir={tmp_path / 'x'}", f"model={tmp_path}", "--debug"])
+        data = f"data.sources.0.path={world.sft}"
+        main(
+            [
+                "sft",
+                str(TINY / "sft.yaml"),
+                f"output_dir={tmp_path / 'x'}",
+                f"model={tmp_path}",
+                data,
+                "--debug",
+            ]
+        )
 
 
 REAL_RECIPES = {
