@@ -12,11 +12,13 @@ with its checkpoints, metrics, plots and ``eval/`` results, the exported model (
 
 Re-running the same command continues where it stopped: a stage whose ``model/`` and ``summary.json`` exist
 is done and skipped, an interrupted stage resumes from its last checkpoint, and evaluations already written
-are reused.
+are reused. Like ``make``, a stage whose resolved recipe or input model changed since it ran (``input.json``
+in its folder records both) starts over, and so does every stage after it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -85,6 +87,13 @@ def _done(folder: Path) -> bool:
     return (folder / "model" / "config.json").exists() and (folder / "summary.json").exists()
 
 
+def _stage_input(recipe, model_dir: Path) -> dict:
+    """What a stage's result depends on: its resolved recipe and its input model's files (name, size, mtime)."""
+    files = sorted(p for p in model_dir.rglob("*") if p.is_file())
+    stamps = [[str(p.relative_to(model_dir)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    return json.loads(json.dumps({"recipe": dataclasses.asdict(recipe), "model_files": stamps}, default=str))
+
+
 def _evaluate(spec: EvalSpec, model_dir: Path, out: Path, dist) -> dict:
     """The held-out evaluation of one stage's model (rank 0), reused when already written."""
     from align.evaluate import evaluate
@@ -149,12 +158,21 @@ def run_pipeline(recipe: PipelineRecipe, recipe_file: str, dist) -> Path:
         overrides = [*stage.overrides, f"model={current}", f"output_dir={stage_out}"]
         stage_recipe = load_any(path, overrides, expect=kind)
         t0 = time.perf_counter()
+        stage_input = _stage_input(stage_recipe, current)
+        marker = stage_out / "input.json"
+        if marker.exists() and json.loads(marker.read_text()) != stage_input:
+            if dist.is_main:
+                print(f"== {name}: its recipe or input model changed since it ran; starting it over")
+                shutil.rmtree(stage_out)
+            dist.barrier()
         if _done(stage_out):
             if dist.is_main:
                 print(f"== {name}: done already ({stage_out})")
         else:
             if dist.is_main:  # an evaluation of an earlier, unfinished attempt would describe another model
                 shutil.rmtree(stage_out / "eval", ignore_errors=True)
+                stage_out.mkdir(parents=True, exist_ok=True)
+                marker.write_text(json.dumps(stage_input, indent=1))
             dist.barrier()
             module = importlib.import_module(f"align.stages.{kind}")
             if dist.is_main:

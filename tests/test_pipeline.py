@@ -7,6 +7,7 @@ optimizer steps per stage and short generations. Run: ``.venv/bin/pytest -q test
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -142,6 +143,20 @@ def test_short_pipeline_runs_resumes_and_skips(short_pipeline: Path, capsys) -> 
     assert grpo_eval.stat().st_mtime_ns != stamps[grpo_eval]  # the new model was evaluated again
     assert _report_rows(run) == ["assembled", *STAGES]
 
+    # a changed SFT recipe re-runs SFT and, since its model changed, GRPO after it
+    recipe = yaml.safe_load(short_pipeline.read_text())
+    recipe["stages"][1]["overrides"].append("optim.lr=1.0e-4")
+    changed = _write(short_pipeline.parent / "changed.yaml", recipe)
+    assert main(["run", str(changed)]) == 0
+    rerun = capsys.readouterr().out
+    assert "== projector: done already" in rerun
+    for stage in ("sft", "grpo"):
+        assert f"== {stage}: its recipe or input model changed since it ran; starting it over" in rerun
+        assert len(_lines(run / stage / "metrics.jsonl")) == STEPS
+    assert json.loads((run / "sft" / "summary.json").read_text())["resumed_from"] == 0
+    assert json.loads((run / "grpo" / "summary.json").read_text())["resumed_from_round"] == 0
+    assert json.loads((run / "sft" / "input.json").read_text())["recipe"]["optim"]["lr"] == 1.0e-4
+
 
 def test_prepare_builds_once_then_reuses(tmp_path: Path, zoo: Path, capsys) -> None:
     from transformers import AutoModelForCausalLM
@@ -174,7 +189,6 @@ def test_prepare_builds_once_then_reuses(tmp_path: Path, zoo: Path, capsys) -> N
     assert {p: (p / "demo-part.json").read_text() for p in markers} == markers
 
     # changed LM settings rebuild the LLM only
-    changed = DemoSettings(**{**settings.__dict__, "lm": LMSettings(**{**settings.lm.__dict__, "lr": 1e-4})})
-    prepare(changed)
+    prepare(dataclasses.replace(settings, lm=dataclasses.replace(settings.lm, lr=1e-4)))
     out = capsys.readouterr().out
     assert out.count("cached") == 2 and "causal-LM pre-training" in out
