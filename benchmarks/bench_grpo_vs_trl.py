@@ -12,6 +12,8 @@ then over ``--repeat`` interleaved runs.
 
 Our variants switch one optimisation off at a time:
 
+* ``hf_decode``: the sampler decodes with the model's own Hugging Face forward (mask rebuilt and
+  ``DynamicCache`` grown every token) instead of :class:`align.grpo.decoder.StaticDecoder`;
 * ``repeat_prompts``: the sampler gets each prompt G times (one row per completion, images repeated), as HF
   ``generate`` in TRL does, instead of one prefill per question whose KV cache the G completions share;
 * ``naive_forward``: the training and reference forwards run every completion row with its own copy of the
@@ -66,6 +68,7 @@ TEMPLATE = (
 )
 OURS = {
     "ours": [],
+    "hf_decode": [],
     "repeat_prompts": [],
     "naive_forward": ["grpo.shared_prefix=false"],
     "naive_all": ["grpo.shared_prefix=false"],
@@ -173,6 +176,20 @@ class RepeatedPromptSampler:
         )
 
 
+class HFDecodeSampler:
+    """The stage's sampler decoding with the model's own HF forward instead of the plain decoder."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def generate(self, prompt_ids, pixel_values, images_per_prompt, **kwargs):
+        from align.grpo.sampler import generate
+
+        return generate(
+            self.model, prompt_ids, pixel_values, images_per_prompt, plain_decoder=False, **kwargs
+        )
+
+
 class ForwardOldLogpsSampler:
     """The stage's sampler, but the old log-probs come from a no-grad forward after sampling (TRL's way)."""
 
@@ -210,6 +227,8 @@ def run_ours(work: Path, variant: str, steps: int) -> dict:
 
     if variant in ("repeat_prompts", "naive_all"):
         stage.SharedPrefixSampler = RepeatedPromptSampler
+    elif variant == "hf_decode":
+        stage.SharedPrefixSampler = HFDecodeSampler
     elif variant == "mu2_old_logps_forward":
         stage.SharedPrefixSampler = ForwardOldLogpsSampler
     out = work / "runs" / variant

@@ -24,8 +24,9 @@ from transformers.generation.logits_process import (
 )
 
 from align.errors import AlignError
+from align.grpo.decoder import unsupported_reason
 from align.grpo.logps import completion_logps, completion_logps_and_entropy
-from align.grpo.sampler import Rollout, SharedPrefixSampler, generate, warp_logits
+from align.grpo.sampler import Rollout, SharedPrefixSampler, draw, generate, warp_logits
 
 VOCAB, IMAGE_TOKEN, TOKENS_PER_IMAGE, PAD = 300, 299, 16, 0
 
@@ -158,6 +159,22 @@ def test_sampling_is_reproducible_and_seed_dependent(qwen) -> None:
     assert len({tuple(row) for row in first[:4].tolist()}) > 1
 
 
+def test_draw_follows_the_distribution_and_never_draws_a_zero() -> None:
+    probs = torch.tensor(
+        [[0.0, 0.5, 0.0, 0.2, 0.3, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0, 2.0]]
+    )  # row 2 unnormalised
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.stack([draw(probs, generator) for _ in range(20000)])  # [draws, rows]
+    counts = torch.stack([torch.bincount(tokens[:, row], minlength=6) for row in range(2)]).float() / 20000
+    assert counts[1].tolist() == [0, 0, 0, 0, 0, 1]
+    assert counts[0, [0, 2, 5]].sum() == 0
+    # 3 standard errors of a frequency near 0.5 over 20000 draws is 0.011
+    assert torch.allclose(counts[0], probs[0], atol=0.011)
+    assert torch.equal(
+        draw(probs, torch.Generator().manual_seed(5)), draw(probs, torch.Generator().manual_seed(5))
+    )
+
+
 @pytest.mark.parametrize(
     ("temperature", "top_k", "top_p", "do_sample"),
     [(0.7, 1, 1.0, True), (1.3, 0, 1e-6, True), (1.0, 50, 1.0, False), (0.0, 0, 0.9, True)],
@@ -242,7 +259,8 @@ def test_all_finished_stops_early_and_trims(qwen) -> None:
     assert not rollout.is_truncated.any()
 
 
-def test_one_vision_pass_and_one_prefill(qwen) -> None:
+@pytest.mark.parametrize("plain_decoder", [False, True])
+def test_one_vision_pass_and_one_prefill(qwen, plain_decoder: bool) -> None:
     prompts, pixel_values, images = _image_prompts()
     tower_calls: list[int] = []
     lm_widths: list[tuple[int, int]] = []
@@ -255,14 +273,79 @@ def test_one_vision_pass_and_one_prefill(qwen) -> None:
         ),
     ]
     try:
-        _sample(qwen, prompts, pixel_values, images, num_generations=8, max_new_tokens=6, temperature=1.0)
+        _sample(
+            qwen,
+            prompts,
+            pixel_values,
+            images,
+            num_generations=8,
+            max_new_tokens=6,
+            temperature=1.0,
+            plain_decoder=plain_decoder,
+        )
     finally:
         for hook in hooks:
             hook.remove()
     assert len(tower_calls) == 1
     longest = max(len(p) for p in prompts)
-    # one prefill over the 3 prompts, then one single-token step for all 24 rows per new token but the last
-    assert lm_widths == [(3, longest)] + [(24, 1)] * 5
+    # one prefill over the 3 prompts, then (HF path) one single-token step for all 24 rows per new token
+    # but the last; the plain decoder runs those steps without the HF module
+    assert lm_widths == [(3, longest)] + ([] if plain_decoder else [(24, 1)] * 5)
+
+
+@pytest.mark.parametrize("prompt_kind", ["images", "text"])
+def test_plain_decoder_equals_the_hf_forward(model, prompt_kind: str) -> None:
+    """Same greedy tokens and log-probs, with rows leaving the batch at an end-of-turn token along the way.
+
+    Greedy, because a sampled draw near a boundary of the cumulative distribution flips on a 1e-7 change.
+    """
+    assert unsupported_reason(model) is None
+    prompts, pixel_values, images = PROMPTS[prompt_kind]()
+    common = dict(max_new_tokens=16, return_logps=True)
+    hf_path = _sample(model, prompts, pixel_values, images, plain_decoder=False, **common)
+    # the commonest greedy token ends rows early, so that the decoder drops rows as the HF cache does
+    eos = int(hf_path.completion_ids[:, 1:].flatten().mode().values)
+    runs = {
+        plain: _sample(
+            model, prompts, pixel_values, images, plain_decoder=plain, eos_token_ids=[eos], **common
+        )
+        for plain in (False, True)
+    }
+    assert len(set(runs[False].lengths.tolist())) > 1  # rows left at different steps
+    assert torch.equal(runs[True].completion_ids, runs[False].completion_ids)
+    assert torch.equal(runs[True].lengths, runs[False].lengths)
+    assert torch.allclose(runs[True].logps, runs[False].logps, atol=1e-5, rtol=0)
+
+
+def _with(model, **text_config) -> LlavaForConditionalGeneration:
+    config = model.config.to_dict()
+    config["text_config"].update(text_config)
+    return LlavaForConditionalGeneration(type(model.config).from_dict(config)).eval()
+
+
+def test_plain_decoder_refuses_what_it_does_not_compute(qwen) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    reasons = {
+        "mistral": unsupported_reason(_with(qwen, model_type="mistral")),
+        "gelu": unsupported_reason(_with(qwen, hidden_act="gelu")),
+        "sliding": unsupported_reason(_with(qwen, use_sliding_window=True, max_window_layers=0)),
+        "lora": unsupported_reason(
+            get_peft_model(_tiny_llava("siglip"), LoraConfig(r=2, target_modules=["q_proj"])).base_model.model
+        ),
+    }
+    assert "'mistral'" in reasons["mistral"]
+    assert "'gelu'" in reasons["gelu"]
+    assert reasons["sliding"] == "sliding-window attention"
+    assert "q_proj is a Linear" in reasons["lora"] and "not a plain Linear" in reasons["lora"]
+    # such a model still samples, through its own forward
+    gelu = _with(qwen, hidden_act="gelu")
+    prompts, pixel_values, images = _image_prompts()
+    rollout = _sample(gelu, prompts, pixel_values, images, max_new_tokens=5)
+    for i, prompt in enumerate(prompts):
+        assert rollout.completion_ids[i].tolist() == _hf_greedy(
+            gelu, prompt, _images_of(pixel_values, images, i), 5
+        )
 
 
 def test_image_token_count_mismatch_names_the_prompt(qwen) -> None:
@@ -352,7 +435,8 @@ def test_shared_prefix_equals_naive_values_and_gradients(model, prompt_kind: str
             shared_prefix=shared,
         )
         # a token-mean like the GRPO loss: gradients O(1), so 1e-5 is fp32 round-off, not a loose bound
-        (((logps * weights + 0.1 * entropy) * mask).sum() / mask.sum()).backward()
+        assert logps.requires_grad and not entropy.requires_grad  # entropy is a metric, outside the graph
+        ((logps * weights * mask).sum() / mask.sum()).backward()
         grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
         return logps.detach(), entropy.detach(), grads
 

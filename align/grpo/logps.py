@@ -95,7 +95,8 @@ def completion_logps_and_entropy(
         shared_prefix,
     )
     log_probs = logits.log_softmax(-1)
-    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    with torch.no_grad():  # a metric: recording it for backward would keep two more [rows, L, V] tensors
+        entropy = -(log_probs.exp() * log_probs).sum(-1)
     return log_probs.gather(-1, completion_ids[..., None]).squeeze(-1), entropy
 
 

@@ -12,7 +12,8 @@ This module owns turning B questions into B * G sampled completions (G = ``num_g
   ``pad_token_id``.
 * :func:`warp_logits` is HF's sampling chain (temperature -> top-k -> top-p, the order and tie rules of
   ``TemperatureLogitsWarper``/``TopKLogitsWarper``/``TopPLogitsWarper``); ``temperature == 0`` or
-  ``do_sample=False`` is greedy (argmax of the raw logits). Draws use the caller's ``torch.Generator``.
+  ``do_sample=False`` is greedy (argmax of the raw logits). :func:`draw` samples with the caller's
+  ``torch.Generator``.
 
 Why one batched prefill rather than a loop over questions: the decode loop then runs once for all questions
 instead of once per question. Measured on CPU (2 shared cores; B=4, G=8, prompts ~94 tokens incl. 64 image
@@ -40,6 +41,7 @@ from torch import Tensor
 from transformers import DynamicCache
 
 from align.errors import AlignError
+from align.grpo.decoder import StaticDecoder, unsupported_reason
 
 
 @dataclass
@@ -193,6 +195,18 @@ def warp_logits(logits: Tensor, temperature: float, top_k: int | None, top_p: fl
     return scores
 
 
+def draw(probs: Tensor, generator: torch.Generator | None) -> Tensor:
+    """One token per row of ``probs`` ``[n, V]`` (rows need not sum to 1), by inverting the cumulative sum.
+
+    The same distribution as ``torch.multinomial(probs, 1)``, whose CPU kernel draws V exponentials per row:
+    measured here for 16 x 1025, 0.65 ms against 0.04 ms for this, and a rollout of 64 tokens pays it 64 times.
+    ``u`` lies in ``(0, total]``, so the first index whose cumulative sum reaches it never has probability 0.
+    """
+    cdf = probs.cumsum(-1)
+    u = 1.0 - torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=cdf.dtype)
+    return torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(1)
+
+
 def _check_sampling(
     num_generations: int, max_new_tokens: int, temperature: float, top_p: float | None, top_k: int | None
 ) -> None:
@@ -228,6 +242,7 @@ def generate(
     generator: torch.Generator | None,
     do_sample: bool = True,
     return_logps: bool = False,
+    plain_decoder: bool = True,
 ) -> Rollout:
     """Sample ``num_generations`` completions per prompt from a Llava model, sharing each prompt's prefix.
 
@@ -236,7 +251,9 @@ def generate(
     adds the log-probs of the sampled tokens as TRL computes them for ``num_iterations > 1``:
     ``log_softmax(logits / temperature)`` over the whole vocabulary (top-k/top-p do not enter; greedy
     uses temperature 1). ``model`` is the ``LlavaForConditionalGeneration`` itself (not a DDP/DeepSpeed/PEFT
-    wrapper); its train/eval mode is left as the caller set it.
+    wrapper); its train/eval mode is left as the caller set it. ``plain_decoder`` decodes with
+    :class:`~align.grpo.decoder.StaticDecoder` when the model allows it (same logits, fewer ops), else with
+    the model's own forward.
     """
     _check_sampling(num_generations, max_new_tokens, temperature, top_p, top_k)
     greedy = temperature == 0 or not do_sample
@@ -247,6 +264,10 @@ def generate(
     mask = prefix.attention_mask.repeat_interleave(num_generations, dim=0)
     position = prefix.next_position.repeat_interleave(num_generations)
     logits = prefix.last_logits.float().repeat_interleave(num_generations, dim=0)
+    decoder = None
+    if plain_decoder and unsupported_reason(model) is None:
+        decoder = StaticDecoder(model, cache, mask, max_new_tokens)
+        cache = None  # the decoder holds its own copy of the prefix K/V
 
     device = mask.device
     n_rows = mask.shape[0]
@@ -265,7 +286,7 @@ def generate(
             next_tokens = allowed.argmax(-1)
         else:
             probs = warp_logits(allowed, temperature, top_k, top_p).softmax(-1)
-            next_tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            next_tokens = draw(probs, generator)
         tokens[active, step] = next_tokens
         lengths[active] = step + 1
         if logps is not None:
@@ -276,20 +297,26 @@ def generate(
             finished[active[stopped]] = True
             keep = (~stopped).nonzero().squeeze(1)
             active, next_tokens, mask, position = active[keep], next_tokens[keep], mask[keep], position[keep]
-            cache.batch_select_indices(keep)
+            if decoder is None:
+                cache.batch_select_indices(keep)
+            else:
+                decoder.keep(keep)
         if active.numel() == 0 or step == max_new_tokens - 1:
             break
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        out = model(
-            input_ids=next_tokens[:, None],
-            attention_mask=mask,
-            position_ids=position[:, None],
-            cache=cache,
-            use_cache=True,
-        )
-        cache = out.cache
+        if decoder is None:
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            out = model(
+                input_ids=next_tokens[:, None],
+                attention_mask=mask,
+                position_ids=position[:, None],
+                cache=cache,
+                use_cache=True,
+            )
+            cache = out.cache
+            logits = out.logits[:, -1].float()
+        else:
+            logits = decoder.step(next_tokens)
         position = position + 1
-        logits = out.logits[:, -1].float()
 
     width = int(lengths.max())
     completion_mask = (torch.arange(width, device=device)[None, :] < lengths[:, None]).long()
