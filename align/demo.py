@@ -24,8 +24,8 @@ Each part is cached under ``checkpoints/demo-cache/<part>/`` with a ``demo-part.
 of its settings (and of the parts it was built from); a part whose marker matches is skipped, so only the first
 run pays for it. Parts are built in a temporary sibling folder and renamed into place.
 
-Try it: ``.venv/bin/python -c "from align.demo import prepare; prepare()"`` (measured on 2 shared CPU cores with
-one thread: 1.6 s synth, 72 s CLIP, 520 s LLM the first time; under a second afterwards).
+Try it: ``.venv/bin/python -c "from align.demo import prepare; prepare()"`` (measured on 2 otherwise idle CPU
+cores: 2.5 s synth, 51 s CLIP, 332 s LLM the first time; under a second afterwards).
 """
 
 from __future__ import annotations
