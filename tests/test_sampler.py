@@ -317,6 +317,27 @@ def test_plain_decoder_equals_the_hf_forward(model, prompt_kind: str) -> None:
     assert torch.allclose(runs[True].logps, runs[False].logps, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("tower", ["siglip", "clip"])
+def test_plain_decoder_in_bf16_follows_the_hf_forward(tower: str) -> None:
+    """bf16 (the GPU setting): RMSNorm in float32 then cast back, as the HF modules do, so the paths agree."""
+    model = _tiny_llava(tower).to(torch.bfloat16)
+    prompts, pixel_values, images = _image_prompts()
+    runs = {
+        plain: _sample(
+            model,
+            prompts,
+            pixel_values.to(torch.bfloat16),
+            images,
+            max_new_tokens=12,
+            return_logps=True,
+            plain_decoder=plain,
+        )
+        for plain in (False, True)
+    }
+    assert torch.equal(runs[True].completion_ids, runs[False].completion_ids)
+    assert torch.allclose(runs[True].logps, runs[False].logps, atol=1e-2, rtol=0)
+
+
 def _with(model, **text_config) -> LlavaForConditionalGeneration:
     config = model.config.to_dict()
     config["text_config"].update(text_config)
