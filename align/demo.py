@@ -47,6 +47,7 @@ from align.data.synth import CAPTION_PROMPTS, INSTRUCTION, synthesize
 from align.data.synth_scenes import GRID, Obj, Scene, caption
 from align.data.synth_tasks import make_task, sft_reply
 from align.errors import AlignError
+from align.stages.common import lr_at
 
 MARKER = "demo-part.json"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -271,7 +272,7 @@ def pretrain_clip(train_dir: Path, out: Path, s: ClipSettings) -> dict:
         for b in range(steps_per_epoch):
             idx = order[b * s.batch_size : (b + 1) * s.batch_size]
             tokens = open_clip.tokenize([texts[i] for i in idx], context_length=s.context_length)
-            _set_lr(optimizer, _cosine(step, total, s.lr, warmup=total // 10))
+            _set_lr(optimizer, lr_at(step, total, s.lr, "cosine", total // 10))
             image_f, text_f, scale = model(pixels[idx], tokens)
             loss = loss_fn(image_f, text_f, scale)
             optimizer.zero_grad()
@@ -359,7 +360,7 @@ def pretrain_lm(train_dir: Path, tokenizer_dir: Path, out: Path, s: LMSettings) 
         order = torch.randperm(len(rows), generator=generator)
         for b in range(steps_per_epoch):
             batch = rows[order[b * s.batch_size : (b + 1) * s.batch_size]]
-            _set_lr(optimizer, _cosine(step, total, s.lr, warmup=max(1, total // 20)))
+            _set_lr(optimizer, lr_at(step, total, s.lr, "cosine", max(1, total // 20)))
             loss = model(input_ids=batch, labels=batch).loss
             optimizer.zero_grad()
             loss.backward()
@@ -386,12 +387,6 @@ def _chat_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
         tokenizer(prompt, add_special_tokens=False).input_ids
         + tokenizer(reply, add_special_tokens=False).input_ids
     )
-
-
-def _cosine(step: int, total: int, peak: float, warmup: int = 0) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
 def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -91,6 +91,7 @@ def _stage_input(recipe, model_dir: Path) -> dict:
     """What a stage's result depends on: its resolved recipe and its input model's files (name, size, mtime)."""
     files = sorted(p for p in model_dir.rglob("*") if p.is_file())
     stamps = [[str(p.relative_to(model_dir)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    # as it reads back from input.json (lists, strings), so that the two compare equal when nothing changed
     return json.loads(json.dumps({"recipe": dataclasses.asdict(recipe), "model_files": stamps}, default=str))
 
 

@@ -65,15 +65,14 @@ class StaticDecoder:
         self.lm_head = model.lm_head
         config = model.config.text_config
         self.eps = config.rms_norm_eps
-        self.n_kv = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.scale = self.lm.layers[0].self_attn.scaling
         n, prompt_len = prompt_mask.shape
         width = prompt_len + max_new_tokens
         self.keys, self.values = [], []
         for layer in cache.layers:
-            k = layer.keys.new_empty(n, self.n_kv, width, self.head_dim)
-            v = layer.values.new_empty(n, self.n_kv, width, self.head_dim)
+            k = layer.keys.new_empty(n, config.num_key_value_heads, width, self.head_dim)
+            v = layer.values.new_empty(n, config.num_key_value_heads, width, self.head_dim)
             k[:, :, :prompt_len] = layer.keys
             v[:, :, :prompt_len] = layer.values
             self.keys.append(k)

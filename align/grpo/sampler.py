@@ -314,9 +314,9 @@ def generate(
             )
             cache = out.cache
             logits = out.logits[:, -1].float()
+            position = position + 1
         else:
             logits = decoder.step(next_tokens)
-        position = position + 1
 
     width = int(lengths.max())
     completion_mask = (torch.arange(width, device=device)[None, :] < lengths[:, None]).long()
