@@ -293,13 +293,32 @@ def test_one_vision_pass_and_one_prefill(qwen, plain_decoder: bool) -> None:
     assert lm_widths == [(3, longest)] + ([] if plain_decoder else [(24, 1)] * 5)
 
 
+def _pack_weights(monkeypatch, packed: bool) -> list[bool]:
+    """Make the decoder pack its weights (the tiny models' default) or use them in place; record what it did."""
+    import align.grpo.decoder as decoder
+
+    if not packed:
+        monkeypatch.setattr(decoder, "PACK_LIMIT_BYTES", 0)
+    seen: list[bool] = []
+    init = decoder._Projection.__init__
+
+    def recording(self, linears, pack):
+        seen.append(pack)
+        init(self, linears, pack)
+
+    monkeypatch.setattr(decoder._Projection, "__init__", recording)
+    return seen
+
+
+@pytest.mark.parametrize("packed", [True, False])
 @pytest.mark.parametrize("prompt_kind", ["images", "text"])
-def test_plain_decoder_equals_the_hf_forward(model, prompt_kind: str) -> None:
+def test_plain_decoder_equals_the_hf_forward(model, prompt_kind: str, packed: bool, monkeypatch) -> None:
     """Same greedy tokens and log-probs, with rows leaving the batch at an end-of-turn token along the way.
 
     Greedy, because a sampled draw near a boundary of the cumulative distribution flips on a 1e-7 change.
     """
     assert unsupported_reason(model) is None
+    pack_flags = _pack_weights(monkeypatch, packed)
     prompts, pixel_values, images = PROMPTS[prompt_kind]()
     common = dict(max_new_tokens=16, return_logps=True)
     hf_path = _sample(model, prompts, pixel_values, images, plain_decoder=False, **common)
@@ -315,11 +334,14 @@ def test_plain_decoder_equals_the_hf_forward(model, prompt_kind: str) -> None:
     assert torch.equal(runs[True].completion_ids, runs[False].completion_ids)
     assert torch.equal(runs[True].lengths, runs[False].lengths)
     assert torch.allclose(runs[True].logps, runs[False].logps, atol=1e-5, rtol=0)
+    assert pack_flags and set(pack_flags) == {packed}
 
 
+@pytest.mark.parametrize("packed", [True, False])
 @pytest.mark.parametrize("tower", ["siglip", "clip"])
-def test_plain_decoder_in_bf16_follows_the_hf_forward(tower: str) -> None:
+def test_plain_decoder_in_bf16_follows_the_hf_forward(tower: str, packed: bool, monkeypatch) -> None:
     """bf16 (the GPU setting): RMSNorm in float32 then cast back, as the HF modules do, so the paths agree."""
+    pack_flags = _pack_weights(monkeypatch, packed)
     model = _tiny_llava(tower).to(torch.bfloat16)
     prompts, pixel_values, images = _image_prompts()
     runs = {
@@ -336,6 +358,7 @@ def test_plain_decoder_in_bf16_follows_the_hf_forward(tower: str) -> None:
     }
     assert torch.equal(runs[True].completion_ids, runs[False].completion_ids)
     assert torch.allclose(runs[True].logps, runs[False].logps, atol=1e-2, rtol=0)
+    assert pack_flags and set(pack_flags) == {packed}
 
 
 def _with(model, **text_config) -> LlavaForConditionalGeneration:
