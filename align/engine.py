@@ -305,7 +305,13 @@ def setup(
     else:
         optimizer = torch.optim.AdamW(torch_groups, betas=betas, eps=eps)
     ds, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg, dist_init_required=False)
-    return Engine(dist, strategy, precision, grad_accum, model, ds, optimizer, names, max_grad_norm, ds)
+    return Engine(dist, strategy, precision, grad_accum, model, ds, optimizer, names, max_grad_norm, ds, cfg)
+
+
+def held_parameters(model: nn.Module) -> tuple[int, int]:
+    """(parameter elements this rank stores, elements of the whole model): fewer under ZeRO-3 partitioning."""
+    held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
+    return held, sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
 
 
 @dataclass(eq=False)
@@ -322,9 +328,11 @@ class Engine:
     group_names: list[str]
     max_grad_norm: float | None = None
     ds_engine: Any = None  # the DeepSpeedEngine under zero2/zero3 (the same object as ``module``)
+    ds_config: dict | None = None  # the config it was built from
     micro_steps: int = 0
     optimizer_steps: int = 0
     _last_stepped_micro: int = field(default=0, init=False, repr=False)
+    _frozen_engines: list = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._sync_ddp_next()
@@ -398,6 +406,31 @@ class Engine:
             raise ValueError(f"set_lrs needs exactly the groups {self.group_names}, got {sorted(lrs)}")
         for name, group in zip(self.group_names, self.optimizer.param_groups, strict=True):
             group["lr"] = float(lrs[name])
+
+    def frozen(self, model: nn.Module) -> nn.Module:
+        """``model`` frozen (GRPO's reference) and placed like the trained one; forward it as usual.
+
+        Under zero3 its parameters are partitioned across the ranks with the trained model's ZeRO settings (a
+        DeepSpeed engine without an optimizer, as TRL does): each sub-module gathers its weights for its own
+        forward and frees them after, so between passes a rank holds 1/N of the model instead of a full copy.
+        Its forwards are then collective: every rank must run them. Other strategies: moved to the device.
+        """
+        model.requires_grad_(False).eval()
+        if self.strategy != "zero3":
+            return model.to(self.dist.device)
+        import deepspeed
+
+        assert self.ds_config is not None
+        zero = {k: v for k, v in self.ds_config["zero_optimization"].items() if k != "offload_optimizer"}
+        cfg = {
+            "train_micro_batch_size_per_gpu": 1,
+            "zero_optimization": zero,
+            **{k: self.ds_config[k] for k in ("bf16", "fp16") if k in self.ds_config},
+        }
+        ds, *_ = deepspeed.initialize(model=model, config=cfg, dist_init_required=False)
+        ds.eval()
+        self._frozen_engines.append(ds)  # its hooks fetch the partitions; keep it alive as long as the model
+        return ds.module
 
     @contextlib.contextmanager
     def gathered_for_generation(self) -> Iterator[nn.Module]:

@@ -17,6 +17,7 @@ import io
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -542,6 +543,9 @@ STRATEGIES = {  # name: (strategy, overrides); zero3 runs come from recipes/tiny
     "zero2": ("zero2", ZERO2),
     "zero3": ("zero3", []),
     "zero3_lora": ("zero3", ["lora.r=4", "lora.dropout=0.1"]),  # reference = the sharded model, adapters off
+    # every step one rank draws the text-only question and the other the image question
+    "ddp_mixed": ("ddp", ["data.sources.0.path={work}/synth/train/mixed.jsonl", "run.epochs=2"]),
+    "zero3_mixed": ("zero3", ["data.sources.0.path={work}/synth/train/mixed.jsonl", "run.epochs=2"]),
 }
 DIST_STEPS = 2
 
@@ -558,7 +562,10 @@ def torchrun(work: Path, name: str) -> tuple[Path, str]:
         "run.save_every=1",
     ]
     cmd += [f"run.max_steps={DIST_STEPS}", "grpo.max_completion_length=8", "run.tensorboard=false"]
-    cmd += [f"grpo.reward_funcs=[{VOWELS}, format]", "optim.lr=1e-2", *overrides]
+    cmd += [f"grpo.reward_funcs=[{VOWELS}, format]", "optim.lr=1e-2"]
+    if strategy == "zero3":
+        cmd += [f"run.deepspeed_config={work / 'zero3_partitioned.json'}"]
+    cmd += [o.format(work=work) for o in overrides]
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
     env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.Popen(
@@ -580,20 +587,37 @@ def torchrun(work: Path, name: str) -> tuple[Path, str]:
     return out, output
 
 
+def _distributed_inputs(work: Path) -> None:
+    """A ZeRO-3 config that partitions even the tiny model's tensors, and a text-only + image question file."""
+    zero3 = json.loads((ROOT / "recipes/deepspeed/zero3.json").read_text())
+    zero3["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    (work / "zero3_partitioned.json").write_text(json.dumps(zero3))
+    image_row = (work / "synth/train/rl.jsonl").read_text().splitlines()[0]
+    text_row = json.dumps({"id": "text-0", "problem": "What is 2 + 3?", "solution": "5"})
+    (work / "synth/train/mixed.jsonl").write_text(f"{image_row}\n{text_row}\n")  # beside the images
+
+
 @pytest.fixture(scope="module")
-def dist_runs(work: Path) -> dict[str, Path]:
-    return {name: torchrun(work, name)[0] for name in STRATEGIES}
+def dist_runs(work: Path) -> dict[str, tuple[Path, str]]:
+    _distributed_inputs(work)
+    return {name: torchrun(work, name) for name in STRATEGIES}
 
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("name", list(STRATEGIES))
-def test_two_process_run_completes(work: Path, dist_runs: dict[str, Path], name: str) -> None:
-    out, strategy = dist_runs[name], STRATEGIES[name][0]
+def test_two_process_run_completes(work: Path, dist_runs: dict[str, tuple[Path, str]], name: str) -> None:
+    (out, output), strategy = dist_runs[name], STRATEGIES[name][0]
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["world_size"], summary["strategy"], summary["steps"]) == (2, strategy, DIST_STEPS)
     rows = jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, DIST_STEPS + 1))
     assert all(r["completion_tokens"] == pytest.approx(r["completion_length"] * 2 * 4) for r in rows)
+    held = re.search(r"reference model: this rank holds ([\d,]+) of its ([\d,]+) parameters", output)
+    if name.endswith("lora"):
+        assert held is None  # the policy itself, adapters disabled: no second model
+    else:  # ZeRO-3 partitions the frozen reference across the 2 ranks instead of a full copy on each
+        held, total = (int(x.replace(",", "")) for x in held.groups())
+        assert held <= total // 2 + 1000 if strategy == "zero3" else held == total, (held, total)
     assert (out / "checkpoints" / "step-0000001" / "state" / "engine.json").is_file()
     before = load_file(work / "base" / "model.safetensors")
     after = load_file(out / "model" / "model.safetensors")
@@ -611,13 +635,14 @@ def test_two_process_run_completes(work: Path, dist_runs: dict[str, Path], name:
 
 
 @pytest.mark.distributed
-def test_strategies_agree_step_by_step(dist_runs: dict[str, Path]) -> None:
-    """Same weights, same per-rank sampling seeds: DDP, ZeRO-2 and ZeRO-3 see the same rollouts and losses."""
-    runs = {name: jsonl(out / "metrics.jsonl") for name, out in dist_runs.items()}
+def test_strategies_agree_step_by_step(dist_runs: dict[str, tuple[Path, str]]) -> None:
+    """Same weights, same per-rank sampling seeds: DDP, ZeRO-2 and ZeRO-3 see the same rollouts and losses,
+    also when one rank's question has no image (the tower runs on a blank there, adding exactly 0)."""
+    runs = {name: jsonl(out / "metrics.jsonl") for name, (out, _) in dist_runs.items()}
     keys = ("reward", "completion_length", "loss", "kl", "grad_norm")
-    for strategy in ("zero2", "zero3"):  # full fine-tuning, like ddp
-        for a, b in zip(runs["ddp"], runs[strategy], strict=True):
+    for ddp, other in (("ddp", "zero2"), ("ddp", "zero3"), ("ddp_mixed", "zero3_mixed")):
+        for a, b in zip(runs[ddp], runs[other], strict=True):
             assert {k: b[k] for k in keys} == pytest.approx({k: a[k] for k in keys}, rel=1e-4, abs=1e-6), (
-                strategy,
+                other,
                 a["step"],
             )

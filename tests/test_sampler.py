@@ -516,6 +516,77 @@ def test_shared_prefix_equals_naive_values_and_gradients(model, prompt_kind: str
     torch.testing.assert_close(plain.detach()[on], shared_logps[on], atol=1e-5, rtol=0)
 
 
+def _logps_and_grads(model, prompts, pixel_values, images, ids, mask, g: int, shared: bool, **kwargs):
+    model.zero_grad(set_to_none=True)
+    logps = completion_logps(
+        model,
+        prompts,
+        pixel_values,
+        images,
+        ids,
+        mask,
+        num_generations=g,
+        temperature=1.0,
+        shared_prefix=shared,
+        **kwargs,
+    )
+    ((logps * mask).sum() / mask.sum()).backward()  # a token mean: O(1) gradients, 1e-5 is round-off
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return logps.detach(), grads
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_text_only_batch_with_a_blank_image_runs_the_tower_and_changes_nothing(qwen, shared: bool) -> None:
+    """What keeps multi-process ranks in step: the tower and projector run forward and backward, adding 0."""
+    prompts, _, images = _text_prompts()
+    ids, mask = _completions(4, [3, 1, 2, 3], 3)
+    size = qwen.config.vision_config.image_size
+    calls: list[str] = []
+    hooks = [
+        qwen.model.vision_tower.register_forward_hook(lambda *a: calls.append("tower")),
+        qwen.model.multi_modal_projector.register_forward_hook(lambda *a: calls.append("projector")),
+    ]
+    try:
+        plain, plain_grads = _logps_and_grads(qwen, prompts, None, images, ids, mask, 2, shared)
+        assert calls == []
+        blank, blank_grads = _logps_and_grads(
+            qwen, prompts, None, images, ids, mask, 2, shared, blank_pixels=torch.zeros(1, 3, size, size)
+        )
+        assert calls == ["tower", "projector"]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert torch.equal(blank, plain)
+    trained = {name.split(".")[1] for name in blank_grads if name.startswith("model.")}
+    assert trained == {"language_model", "multi_modal_projector", "vision_tower"}
+    for name, grad in blank_grads.items():
+        if name in plain_grads:
+            assert torch.equal(grad, plain_grads[name]), name
+        else:
+            assert not grad.any(), name
+
+
+def test_one_token_completions_still_run_the_completion_forward(qwen) -> None:
+    """Every rank calls the same modules (ZeRO-3 gathers collectively), whatever its completions' length."""
+    prompts, pixel_values, images = _image_prompts()
+    ids, mask = _completions(6, [1] * 6, 1)
+    widths: list[int] = []
+    hook = qwen.model.language_model.register_forward_hook(
+        lambda m, a, k, o: widths.append(k["inputs_embeds"].shape[1]), with_kwargs=True
+    )
+    try:
+        shared, shared_grads = _logps_and_grads(qwen, prompts, pixel_values, images, ids, mask, 2, True)
+    finally:
+        hook.remove()
+    assert len(widths) == 2 and widths[1] == 1  # the prefill, then the completions (one unused column)
+    naive, naive_grads = _logps_and_grads(qwen, prompts, pixel_values, images, ids, mask, 2, False)
+    torch.testing.assert_close(shared, naive, atol=1e-5, rtol=0)
+    assert shared_grads.keys() == naive_grads.keys()
+    for name, grad in shared_grads.items():
+        torch.testing.assert_close(grad, naive_grads[name], atol=1e-5, rtol=0, msg=name)
+
+
 def test_shared_prefix_refuses_gradient_checkpointing() -> None:
     model = _tiny_llava("siglip")
     model.activation_checkpointing_enable()

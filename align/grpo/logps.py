@@ -36,7 +36,14 @@ from torch import Tensor
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from align.errors import AlignError
-from align.grpo.sampler import check_prompts, encode_images, filler_token, left_pad, prefill
+from align.grpo.sampler import (
+    blank_image_term,
+    check_prompts,
+    encode_images,
+    filler_token,
+    left_pad,
+    prefill,
+)
 
 
 def completion_logps(
@@ -50,11 +57,14 @@ def completion_logps(
     num_generations: int,
     temperature: float,
     shared_prefix: bool,
+    blank_pixels: Tensor | None = None,
 ) -> Tensor:
     """``[B * G, L]`` log-probs of the completion tokens (values on padding are not meaningful: mask them).
 
     ``completion_ids``/``completion_mask`` are ``[B * G, L]``, rows ``q * G + g``; ``temperature`` 0 means 1
-    (greedy rollouts are scored unscaled, as the sampler's ``return_logps`` does).
+    (greedy rollouts are scored unscaled, as the sampler's ``return_logps`` does). ``blank_pixels``: when no
+    prompt has an image, the tower still runs on it and adds an exact zero
+    (:func:`align.grpo.sampler.blank_image_term`); multi-process runs pass it.
     """
     logits = _completion_logits(
         model,
@@ -66,6 +76,7 @@ def completion_logps(
         num_generations,
         temperature,
         shared_prefix,
+        blank_pixels,
     )
     return logits.gather(-1, completion_ids[..., None]).squeeze(-1) - logits.logsumexp(-1)
 
@@ -81,6 +92,7 @@ def completion_logps_and_entropy(
     num_generations: int,
     temperature: float,
     shared_prefix: bool,
+    blank_pixels: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """:func:`completion_logps` and the ``[B * G, L]`` entropy of each next-token distribution."""
     logits = _completion_logits(
@@ -93,6 +105,7 @@ def completion_logps_and_entropy(
         num_generations,
         temperature,
         shared_prefix,
+        blank_pixels,
     )
     log_probs = logits.log_softmax(-1)
     with torch.no_grad():  # a metric: recording it for backward would keep two more [rows, L, V] tensors
@@ -135,6 +148,7 @@ def _completion_logits(
     num_generations: int,
     temperature: float,
     shared_prefix: bool,
+    blank_pixels: Tensor | None,
 ) -> Tensor:
     """``[B * G, L, V]`` float32 logits predicting each completion token, divided by ``temperature``."""
     _check_shapes(prompt_ids, completion_ids, completion_mask, num_generations)
@@ -147,6 +161,7 @@ def _completion_logits(
         completion_ids.to(model.device),
         completion_mask.to(model.device).long(),
         num_generations,
+        blank_pixels,
     )
     return logits.float() / (temperature or 1.0)
 
@@ -159,27 +174,32 @@ def _shared_prefix_logits(
     completion_ids: Tensor,
     completion_mask: Tensor,
     num_generations: int,
+    blank_pixels: Tensor | None,
 ) -> Tensor:
     if _checkpointing_drops_cache(model.model.language_model):
         raise AlignError(
             "shared_prefix=True needs the KV cache, which transformers drops in gradient-checkpointed layers; "
             "turn gradient checkpointing off or use shared_prefix=False"
         )
-    prefix = prefill(model, prompt_ids, pixel_values, images_per_prompt)
+    prefix = prefill(model, prompt_ids, pixel_values, images_per_prompt, blank_pixels)
     first = prefix.last_logits.repeat_interleave(num_generations, dim=0)[:, None]
-    if completion_ids.shape[1] == 1:
-        return first
     cache = prefix.cache
     cache.batch_repeat_interleave(num_generations)
-    # The last completion token predicts nothing we score, so it is not fed.
-    inputs = completion_ids[:, :-1]
+    # The last completion token predicts nothing we score, so it is not fed; but with 1-token completions
+    # the forward still runs (its logits unused), so that every rank calls the same modules (ZeRO-3).
+    width = completion_ids.shape[1]
+    inputs = completion_ids[:, : max(width - 1, 1)]
     mask = torch.cat(
-        [prefix.attention_mask.repeat_interleave(num_generations, dim=0), completion_mask[:, :-1]], dim=1
+        [
+            prefix.attention_mask.repeat_interleave(num_generations, dim=0),
+            completion_mask[:, : inputs.shape[1]],
+        ],
+        dim=1,
     )
     steps = torch.arange(inputs.shape[1], device=inputs.device)
     positions = prefix.next_position.repeat_interleave(num_generations)[:, None] + steps
     out = model(input_ids=inputs, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
-    return torch.cat([first, out.logits], dim=1)
+    return torch.cat([first, out.logits[:, : width - 1]], dim=1)
 
 
 def _full_logits(
@@ -190,6 +210,7 @@ def _full_logits(
     completion_ids: Tensor,
     completion_mask: Tensor,
     num_generations: int,
+    blank_pixels: Tensor | None,
 ) -> Tensor:
     check_prompts(prompt_ids, pixel_values, images_per_prompt)
     repeated = [ids for ids in prompt_ids for _ in range(num_generations)]
@@ -209,6 +230,8 @@ def _full_logits(
             [prompt == image_token_id, torch.zeros_like(completion_ids, dtype=torch.bool)], dim=1
         )
         embeds = embeds.masked_scatter(slots[..., None], torch.cat(features).to(embeds.dtype))
+    elif blank_pixels is not None:
+        embeds = embeds + blank_image_term(model, blank_pixels).to(embeds.dtype)
     out = model(
         inputs_embeds=embeds,
         attention_mask=torch.cat([prompt_mask, completion_mask], dim=1),

@@ -86,11 +86,18 @@ def reference_logps(
     num_generations: int,
     temperature: float,
     shared_prefix: bool,
+    blank_pixels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Log-probs of ``b``'s completions under the reference: the frozen copy ``reference``, or with LoRA
     (``reference=None``) the policy ``model`` itself with its adapters disabled (under ZeRO-3: call it while the
-    engine holds the weights gathered, as the stage does in its rollout phase)."""
-    kwargs = dict(num_generations=num_generations, temperature=temperature, shared_prefix=shared_prefix)
+    engine holds the weights gathered, as the stage does in its rollout phase). ``blank_pixels``: see
+    :func:`align.grpo.logps.completion_logps` (a partitioned reference gathers collectively)."""
+    kwargs = dict(
+        num_generations=num_generations,
+        temperature=temperature,
+        shared_prefix=shared_prefix,
+        blank_pixels=blank_pixels,
+    )
     args = (b.prompt_ids, b.pixels, b.images_per_prompt, b.rollout.completion_ids, b.rollout.completion_mask)
     with torch.no_grad():
         if reference is not None:

@@ -74,6 +74,7 @@ class RolloutBackend(Protocol):
         generator: torch.Generator | None,
         do_sample: bool = True,
         return_logps: bool = False,
+        blank_pixels: Tensor | None = None,
     ) -> Rollout: ...
 
 
@@ -158,21 +159,53 @@ def encode_images(
     return {"image": features}
 
 
+def blank_image_term(model: Any, blank_pixels: Tensor) -> Tensor:
+    """0 x the projected features of ``blank_pixels``: a zero that ran the vision tower and the projector.
+
+    Added to a text-only micro-batch's input embeddings it makes every rank run the same modules forward and
+    backward whatever its rows hold: ZeRO-3 gathers parameters collectively in both passes, and DDP wants a
+    gradient for every trainable parameter (the SFT stage does the same).
+    """
+    tower = model.model.vision_tower
+    pixels = blank_pixels.to(device=model.device, dtype=next(tower.parameters()).dtype)
+    features = model.model.get_image_features(pixel_values=pixels, return_dict=True).pooler_output
+    return 0.0 * sum(f.sum() for f in features)
+
+
 def prefill(
-    model: Any, prompt_ids: list[list[int]], pixel_values: Tensor | None, images_per_prompt: list[int]
+    model: Any,
+    prompt_ids: list[list[int]],
+    pixel_values: Tensor | None,
+    images_per_prompt: list[int],
+    blank_pixels: Tensor | None = None,
 ) -> Prefix:
-    """One vision pass + one forward over the left-padded prompts; gradients flow if they are enabled."""
+    """One vision pass + one forward over the left-padded prompts; gradients flow if they are enabled.
+
+    ``blank_pixels``: run the tower on it when no prompt has an image (:func:`blank_image_term`).
+    """
     check_prompts(prompt_ids, pixel_values, images_per_prompt)
     ids, mask, positions = left_pad(prompt_ids, filler_token(model.config.image_token_id), model.device)
-    out = model(
-        input_ids=ids,
-        attention_mask=mask,
-        position_ids=positions,
-        mm_encoder_outputs=encode_images(model, ids, pixel_values, images_per_prompt),
-        cache=DynamicCache(config=model.config),
-        use_cache=True,
-        logits_to_keep=1,  # left padding puts every prompt's last token in the last column
-    )
+    images = encode_images(model, ids, pixel_values, images_per_prompt)
+    hook = None
+    if images is None and blank_pixels is not None:
+        # Added by a hook on the embedding module rather than by passing inputs_embeds, so that the modules run in
+        # an image prompt's order (tower, projector, then the model's own forward): ZeRO-3 gathers per module and
+        # at the start of the top-level forward, and those collectives must line up across ranks.
+        zero = blank_image_term(model, blank_pixels)
+        hook = model.get_input_embeddings().register_forward_hook(lambda m, a, out: out + zero.to(out.dtype))
+    try:
+        out = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            mm_encoder_outputs=images,
+            cache=DynamicCache(config=model.config),
+            use_cache=True,
+            logits_to_keep=1,  # left padding puts every prompt's last token in the last column
+        )
+    finally:
+        if hook is not None:
+            hook.remove()
     return Prefix(
         cache=out.cache, last_logits=out.logits[:, -1], attention_mask=mask, next_position=mask.sum(-1)
     )
@@ -243,6 +276,7 @@ def generate(
     do_sample: bool = True,
     return_logps: bool = False,
     plain_decoder: bool = True,
+    blank_pixels: Tensor | None = None,
 ) -> Rollout:
     """Sample ``num_generations`` completions per prompt from a Llava model, sharing each prompt's prefix.
 
@@ -253,12 +287,13 @@ def generate(
     uses temperature 1). ``model`` is the ``LlavaForConditionalGeneration`` itself (not a DDP/DeepSpeed/PEFT
     wrapper); its train/eval mode is left as the caller set it. ``plain_decoder`` decodes with
     :class:`~align.grpo.decoder.StaticDecoder` when the model allows it (same logits, fewer ops), else with
-    the model's own forward.
+    the model's own forward. ``blank_pixels``: see :func:`prefill` (multi-process runs pass it, so that every
+    rank calls the same modules in the same order; ZeRO-3 checks that order).
     """
     _check_sampling(num_generations, max_new_tokens, temperature, top_p, top_k)
     greedy = temperature == 0 or not do_sample
     logp_temperature = 1.0 if temperature == 0 else temperature
-    prefix = prefill(model, prompt_ids, pixel_values, images_per_prompt)
+    prefix = prefill(model, prompt_ids, pixel_values, images_per_prompt, blank_pixels)
     cache = prefix.cache
     cache.batch_repeat_interleave(num_generations)
     mask = prefix.attention_mask.repeat_interleave(num_generations, dim=0)
@@ -351,6 +386,7 @@ class SharedPrefixSampler:
         generator: torch.Generator | None,
         do_sample: bool = True,
         return_logps: bool = False,
+        blank_pixels: Tensor | None = None,
     ) -> Rollout:
         return generate(
             self.model,
@@ -367,4 +403,5 @@ class SharedPrefixSampler:
             generator=generator,
             do_sample=do_sample,
             return_logps=return_logps,
+            blank_pixels=blank_pixels,
         )

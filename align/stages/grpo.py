@@ -14,8 +14,9 @@ takes ``num_iterations`` optimizer steps on those completions (TRL's meaning). A
 
 Defaults and why (TRL's defaults differ where noted):
 * ``beta: 0.04`` — R1-V and VLM-R1 used 0.04; TRL now defaults to 0 (no reference model). ``beta: 0`` loads
-  no reference model here too. The reference is a frozen copy of the input model, or with LoRA the same model
-  with its adapters disabled (no second copy).
+  no reference model here too. The reference is a frozen copy of the input model (under ZeRO-3 partitioned
+  across the ranks like the policy, not a full copy per rank), or with LoRA the same model with its adapters
+  disabled (no second copy).
 * ``loss_type: grpo`` and ``scale_rewards: group`` — the original GRPO the R1 vision projects trained with;
   TRL's default is ``dapo``. Every TRL value listed in the schema is implemented with TRL's math.
 * ``num_generations: 8``, ``temperature: 1.0``, ``epsilon: 0.2`` — TRL's and R1-V's.
@@ -24,7 +25,9 @@ Defaults and why (TRL's defaults differ where noted):
 What is computed once: with ``num_iterations: 1`` the sampling policy is the trained one, so no old log-probs
 exist (TRL's shortcut); with more, the sampler returns the log-probs of the tokens it drew and they serve as
 the old log-probs of every iteration (no extra forward). Under ZeRO-3 the engine gathers the weights once for
-the whole rollout phase, which also holds the reference pass (with LoRA it runs on those gathered weights). The
+the whole rollout phase, which also holds the reference pass (with LoRA it runs on those gathered weights). In
+multi-process runs a rank whose questions have no image runs the tower on a blank image and adds 0 x its
+features, so that every rank calls the same modules (ZeRO-3 gathers collectively; DDP needs every gradient). The
 reward functions see the full reasoning text: a ``<think>\\n`` the chat template prefilled is put back in
 front of every completion. SigLIP's attention-pooling head, whose output Llava never reads, is switched off.
 
@@ -69,7 +72,7 @@ from align.data.config import DataConfig
 from align.data.encode import encode_prompt
 from align.data.images import pixel_values
 from align.data.mixing import build_mix
-from align.engine import init_distributed, setup
+from align.engine import held_parameters, init_distributed, setup
 from align.errors import AlignError
 from align.grpo.logps import completion_logps_and_entropy
 from align.grpo.loss import (
@@ -282,7 +285,6 @@ def train(recipe: GRPORecipe, dist, resume: bool) -> Path:
     reference = None
     if cfg.beta > 0 and not is_lora(model):  # with LoRA the reference is the same model, adapters disabled
         reference, _ = load_llava(model_dir, dtype=dtype)
-        reference.requires_grad_(False).eval().to(dist.device)
         skip_pooling_head(reference)
     rewards = {
         name: load_reward(spec)
@@ -360,6 +362,16 @@ def train(recipe: GRPORecipe, dist, resume: bool) -> Path:
         betas=tuple(recipe.optim.betas),
         deepspeed_config=run.deepspeed_config,
     )
+    # A rank whose questions have no image still runs the tower (on this blank) in its rollout, reference and
+    # training forwards: ZeRO-3 gathers collectively and checks that ranks call the same modules in the same
+    # order, and DDP wants a gradient for every trainable parameter.
+    size = llava_of(model).config.vision_config.image_size
+    blank = torch.zeros(1, 3, size, size) if dist.distributed else None
+    if reference is not None:
+        reference = engine.frozen(reference)  # zero3: partitioned like the policy, not a full copy per rank
+        if dist.is_main:
+            held, total = held_parameters(reference)
+            print(f"reference model: this rank holds {held:,} of its {total:,} parameters")
     base_lrs = engine.lrs()  # before load_state, which restores the schedule's current values
     warmup = int(recipe.optim.warmup_ratio * total_steps)
     start_round = 0
@@ -425,13 +437,14 @@ def train(recipe: GRPORecipe, dist, resume: bool) -> Path:
                     pad_token_id=tokenizer.pad_token_id,
                     generator=generator,
                     return_logps=cfg.num_iterations > 1,
+                    blank_pixels=blank,
                 )
                 batches.append(b)
             t_rollout = time.perf_counter()
             if cfg.beta > 0 and reference is None:  # LoRA: the policy's own gathered weights, adapters off
                 for b in batches:
                     b.ref_logps = reference_logps(
-                        None, gathered.model, b, g, cfg.temperature, cfg.shared_prefix
+                        None, gathered.model, b, g, cfg.temperature, cfg.shared_prefix, blank
                     )
         policy.train()
         if (
@@ -439,7 +452,9 @@ def train(recipe: GRPORecipe, dist, resume: bool) -> Path:
         ):  # the frozen copy: after the block, so the gathered policy is released first
             with engine.autocast():
                 for b in batches:
-                    b.ref_logps = reference_logps(reference, model, b, g, cfg.temperature, cfg.shared_prefix)
+                    b.ref_logps = reference_logps(
+                        reference, model, b, g, cfg.temperature, cfg.shared_prefix, blank
+                    )
         t_reference = time.perf_counter()
 
         reward_errors = dict.fromkeys(rewards, 0)
@@ -497,6 +512,7 @@ def train(recipe: GRPORecipe, dist, resume: bool) -> Path:
                         num_generations=g,
                         temperature=cfg.temperature,
                         shared_prefix=cfg.shared_prefix,
+                        blank_pixels=blank,
                     )
                 loss, parts = grpo_loss(
                     logps,
