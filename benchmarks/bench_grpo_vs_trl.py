@@ -14,6 +14,9 @@ Our variants switch one optimisation off at a time:
 
 * ``hf_decode``: the sampler decodes with the model's own Hugging Face forward (mask rebuilt and
   ``DynamicCache`` grown every token) instead of :class:`align.grpo.decoder.StaticDecoder`;
+* ``unpacked_decode``: the plain decoder uses the weights in place (as for models above
+  ``PACK_LIMIT_BYTES``) instead of packed ``[in, out]`` copies with q/k/v and gate/up fused;
+* ``adamw_foreach``: the optimizer is torch's multi-tensor AdamW instead of the fused one;
 * ``repeat_prompts``: the sampler gets each prompt G times (one row per completion, images repeated), as HF
   ``generate`` in TRL does, instead of one prefill per question whose KV cache the G completions share;
 * ``naive_forward``: the training and reference forwards run every completion row with its own copy of the
@@ -69,6 +72,8 @@ TEMPLATE = (
 OURS = {
     "ours": [],
     "hf_decode": [],
+    "unpacked_decode": [],
+    "adamw_foreach": [],
     "repeat_prompts": [],
     "naive_forward": ["grpo.shared_prefix=false"],
     "naive_all": ["grpo.shared_prefix=false"],
@@ -231,6 +236,15 @@ def run_ours(work: Path, variant: str, steps: int) -> dict:
         stage.SharedPrefixSampler = HFDecodeSampler
     elif variant == "mu2_old_logps_forward":
         stage.SharedPrefixSampler = ForwardOldLogpsSampler
+    elif variant == "unpacked_decode":
+        import align.grpo.decoder
+
+        align.grpo.decoder.PACK_LIMIT_BYTES = 0
+    elif variant == "adamw_foreach":
+        import torch
+
+        adamw = torch.optim.AdamW
+        torch.optim.AdamW = lambda *args, fused=None, **kwargs: adamw(*args, fused=False, **kwargs)
     out = work / "runs" / variant
     if out.exists():
         import shutil
