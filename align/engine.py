@@ -269,8 +269,8 @@ def setup(
     names = [g.name for g in groups]
     if not strategy.startswith("zero"):
         model.to(dist.device)
-        # one kernel for all parameters instead of a handful of ops per tensor; on CPU too (0.8M-parameter GRPO
-        # model: 8.4 -> 2.0 ms per step)
+        # one kernel for all parameters instead of a handful of ops per tensor; on CPU too (the GRPO benchmark's
+        # 0.58M trainable parameters, 1 thread: 4 -> 0.85 ms per step)
         fused = dist.device.type in ("cuda", "cpu")
         optimizer = torch.optim.AdamW(torch_groups, betas=betas, eps=eps, fused=fused)
         module: nn.Module = model
