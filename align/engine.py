@@ -309,8 +309,14 @@ def setup(
 
 
 def held_parameters(model: nn.Module) -> tuple[int, int]:
-    """(parameter elements this rank stores, elements of the whole model): fewer under ZeRO-3 partitioning."""
-    held = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
+    """(parameter elements this rank stores, elements of the whole model): fewer under ZeRO-3 partitioning.
+
+    ZeRO-3 keeps tensors under ``stage3_param_persistence_threshold`` whole on every rank: they count in full.
+    """
+    held = sum(
+        p.ds_tensor.numel() if hasattr(p, "ds_tensor") and not p.ds_persist else p.numel()
+        for p in model.parameters()
+    )
     return held, sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
 
 
@@ -425,7 +431,7 @@ class Engine:
         cfg = {
             "train_micro_batch_size_per_gpu": 1,
             "zero_optimization": zero,
-            **{k: self.ds_config[k] for k in ("bf16", "fp16") if k in self.ds_config},
+            **{k: self.ds_config[k] for k in ("bf16", "aio") if k in self.ds_config},  # aio: NVMe offload
         }
         ds, *_ = deepspeed.initialize(model=model, config=cfg, dist_init_required=False)
         ds.eval()

@@ -16,7 +16,8 @@ Our variants switch one optimisation off at a time:
   ``DynamicCache`` grown every token) instead of :class:`align.grpo.decoder.StaticDecoder`;
 * ``unpacked_decode``: the plain decoder uses the weights in place (as for models above
   ``PACK_LIMIT_BYTES``) instead of packed ``[in, out]`` copies with q/k/v and gate/up fused;
-* ``adamw_foreach``: the optimizer is torch's multi-tensor AdamW instead of the fused one;
+* ``adamw_per_tensor``: torch's AdamW updating one tensor at a time (``fused=False``, CPU's default before)
+  instead of the fused one;
 * ``repeat_prompts``: the sampler gets each prompt G times (one row per completion, images repeated), as HF
   ``generate`` in TRL does, instead of one prefill per question whose KV cache the G completions share;
 * ``naive_forward``: the training and reference forwards run every completion row with its own copy of the
@@ -73,7 +74,7 @@ OURS = {
     "ours": [],
     "hf_decode": [],
     "unpacked_decode": [],
-    "adamw_foreach": [],
+    "adamw_per_tensor": [],
     "repeat_prompts": [],
     "naive_forward": ["grpo.shared_prefix=false"],
     "naive_all": ["grpo.shared_prefix=false"],
@@ -240,7 +241,7 @@ def run_ours(work: Path, variant: str, steps: int) -> dict:
         import align.grpo.decoder
 
         align.grpo.decoder.PACK_LIMIT_BYTES = 0
-    elif variant == "adamw_foreach":
+    elif variant == "adamw_per_tensor":
         import torch
 
         adamw = torch.optim.AdamW

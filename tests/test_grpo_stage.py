@@ -563,7 +563,7 @@ def torchrun(work: Path, name: str) -> tuple[Path, str]:
     ]
     cmd += [f"run.max_steps={DIST_STEPS}", "grpo.max_completion_length=8", "run.tensorboard=false"]
     cmd += [f"grpo.reward_funcs=[{VOWELS}, format]", "optim.lr=1e-2"]
-    if strategy == "zero3":
+    if strategy == "zero3" and not name.endswith("lora"):  # the LoRA run keeps the shipped zero3.json
         cmd += [f"run.deepspeed_config={work / 'zero3_partitioned.json'}"]
     cmd += [o.format(work=work) for o in overrides]
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
@@ -617,7 +617,7 @@ def test_two_process_run_completes(work: Path, dist_runs: dict[str, tuple[Path, 
         assert held is None  # the policy itself, adapters disabled: no second model
     else:  # ZeRO-3 partitions the frozen reference across the 2 ranks instead of a full copy on each
         held, total = (int(x.replace(",", "")) for x in held.groups())
-        assert held <= total // 2 + 1000 if strategy == "zero3" else held == total, (held, total)
+        assert (held <= total // 2 + 1000) if strategy == "zero3" else (held == total), (held, total)
     assert (out / "checkpoints" / "step-0000001" / "state" / "engine.json").is_file()
     before = load_file(work / "base" / "model.safetensors")
     after = load_file(out / "model" / "model.safetensors")

@@ -338,24 +338,33 @@ def test_plain_decoder_equals_the_hf_forward(model, prompt_kind: str, packed: bo
 
 
 @pytest.mark.parametrize("packed", [True, False])
-@pytest.mark.parametrize("tower", ["siglip", "clip"])
-def test_plain_decoder_in_bf16_follows_the_hf_forward(tower: str, packed: bool, monkeypatch) -> None:
-    """bf16 (the GPU setting): RMSNorm in float32 then cast back, as the HF modules do, so the paths agree."""
+@pytest.mark.parametrize(
+    "tower,weights", [("siglip", "bf16"), ("clip", "bf16"), ("siglip", "fp32 + bf16 autocast")]
+)
+def test_plain_decoder_in_bf16_follows_the_hf_forward(
+    tower: str, weights: str, packed: bool, monkeypatch
+) -> None:
+    """bf16 weights (ZeRO in bf16) or fp32 weights under bf16 autocast (single/DDP in bf16): RMSNorm in float32
+    then cast back, as the HF modules do, so the paths agree to bf16 rounding."""
     pack_flags = _pack_weights(monkeypatch, packed)
-    model = _tiny_llava(tower).to(torch.bfloat16)
+    model = _tiny_llava(tower)
+    autocast = weights != "bf16"
+    if not autocast:
+        model = model.to(torch.bfloat16)
     prompts, pixel_values, images = _image_prompts()
-    runs = {
-        plain: _sample(
-            model,
-            prompts,
-            pixel_values.to(torch.bfloat16),
-            images,
-            max_new_tokens=12,
-            return_logps=True,
-            plain_decoder=plain,
-        )
-        for plain in (False, True)
-    }
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        runs = {
+            plain: _sample(
+                model,
+                prompts,
+                pixel_values.to(torch.float32 if autocast else torch.bfloat16),
+                images,
+                max_new_tokens=12,
+                return_logps=True,
+                plain_decoder=plain,
+            )
+            for plain in (False, True)
+        }
     assert torch.equal(runs[True].completion_ids, runs[False].completion_ids)
     assert torch.allclose(runs[True].logps, runs[False].logps, atol=1e-2, rtol=0)
     assert pack_flags and set(pack_flags) == {packed}

@@ -363,8 +363,10 @@ def train(recipe: GRPORecipe, dist, resume: bool) -> Path:
         deepspeed_config=run.deepspeed_config,
     )
     # A rank whose questions have no image still runs the tower (on this blank) in its rollout, reference and
-    # training forwards: ZeRO-3 gathers collectively and checks that ranks call the same modules in the same
-    # order, and DDP wants a gradient for every trainable parameter.
+    # training forwards: ZeRO-3 gathers collectively, and at each forward start it checks that the ranks called
+    # the same modules in the same order since the last one, the rollout's prefill included (without the blank
+    # there: "disagreement on list length between rank0 and rank1" at step 2); DDP wants a gradient for every
+    # trainable parameter.
     size = llava_of(model).config.vision_config.image_size
     blank = torch.zeros(1, 3, size, size) if dist.distributed else None
     if reference is not None:
