@@ -70,17 +70,14 @@ class _Projection:
         self.linears = None if pack else linears
         if pack:
             self.weight = torch.cat([linear.weight for linear in linears]).t().contiguous()
-            biases = [linear.bias for linear in linears]
-            self.bias = (
-                None
-                if all(b is None for b in biases)
-                else torch.cat(
+            self.bias = None
+            if any(linear.bias is not None for linear in linears):  # a missing bias is a zero bias
+                self.bias = torch.cat(
                     [
-                        linear.weight.new_zeros(linear.out_features) if b is None else b
-                        for linear, b in zip(linears, biases, strict=True)
+                        linear.weight.new_zeros(linear.out_features) if linear.bias is None else linear.bias
+                        for linear in linears
                     ]
                 )
-            )
 
     def __call__(self, x: Tensor) -> Tensor:
         if self.linears is not None:

@@ -286,8 +286,8 @@ def generate(
     ``log_softmax(logits / temperature)`` over the whole vocabulary (top-k/top-p do not enter; greedy
     uses temperature 1). ``model`` is the ``LlavaForConditionalGeneration`` itself (not a DDP/DeepSpeed/PEFT
     wrapper); its train/eval mode is left as the caller set it. ``plain_decoder`` decodes with
-    :class:`~align.grpo.decoder.StaticDecoder` when the model allows it (the same logits in fp32, within rounding in bf16; fewer ops), else with
-    the model's own forward. ``blank_pixels``: see :func:`prefill` (multi-process runs pass it, so that every
+    :class:`~align.grpo.decoder.StaticDecoder` when the model allows it (the same logits in fp32, within
+    rounding in bf16; fewer ops), else with the model's own forward. ``blank_pixels``: see :func:`prefill` (multi-process runs pass it, so that every
     rank calls the same modules in the same order; ZeRO-3 checks that order).
     """
     _check_sampling(num_generations, max_new_tokens, temperature, top_p, top_k)
