@@ -11,7 +11,7 @@ from typing import Literal
 
 import torch
 
-from align.config import RecipeError, load_any, save_resolved
+from align.config import MAX_SEED, RecipeError, load_any, ranged, save_resolved
 from align.errors import AlignError
 from align.model import format_parameter_table, parameter_table
 
@@ -21,7 +21,7 @@ class VisionSpec:
     source: Literal["hf", "open_clip"]
     name_or_path: str  # HF id or folder; open_clip model name (e.g. ViT-L-14-336) or "local-dir:FOLDER"
     pretrained: str | None = None  # open_clip only: pretrained tag (e.g. openai) or a weights file
-    feature_layer: int = -2  # hidden-state index fed to the projector (LLaVA-1.5: penultimate)
+    feature_layer: int = ranged(-2, ge=-1024, le=1024)  # hidden state fed to the projector (-2: penultimate)
     select_strategy: Literal["default", "full"] | None = (
         None  # None: CLIP drops CLS ("default"), SigLIP "full"
     )
@@ -52,7 +52,7 @@ class AssembleRecipe:
     output_dir: str
     projector: ProjectorSpec = field(default_factory=ProjectorSpec)
     image_token: str = "<image>"
-    seed: int = 0
+    seed: int = ranged(0, ge=0, le=MAX_SEED)  # the projector's initial weights
     dtype: Literal["float32", "bfloat16"] = "float32"
 
 

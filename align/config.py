@@ -5,8 +5,9 @@ This module owns the one mechanism every command uses to read its recipe:
 * ``extends: other.yaml`` (relative to the file) deep-merges a base recipe under the file;
 * ``a.b.c=value`` command-line overrides (``value`` is parsed as YAML, so ``lr=1e-4`` is a float);
 * strict conversion into the dataclass schema: unknown keys (with the closest valid key), wrong types,
-  missing required keys and impossible combinations all raise :class:`RecipeError` naming the file and
-  the full key path, before any work starts;
+  missing required keys, numbers outside their field's range (declared with :func:`ranged`; NaN and
+  infinities are never accepted) and impossible combinations all raise :class:`RecipeError` naming the
+  file and the full key path, before any work starts;
 * :func:`save_resolved` writes the resolved recipe next to an output.
 
 Schemas are plain dataclasses. A schema may define ``check(self) -> None`` and raise
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -49,6 +51,85 @@ class RecipeError(Exception):
         return f"{where}: {self.message}" if where else self.message
 
 
+RANGE = "align.range"  # the dataclasses.field metadata key that holds a numeric field's Range
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The values a numeric recipe key accepts: each of its numbers, for a list; a float must also be finite.
+
+    No bound at all still means "any finite number": every numeric field declares its range, so a test can
+    prove none was forgotten.
+    """
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    note: str = ""  # what a boundary value means, e.g. "0: no clipping"; shown in errors and docs/recipes.md
+
+    def __post_init__(self) -> None:
+        if (self.ge is not None and self.gt is not None) or (self.le is not None and self.lt is not None):
+            raise TypeError(f"a range takes one lower and one upper bound at most: {self}")
+
+    def admits(self, value: float) -> bool:
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        return (
+            (self.ge is None or value >= self.ge)
+            and (self.gt is None or value > self.gt)
+            and (self.le is None or value <= self.le)
+            and (self.lt is None or value < self.lt)
+        )
+
+    def describe(self, finite: bool = False) -> str:
+        """``in [0, 1)``, ``>= 1``, ``> 0``; ``finite`` adds "and finite" where a side is open-ended."""
+        low = ("[", ">=", self.ge) if self.ge is not None else ("(", ">", self.gt)
+        high = ("]", "<=", self.le) if self.le is not None else (")", "<", self.lt)
+        if low[2] is not None and high[2] is not None:
+            return f"in {low[0]}{low[2]!r}, {high[2]!r}{high[0]}"
+        sides = [f"{op} {limit!r}" for _, op, limit in (low, high) if limit is not None]
+        if not sides:
+            return "finite"
+        return f"{sides[0]} and finite" if finite else sides[0]
+
+    def message(self, value: float) -> str:
+        note = f" ({self.note})" if self.note else ""
+        return f"must be {self.describe(finite=isinstance(value, float))}{note}, got {value!r}"
+
+
+# Limits the schemas share. The longest context current LLMs are trained for is about a million tokens, so a
+# token count above 2**20 is a typo (data.max_length 10**12 once trained silently), and one such row's
+# attention would not fit in any accelerator's memory.
+MAX_TOKENS = 2**20
+# Stages seed torch with seed * 1_000_003 + step, which must fit its 64-bit generator: seeds stay in 32 bits.
+MAX_SEED = 2**32 - 1
+
+
+def ranged(
+    default: Any = dataclasses.MISSING,
+    *,
+    default_factory: Any = dataclasses.MISSING,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    note: str = "",
+) -> Any:
+    """A numeric schema field with its :class:`Range`, checked whenever a recipe is read.
+
+    ``lr: float = ranged(2e-5, ge=0)``; for lists the range applies to each item
+    (``betas: list[float] = ranged(default_factory=..., ge=0, lt=1)``), and ``None`` passes an Optional field.
+    """
+    bound = Range(ge=ge, gt=gt, le=le, lt=lt, note=note)
+    return dataclasses.field(default=default, default_factory=default_factory, metadata={RANGE: bound})
+
+
+def field_range(f: dataclasses.Field) -> Range | None:
+    """The range a schema field declared with :func:`ranged`, or None."""
+    return f.metadata.get(RANGE)
+
+
 def _type_name(tp: Any) -> str:
     if get_origin(tp) is Literal:
         return " | ".join(repr(a) for a in get_args(tp))
@@ -70,8 +151,21 @@ def _value_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def _convert(tp: Any, value: Any, key: str) -> Any:
-    """Convert one YAML value to ``tp`` or raise a RecipeError at ``key``."""
+def _number(value: float, bound: Range | None, key: str) -> float:
+    """``value`` if its field's range admits it (any finite float when the field declares none)."""
+    if bound is not None:
+        if not bound.admits(value):
+            raise RecipeError.at(key, bound.message(value))
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise RecipeError.at(key, f"must be finite, got {value!r}")
+    return value
+
+
+def _convert(tp: Any, value: Any, key: str, bound: Range | None = None) -> Any:
+    """Convert one YAML value to ``tp`` or raise a RecipeError at ``key``.
+
+    ``bound`` is the field's range: it applies to the numbers inside Optional, list, tuple and dict types.
+    """
     if tp is Any:
         return value
     if _is_union(tp):
@@ -81,7 +175,7 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         errors = []
         for arg in (a for a in args if a is not type(None)):
             try:
-                return _convert(arg, value, key)
+                return _convert(arg, value, key, bound)
             except RecipeError as err:
                 errors.append(err)
         if len(errors) == 1:
@@ -100,27 +194,29 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         if not isinstance(value, list):
             raise RecipeError.at(key, f"expected a list, got {_value_name(value)} {value!r}")
         (item_tp, *_) = get_args(tp) or (Any,)
-        items = [_convert(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
+        items = [_convert(item_tp, v, f"{key}[{i}]", bound) for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if origin is dict:
         if not isinstance(value, dict):
             raise RecipeError.at(key, f"expected a mapping, got {_value_name(value)} {value!r}")
         _, val_tp = get_args(tp) or (str, Any)
-        return {str(k): _convert(val_tp, v, f"{key}.{k}") for k, v in value.items()}
+        return {str(k): _convert(val_tp, v, f"{key}.{k}", bound) for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
-            return value
+            return _number(value, bound, key)
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            return _number(float(value), bound, key)
         if isinstance(value, str):
             try:  # YAML 1.1 reads "1e-4" (no dot) as a string
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+            else:
+                return _number(number, bound, key)
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -139,7 +235,7 @@ def _build(cls: type[T], data: dict, prefix: str) -> T:
             close = difflib.get_close_matches(str(name), list(fields), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else f" (valid keys: {', '.join(fields)})"
             raise RecipeError.at(key, f"unknown key{hint}")
-        kwargs[name] = _convert(hints[name], value, key)
+        kwargs[name] = _convert(hints[name], value, key, field_range(fields[name]))
     for name, f in fields.items():
         missing = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         if missing and name not in kwargs:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from align.config import RecipeError, load_any, read_yaml, save_resolved
+from align.config import MAX_TOKENS, RecipeError, load_any, ranged, read_yaml, save_resolved
 from align.data.config import DataSource
 from align.data.mixing import format_table
 from align.engine import init_distributed
@@ -44,11 +44,11 @@ class StageEntry:
 class EvalSpec:
     data: list[DataSource]  # held-out rows with gold answers
     rewards: list[str] = field(default_factory=lambda: ["accuracy", "format"])
-    max_new_tokens: int = 256
-    samples: int = 1
-    temperature: float = 0.0
-    batch_size: int = 16
-    limit: int | None = None
+    max_new_tokens: int = ranged(256, ge=1, le=MAX_TOKENS)
+    samples: int = ranged(1, ge=1)  # completions per question
+    temperature: float = ranged(0.0, ge=0, note="0: greedy")
+    batch_size: int = ranged(16, ge=1)  # questions per generation batch
+    limit: int | None = ranged(None, ge=1, note="or null: every row")  # first rows scored
 
 
 @dataclass

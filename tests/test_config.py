@@ -8,7 +8,16 @@ from typing import Literal
 import pytest
 
 from align.cli import main
-from align.config import RecipeError, apply_overrides, from_dict, load_recipe, read_yaml, save_resolved
+from align.config import (
+    Range,
+    RecipeError,
+    apply_overrides,
+    from_dict,
+    load_recipe,
+    ranged,
+    read_yaml,
+    save_resolved,
+)
 
 
 @dataclass
@@ -36,6 +45,17 @@ class Schema:
     def check(self) -> None:
         if self.flag and self.steps < 1:
             raise RecipeError.at("steps", "must be >= 1 when flag is set")
+
+
+@dataclass
+class Ranged:
+    count: int = ranged(1, ge=1)
+    ratio: float = ranged(0.5, ge=0, lt=1)
+    limit: int | None = ranged(None, ge=1, note="or null: no limit")
+    betas: list[float] = ranged(default_factory=lambda: [0.9, 0.999], gt=0, le=1)
+    scales: dict[str, float] = ranged(default_factory=dict, gt=0)
+    offset: float = ranged(0.0)
+    plain: float = 1.0  # no range declared: still finite
 
 
 GOOD = {"kind": "toy", "name": "x"}
@@ -72,6 +92,37 @@ def test_errors_name_file_and_key_path(data: dict, message: str) -> None:
     with pytest.raises(RecipeError) as err:
         from_dict(Schema, data, file="r.yaml")
     assert str(err.value).startswith(message)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"count": 0}, "r.yaml: count: must be >= 1, got 0"),
+        ({"ratio": 1}, "r.yaml: ratio: must be in [0, 1), got 1.0"),
+        ({"ratio": "nan"}, "r.yaml: ratio: must be in [0, 1), got nan"),
+        ({"limit": 0}, "r.yaml: limit: must be >= 1 (or null: no limit), got 0"),
+        ({"betas": [0.5, 0]}, "r.yaml: betas[1]: must be in (0, 1], got 0.0"),
+        ({"scales": {"a": 2, "b": -1}}, "r.yaml: scales.b: must be > 0 and finite, got -1.0"),
+        ({"scales": {"a": float("inf")}}, "r.yaml: scales.a: must be > 0 and finite, got inf"),
+        ({"offset": float("-inf")}, "r.yaml: offset: must be finite, got -inf"),
+        ({"plain": float("nan")}, "r.yaml: plain: must be finite, got nan"),
+        ({"count": 1.0}, "r.yaml: count: expected int, got float 1.0"),
+    ],
+)
+def test_ranges_are_checked_with_file_and_key(data: dict, message: str) -> None:
+    with pytest.raises(RecipeError) as err:
+        from_dict(Ranged, data, file="r.yaml")
+    assert str(err.value) == message
+
+
+def test_range_boundaries_and_none_pass() -> None:
+    r = from_dict(Ranged, {"count": 1, "ratio": 0, "limit": None, "betas": [1, 1e-9], "offset": -1e300})
+    assert (r.count, r.ratio, r.limit, r.betas, r.offset) == (1, 0.0, None, [1.0, 1e-9], -1e300)
+    assert (
+        Range(gt=0, le=1).describe() == "in (0, 1]" and Range(ge=0).describe(finite=True) == ">= 0 and finite"
+    )
+    with pytest.raises(TypeError, match="one lower and one upper bound"):
+        Range(ge=0, gt=0)
 
 
 def test_valid_recipe_converts_types() -> None:

@@ -82,7 +82,7 @@ def test_parse_sampling_rejects(text):
     [
         ({"sampling": "random:x"}, "sampling", "random:N"),
         ({"repeat": 0}, "repeat", ">= 1"),
-        ({"weight": 1.5}, "weight", "0 < weight <= 1"),
+        ({"weight": 1.5}, "weight", r"must be in \(0, 1\] \(a fraction of the mix\), got 1.5"),
         ({"weight": 0.5, "repeat": 2}, "weight", "not both"),
         ({"columns": {"image": "img"}}, "columns", "'hf' sources only"),
         ({"split": "train"}, "split", "'hf' sources only"),

@@ -17,12 +17,11 @@ Mixing semantics (implemented in :mod:`align.data.mixing`):
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from align.config import RecipeError
+from align.config import MAX_SEED, MAX_TOKENS, RecipeError, ranged
 
 SourceFormat = Literal["llava", "messages", "rl", "r1_onevision", "hf"]
 # Our names for the columns of a Hugging Face dataset; `columns:` maps them to the dataset's own names.
@@ -56,8 +55,8 @@ class DataSource:
     format: SourceFormat
     image_root: str | None = None  # image paths are relative to this; default: the data file's folder
     sampling: str = "all"  # all | first:N | end:N | random:N
-    repeat: int = 1
-    weight: float | None = None  # fraction of the final mix (see module docstring); excludes `repeat`
+    repeat: int = ranged(1, ge=1)  # every row this many times
+    weight: float | None = ranged(None, gt=0, le=1, note="a fraction of the mix")  # excludes `repeat`
     system_prompt: str | None = None  # added as a system turn to rows that have none
     question_template: str = "{question}"  # rl / hf question rows: how the question becomes the user turn
     columns: dict[str, str] = field(default_factory=dict)  # hf only: our name (image/question/...) -> column
@@ -71,17 +70,8 @@ class DataSource:
             parse_sampling(self.sampling)
         except ValueError as err:
             raise RecipeError.at("sampling", str(err)) from None
-        if self.repeat < 1:
-            raise RecipeError.at("repeat", f"must be >= 1, got {self.repeat}")
-        if self.weight is not None:
-            if not (0 < self.weight <= 1) or math.isnan(self.weight):
-                raise RecipeError.at(
-                    "weight", f"is a fraction of the mix: 0 < weight <= 1, got {self.weight}"
-                )
-            if self.repeat != 1:
-                raise RecipeError.at(
-                    "weight", f"set either weight or repeat, not both (repeat={self.repeat})"
-                )
+        if self.weight is not None and self.repeat != 1:
+            raise RecipeError.at("weight", f"set either weight or repeat, not both (repeat={self.repeat})")
         if self.question_template != "{question}":
             if self.format not in ("rl", "hf"):
                 raise RecipeError.at(
@@ -109,13 +99,13 @@ class DataSource:
 @dataclass
 class DataConfig:
     sources: list[DataSource]
-    max_length: int = 2048  # tokens per row, image tokens included
+    max_length: int = ranged(2048, ge=1, le=MAX_TOKENS)  # tokens per row, image tokens included
     overlong: Literal["drop", "error"] = "drop"  # rows longer than max_length: skip them or stop
     packing: bool = False
     group_by_length: bool = True
     strict: bool = True  # any bad row stops the stage (False: bad rows are skipped and counted)
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # decompression-bomb limit, width x height
-    seed: int | None = None  # for random:N sampling and weights; None: the stage's seed
+    max_image_pixels: int = ranged(DEFAULT_MAX_IMAGE_PIXELS, ge=1)  # decompression-bomb limit, width x height
+    seed: int | None = ranged(None, ge=0, le=MAX_SEED)  # random:N sampling, weights; None: the stage's seed
 
     def check(self) -> None:
         if not self.sources:
@@ -128,10 +118,6 @@ class DataConfig:
                     f"'{source.name}' is already the name of sources[{seen[source.name]}]",
                 )
             seen[source.name] = i
-        if self.max_length < 1:
-            raise RecipeError.at("max_length", f"must be >= 1, got {self.max_length}")
-        if self.max_image_pixels < 1:
-            raise RecipeError.at("max_image_pixels", f"must be >= 1, got {self.max_image_pixels}")
         weights = [s.weight for s in self.sources if s.weight is not None]
         if weights:
             total = sum(weights)

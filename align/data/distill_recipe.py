@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from align.config import RecipeError
+from align.config import MAX_SEED, MAX_TOKENS, RecipeError, ranged
 from align.data.config import DataConfig
 from align.data.distill_rows import Rejected
 from align.data.distill_teacher import HFCaptioner, HFTeacher, Messages, OpenAITeacher, TeacherReply
@@ -29,15 +29,13 @@ class DescriptionSpec:
     column: str | None = None  # a field of each input row that holds the image description
     captioner: str | None = None  # or: a local image-text model folder that writes one per image
     prompt: str = "Describe the image in detail."  # captioner only
-    max_new_tokens: int = 256  # captioner only
+    max_new_tokens: int = ranged(256, ge=1, le=MAX_TOKENS)  # captioner only
 
     def check(self) -> None:
         if (self.column is None) == (self.captioner is None):
             raise RecipeError.at(
                 "column", "set exactly one of 'column' (a row field) or 'captioner' (a model)"
             )
-        if self.max_new_tokens < 1:
-            raise RecipeError.at("max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
         if not self.prompt.strip():
             raise RecipeError.at("prompt", "must not be empty")
 
@@ -48,13 +46,13 @@ class TeacherSpec:
     model: str  # openai: the model name the server serves; hf: a local causal LM folder
     base_url: str | None = None  # openai: e.g. http://localhost:8000/v1 (POST {base_url}/chat/completions)
     api_key_env: str | None = None  # openai: name of the environment variable holding the API key
-    temperature: float = 0.6  # the R1 distills' recommended sampling temperature
-    max_tokens: int = 8192
-    timeout: float = 600.0  # seconds a request may stay silent
-    max_retries: int = 5
-    backoff: float = 2.0  # seconds before the first retry; doubles each retry (with jitter)
-    max_backoff: float = 60.0
-    max_concurrency: int = 8  # rows in flight at once
+    temperature: float = ranged(0.6, ge=0, note="0: greedy")  # the R1 distills' recommended temperature
+    max_tokens: int = ranged(8192, ge=1, le=MAX_TOKENS)  # per reply, reasoning included
+    timeout: float = ranged(600.0, gt=0)  # seconds a request may stay silent
+    max_retries: int = ranged(5, ge=0, le=100)  # backoff * 2**retry must stay a float (overflows past ~1000)
+    backoff: float = ranged(2.0, ge=0)  # seconds before the first retry; doubles each retry (with jitter)
+    max_backoff: float = ranged(60.0, ge=0)  # seconds, >= backoff: the cap on any one delay
+    max_concurrency: int = ranged(8, ge=1)  # rows in flight at once
 
     def check(self) -> None:
         if self.backend == "openai":
@@ -66,18 +64,10 @@ class TeacherSpec:
             for key in ("base_url", "api_key_env"):
                 if getattr(self, key) is not None:
                     raise RecipeError.at(key, "applies to the openai backend only, not 'hf'")
-        limits = (
-            ("temperature", self.temperature >= 0, ">= 0"),
-            ("max_tokens", self.max_tokens >= 1, ">= 1"),
-            ("timeout", self.timeout > 0, "> 0"),
-            ("max_retries", self.max_retries >= 0, ">= 0"),
-            ("backoff", self.backoff >= 0, ">= 0"),
-            ("max_backoff", self.max_backoff >= self.backoff, f">= backoff ({self.backoff:g})"),
-            ("max_concurrency", self.max_concurrency >= 1, ">= 1"),
-        )
-        for key, ok, rule in limits:
-            if not ok:
-                raise RecipeError.at(key, f"must be {rule}, got {getattr(self, key)}")
+        if self.max_backoff < self.backoff:
+            raise RecipeError.at(
+                "max_backoff", f"must be >= backoff ({self.backoff:g}), got {self.max_backoff:g}"
+            )
 
 
 @dataclass
@@ -88,7 +78,7 @@ class DistillRecipe:
     teacher: TeacherSpec
     output_dir: str
     prompt: str | None = None  # teacher prompt file; default align/prompts/distill.txt
-    seed: int = 0  # random:N sampling (unless data.seed), retry jitter, local teacher sampling
+    seed: int = ranged(0, ge=0, le=MAX_SEED)  # random:N sampling (unless data.seed), retry jitter, teacher
 
     def check(self) -> None:
         for i, source in enumerate(self.data.sources):

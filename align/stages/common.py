@@ -26,7 +26,7 @@ from typing import Literal
 
 import torch
 
-from align.config import RecipeError
+from align.config import MAX_SEED, RecipeError, ranged
 from align.engine import ParamGroup
 from align.errors import AlignError
 from align.feature_cache import tower_features
@@ -46,32 +46,26 @@ class TrainableSpec:
 class LoRASpec:
     """LoRA on the LLM's linear layers only (never the vision tower or projector); r = 0 turns it off."""
 
-    r: int = 0
-    alpha: int = 16
-    dropout: float = 0.05
+    r: int = ranged(0, ge=0, note="0 disables LoRA")
+    alpha: int = ranged(16, ge=1)  # the update is scaled by alpha / r
+    dropout: float = ranged(0.05, ge=0, lt=1)
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
 
-    def check(self) -> None:
-        if self.r < 0:
-            raise RecipeError.at("r", f"must be >= 0 (0 disables LoRA), got {self.r}")
-
 
 @dataclass
 class OptimSpec:
-    lr: float = 2e-5  # LLM learning rate (and the default for the other components)
-    projector_lr: float | None = None
-    vision_lr: float | None = None
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    lr: float = ranged(2e-5, ge=0)  # LLM learning rate (and the default for the other components)
+    projector_lr: float | None = ranged(None, ge=0)  # None: lr
+    vision_lr: float | None = ranged(None, ge=0)  # None: lr
+    weight_decay: float = ranged(0.0, ge=0)  # AdamW's decoupled decay; never on 1-D parameters
+    betas: list[float] = ranged(default_factory=lambda: [0.9, 0.999], ge=0, lt=1)  # Adam's (beta1, beta2)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_ratio: float = 0.03
-    max_grad_norm: float = 1.0
+    warmup_ratio: float = ranged(0.03, ge=0, lt=1)  # fraction of the optimizer steps spent warming up
+    max_grad_norm: float = ranged(1.0, ge=0, note="0: no clipping")
 
     def check(self) -> None:
-        if not 0 <= self.warmup_ratio < 1:
-            raise RecipeError.at("warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
         if len(self.betas) != 2:
             raise RecipeError.at("betas", f"expected 2 values, got {len(self.betas)}")
 
@@ -80,31 +74,22 @@ class OptimSpec:
 class RunSpec:
     """How the loop runs: batch sizes, length, precision, distribution, checkpointing, logging."""
 
-    epochs: int = 1
-    max_steps: int | None = None  # optimizer steps; caps epochs
-    micro_batch_size: int = 1  # per process
-    grad_accum: int = 1
-    seed: int = 0
+    epochs: int = ranged(1, ge=1)
+    max_steps: int | None = ranged(None, ge=1, note="or null: all epochs")  # optimizer steps; caps epochs
+    micro_batch_size: int = ranged(1, ge=1)  # per process
+    grad_accum: int = ranged(1, ge=1)
+    seed: int = ranged(0, ge=0, le=MAX_SEED)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     gradient_checkpointing: bool = False
     strategy: Literal["auto", "single", "ddp", "zero2", "zero3"] = "auto"  # auto: ddp when launched with N>1
     deepspeed_config: str | None = None  # ZeRO JSON (recipes/deepspeed/*.json); batch sizes come from here
-    save_every: int = 0  # optimizer steps between checkpoints; 0: only the final model
-    keep_last: int = 2
-    log_every: int = 1
+    save_every: int = ranged(0, ge=0, note="0: only the final model")  # optimizer steps between checkpoints
+    keep_last: int = ranged(2, ge=1)  # checkpoints kept on disk
+    log_every: int = ranged(1, ge=1)  # optimizer steps between metrics rows
     tensorboard: bool = True
     wandb_project: str | None = None
 
     def check(self) -> None:
-        for name in ("epochs", "micro_batch_size", "grad_accum", "log_every", "keep_last"):
-            if getattr(self, name) < 1:
-                raise RecipeError.at(name, f"must be >= 1, got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise RecipeError.at("max_steps", f"must be >= 1 (or null: all epochs), got {self.max_steps}")
-        if self.save_every < 0:
-            raise RecipeError.at(
-                "save_every", f"must be >= 0 (0: only the final model), got {self.save_every}"
-            )
         if self.deepspeed_config is not None and self.strategy not in ("zero2", "zero3"):
             raise RecipeError.at(
                 "strategy", f"deepspeed_config is set but strategy is '{self.strategy}' (zero2/zero3)"

@@ -66,7 +66,7 @@ from align.checkpoint import (
     resolve_model_folder,
     save_llava,
 )
-from align.config import RecipeError, load_any, save_resolved, to_dict
+from align.config import MAX_TOKENS, RecipeError, load_any, ranged, save_resolved, to_dict
 from align.data.check import check_sources
 from align.data.config import DataConfig
 from align.data.encode import encode_prompt
@@ -124,45 +124,35 @@ from align.stages.common import (
 class GRPOSpec:
     """TRL ``GRPOConfig`` names and meanings."""
 
-    num_generations: int = 8
-    max_completion_length: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int | None = None
-    beta: float = 0.04
-    epsilon: float = 0.2
-    epsilon_high: float | None = None  # None: same as epsilon (DAPO's clip-higher uses e.g. 0.28)
-    num_iterations: int = 1
+    num_generations: int = ranged(8, ge=2, note="GRPO compares completions")  # G completions per question
+    max_completion_length: int = ranged(256, ge=1, le=MAX_TOKENS)  # tokens
+    temperature: float = ranged(1.0, gt=0)  # GRPO samples: 0 (greedy) would give G equal completions
+    top_p: float = ranged(1.0, gt=0, le=1)
+    top_k: int | None = ranged(None, ge=0, note="0 or null: off")
+    beta: float = ranged(0.04, ge=0)  # KL coefficient; 0: no reference model term
+    epsilon: float = ranged(0.2, ge=0, le=1)  # the ratio is clipped below at 1 - epsilon
+    epsilon_high: float | None = ranged(None, ge=0)  # >= epsilon; None: epsilon (DAPO's clip-higher: 0.28)
+    num_iterations: int = ranged(1, ge=1)
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "grpo"
     scale_rewards: Literal["group", "batch", "none"] = "group"
     mask_truncated_completions: bool = False
     reward_funcs: list[str] = field(
         default_factory=lambda: ["accuracy", "format"]
     )  # names or module:function
-    reward_weights: list[float] | None = None  # one per reward function; None: all 1
+    reward_weights: list[float] | None = ranged(None)  # one per reward function, any sign; None: all 1
     reward_errors: Literal["skip", "raise"] = "skip"  # an exception inside a reward: count + skip, or stop
     shared_prefix: bool = (
         True  # training forward runs each question's image+prompt once for its G completions
     )
-    log_completions: int = 4  # completions per step written to completions.jsonl
+    log_completions: int = ranged(4, ge=0)  # completions per step written to completions.jsonl
 
     def check(self) -> None:
-        if self.num_generations < 2:
+        if self.epsilon_high is not None and self.epsilon_high < self.epsilon:
             raise RecipeError.at(
-                "num_generations", f"GRPO compares completions: needs >= 2, got {self.num_generations}"
+                "epsilon_high",
+                f"clips the ratio above at 1 + epsilon_high: must be >= epsilon ({self.epsilon:g}), "
+                f"got {self.epsilon_high:g}",
             )
-        if self.max_completion_length < 1:
-            raise RecipeError.at("max_completion_length", f"must be >= 1, got {self.max_completion_length}")
-        if self.beta < 0:
-            raise RecipeError.at("beta", f"must be >= 0, got {self.beta}")
-        if self.num_iterations < 1:
-            raise RecipeError.at("num_iterations", f"must be >= 1, got {self.num_iterations}")
-        if self.temperature <= 0:
-            raise RecipeError.at("temperature", f"GRPO samples: must be > 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise RecipeError.at("top_p", f"must be in (0, 1], got {self.top_p}")
-        if self.top_k is not None and self.top_k < 0:
-            raise RecipeError.at("top_k", f"must be >= 0 (0 or null: off), got {self.top_k}")
         if not self.reward_funcs:
             raise RecipeError.at("reward_funcs", "needs at least one reward function")
         if len(set(self.reward_funcs)) != len(self.reward_funcs):
