@@ -29,7 +29,7 @@ from align.data.images import pixel_values
 from align.data.mixing import build_mix, format_table
 from align.errors import AlignError
 from align.grpo.sampler import generate
-from align.rewards import extract_answer, load_reward, score_all, warm_up, with_prefill
+from align.rewards import extract_answer, load_reward, score_all, unscorable_gold, warm_up, with_prefill
 
 DEFAULT_REWARDS = ("accuracy", "format")
 
@@ -41,6 +41,31 @@ def gold_answer(sample) -> str | None:
     if sample.messages and sample.messages[-1]["role"] == "assistant":
         return extract_answer(sample.messages[-1]["content"])
     return None
+
+
+def _scorable(rows: list, rewards: Sequence[str], strict: bool, paths: dict[str, str]) -> list:
+    """The rows some configured reward can score; the others are counted per file (or an error if ``strict``)."""
+    kept, bad = [], []
+    for s in rows:
+        gold = gold_answer(s)
+        reason = "no gold answer" if gold is None else unscorable_gold(rewards, gold, s.meta.get("box"))
+        if reason is None:
+            kept.append(s)
+        else:
+            bad.append((s, reason))
+    if bad and strict:
+        s, reason = bad[0]
+        raise AlignError(
+            f"{s.origin}: cannot be scored: {reason} ({len(bad)} such rows for rewards {', '.join(rewards)}; "
+            "without --strict they are skipped and counted)"
+        )
+    per_file: dict[str, list] = defaultdict(list)
+    for s, reason in bad:
+        per_file[paths.get(s.source, s.source)].append((s, reason))
+    for path, items in per_file.items():
+        s, reason = items[0]
+        print(f"eval: skipping {len(items)} rows of {path} that cannot be scored, first {s.origin}: {reason}")
+    return kept
 
 
 def _table(groups: dict[str, list[dict]], reward_names: list[str], samples: int) -> list[list]:
@@ -74,12 +99,15 @@ def evaluate(
     seed: int = 0,
     limit: int | None = None,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    strict: bool = False,
     model=None,
     processor=None,
 ) -> dict:
     """Generate, score and summarise; returns the summary dict (also written to ``out_dir``).
 
-    ``model``/``processor`` may be passed in (already loaded) to skip loading ``model_dir``.
+    Rows without a gold answer ``rewards`` can score are skipped and counted per file (``strict``: an
+    AlignError listing them). ``model``/``processor`` may be passed in (already loaded) to skip loading
+    ``model_dir``.
     """
     if model is None:
         model, processor = load_llava(resolve_model_folder(model_dir))
@@ -90,7 +118,7 @@ def evaluate(
     funcs = {name: load_reward(name) for name in rewards}
     warm_up()
     rows, _ = build_mix(sources, seed, strict=True)
-    rows = [s for s in rows if gold_answer(s) is not None][:limit]
+    rows = _scorable(rows, rewards, strict, {src.name: src.path for src in sources})[:limit]
     if not rows:
         raise AlignError(f"no rows with a gold answer in {', '.join(s.path for s in sources)}")
     eos_ids = eos_token_ids(tokenizer, model.generation_config)
@@ -102,7 +130,10 @@ def evaluate(
         batch = rows[start : start + batch_size]
         prompts = [encode_prompt(s, tokenizer, model.config.image_token_id, n_image_tokens) for s in batch]
         pixels, sizes = pixel_values(
-            [im for s in batch for im in s.images], processor.image_processor, max_pixels
+            [im for s in batch for im in s.images],
+            processor.image_processor,
+            max_pixels,
+            [s.origin for s in batch for _ in s.images],
         )
         first_size = []  # each row's first image size: the frame grounding boxes are in
         for s in batch:
@@ -189,6 +220,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="questions per generation batch")
     parser.add_argument("--limit", type=int, default=None, help="first N rows with a gold answer")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop on rows no reward can score (default: skip and count them)",
+    )
     parser.add_argument("--out", default=None, help="output folder (default: MODEL/eval-<data name>)")
 
 
@@ -218,6 +254,7 @@ def run(args) -> int:
         batch_size=args.batch_size,
         seed=args.seed,
         limit=args.limit,
+        strict=args.strict,
     )
     print(summary["table"])
     print(f"predictions and summary: {out}")

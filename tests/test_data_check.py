@@ -39,6 +39,7 @@ PLANTED = [
 
 
 def recipe(tmp_path: Path, data: dict | None, **top) -> str:
+    """A recipe file; ``kind=None`` (no stage) mixes SFT and RL sources, a stage kind adds its row checks."""
     path = tmp_path / "recipe.yaml"
     body = {"kind": "sft", **top}
     if data is not None:
@@ -71,7 +72,7 @@ def lines_of(out: str) -> dict[str, str]:
 
 @pytest.mark.parametrize("fast", [False, True])
 def test_every_planted_problem_is_listed_with_file_and_line(tmp_path, capsys, fast):
-    argv = ["data", "check", recipe(tmp_path, broken_data())] + (["--fast"] if fast else [])
+    argv = ["data", "check", recipe(tmp_path, broken_data(), kind=None)] + (["--fast"] if fast else [])
     assert main(argv) == 1
     out = capsys.readouterr().out
     listed = lines_of(out)
@@ -97,7 +98,7 @@ def test_every_planted_problem_is_listed_with_file_and_line(tmp_path, capsys, fa
     ],
 )
 def test_strictness(tmp_path, capsys, args, code, verdict):
-    path = recipe(tmp_path, broken_data())
+    path = recipe(tmp_path, broken_data(), kind=None)
     assert main(["data", "check", path, *args]) == code
     assert capsys.readouterr().out.rstrip().endswith(verdict)
 
@@ -117,13 +118,13 @@ def test_clean_sources_pass(tmp_path, capsys):
             },
         ]
     }
-    assert main(["data", "check", recipe(tmp_path, data)]) == 0
+    assert main(["data", "check", recipe(tmp_path, data, kind=None)]) == 0
     out = capsys.readouterr().out
     assert "ok: 0 problems" in out and "length: not checked" in out
 
 
 def test_limit_errors(tmp_path, capsys):
-    assert main(["data", "check", recipe(tmp_path, broken_data()), "--limit-errors", "3"]) == 1
+    assert main(["data", "check", recipe(tmp_path, broken_data(), kind=None), "--limit-errors", "3"]) == 1
     out = capsys.readouterr().out
     assert len(lines_of(out)) == 3 and "... and 10 more" in out
 
@@ -133,7 +134,7 @@ def test_pixel_limit_from_recipe(tmp_path, capsys):
         "sources": [{"name": "rl", "path": str(FIXTURES / "rl.jsonl"), "format": "rl"}],
         "max_image_pixels": 47,
     }
-    assert main(["data", "check", recipe(tmp_path, data)]) == 1
+    assert main(["data", "check", recipe(tmp_path, data, kind="grpo")]) == 1
     out = capsys.readouterr().out
     assert "image-too-large 3" in out and "8x6 = 48 pixels exceeds max_image_pixels 47" in out
 
@@ -142,8 +143,12 @@ def test_truncated_image_needs_full_decode(tmp_path, capsys):
     big = tmp_path / "big.png"
     Image.effect_noise((64, 64), 50).save(big)
     (tmp_path / "cut.png").write_bytes(big.read_bytes()[:300])
-    (tmp_path / "d.jsonl").write_text('{"image": "cut.png", "problem": "q?", "solution": "a"}\n')
-    path = recipe(tmp_path, {"sources": [{"name": "d", "path": str(tmp_path / "d.jsonl"), "format": "rl"}]})
+    (tmp_path / "d.jsonl").write_text(
+        '{"image": "cut.png", "problem": "q?", "solution": "3"}\n'
+        '{"image": "big.png", "problem": "q?", "solution": "4"}\n'
+    )
+    data = {"sources": [{"name": "d", "path": str(tmp_path / "d.jsonl"), "format": "rl"}]}
+    path = recipe(tmp_path, data, kind="grpo")
     assert main(["data", "check", path]) == 1
     assert f"{tmp_path}/d.jsonl:1: image {tmp_path}/cut.png: corrupt or truncated" in capsys.readouterr().out
     assert main(["data", "check", path, "--fast"]) == 0  # header only, as documented
@@ -237,7 +242,7 @@ def test_length_check_with_an_assembled_model(zoo, tmp_path, capsys):
         "max_length": n_image + 2,  # every row with an image is over, the text-only row 4 is not
         "overlong": "error",
     }
-    path = recipe(tmp_path, data, model=str(llava))
+    path = recipe(tmp_path, data, model=str(llava), kind=None)
     assert main(["data", "check", path]) == 1
     out = capsys.readouterr().out
     for line in (1, 2, 3):

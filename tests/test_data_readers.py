@@ -399,10 +399,13 @@ def test_pixel_limit_names_file_and_pixels():
     assert load_image(RED, max_pixels=48).size == (8, 6)
 
 
-def test_pil_decompression_bomb_error_becomes_align_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # PIL errors above 2x its own limit
-    with pytest.raises(ImageTooLarge, match=r"red.png: .*48 pixels"):
-        load_image(RED, max_pixels=10_000)
+def test_the_recipe_pixel_limit_is_the_only_one(tmp_path, monkeypatch):
+    # PIL refuses images over 2x its global limit; data.max_image_pixels must be able to raise it past that
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)
+    assert load_image(RED, max_pixels=10_000).size == (8, 6)
+    assert Image.MAX_IMAGE_PIXELS == 10  # put back
+    with pytest.raises(ImageTooLarge, match=r"red.png: 8x6 = 48 pixels exceeds max_image_pixels 47"):
+        load_image(RED, max_pixels=47)
 
 
 def test_corrupt_and_truncated_images(tmp_path):
@@ -493,7 +496,7 @@ def test_build_mix_strict_refuses_problems_and_lenient_skips_them():
 def test_weighted_source_without_rows_is_an_error(tmp_path):
     empty = write(tmp_path / "empty.jsonl", "")
     sources = [source(FIXTURES / "rl.jsonl", "rl", name="a"), source(empty, "rl", name="b", weight=0.5)]
-    with pytest.raises(AlignError, match=r"'b' has no usable rows but its weight 0\.5 asks for 4"):
+    with pytest.raises(AlignError, match=r"data source 'b' \(.*empty.jsonl\): the file has no rows"):
         build_mix(sources, seed=0)
 
 

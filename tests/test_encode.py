@@ -226,7 +226,7 @@ def test_fit_length_keeps_prompt_and_images_and_cuts_only_the_target(long_row) -
     [
         (+5, "error", "kept"),
         (0, "error", "kept"),
-        (-3, "error", "truncated"),
+        (-3, "error", "error"),  # overlong: error stops on any row over max_length, never cuts its target
         (-3, "drop", "truncated"),
         ("prompt", "drop", "dropped"),
         ("prompt", "error", "error"),
@@ -242,8 +242,8 @@ def test_fit_policy_and_counts(long_row, extra, policy: str, outcome: str) -> No
     else:
         max_length = len(encoded) + extra
     if outcome == "error":
-        numbers = f"prompt is {encoded.prompt_length} tokens \\(16 of them for 2 image\\(s\\)\\).*max_length is {max_length}"
-        with pytest.raises(AlignError, match=f"rows.jsonl:7: the {numbers}"):
+        numbers = f"{len(encoded)} tokens > max_length {max_length} \\(overlong: error\\): the prompt is {encoded.prompt_length} tokens \\(16 of them for 2 image\\(s\\)\\)"
+        with pytest.raises(AlignError, match=f"rows.jsonl:7: {numbers}"):
             fit_all([encoded], max_length, policy)
         return
     kept, report = fit_all([encoded, encoded], max_length, policy)

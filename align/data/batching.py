@@ -108,6 +108,7 @@ class PackedRow:
     items: list[int]
     lengths: list[int]
     images: list[Any]  # the items' images in token order: what Llava's masked_scatter expects
+    image_origins: list[str]  # the row (file:line) of each image, for errors
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -147,6 +148,7 @@ def pack(items: Sequence[Encoded], max_length: int) -> list[PackedRow]:
         labels: list[int] = []
         position_ids: list[int] = []
         images: list[Any] = []
+        origins: list[str] = []
         for i in members:
             item = items[i]
             input_ids += item.input_ids
@@ -154,10 +156,22 @@ def pack(items: Sequence[Encoded], max_length: int) -> list[PackedRow]:
             labels += [IGNORE_INDEX, *item.labels[1:]]
             position_ids += range(len(item))
             images += item.images
+            origins += [item.origin] * len(item.images)
         rows.append(
-            PackedRow(input_ids, labels, position_ids, members, [len(items[i]) for i in members], images)
+            PackedRow(
+                input_ids, labels, position_ids, members, [len(items[i]) for i in members], images, origins
+            )
         )
     return rows
+
+
+def image_origins(units: Sequence[Encoded | PackedRow]) -> list[str]:
+    """The row (file:line) of every image of ``units``, in the order of ``[im for u in units for im in u.images]``."""
+    return [
+        origin
+        for u in units
+        for origin in (u.image_origins if isinstance(u, PackedRow) else [u.origin] * len(u.images))
+    ]
 
 
 def packed_collate(rows: Sequence[PackedRow], pad_id: int) -> dict[str, Any]:

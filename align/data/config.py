@@ -100,12 +100,19 @@ class DataSource:
 class DataConfig:
     sources: list[DataSource]
     max_length: int = ranged(2048, ge=1, le=MAX_TOKENS)  # tokens per row, image tokens included
-    overlong: Literal["drop", "error"] = "drop"  # rows longer than max_length: skip them or stop
+    overlong: Literal["drop", "error"] = (
+        "drop"  # rows over max_length. drop: one whose prompt + images do not fit is skipped and counted, a longer target is cut to fit (its start kept, counted); error: any row over max_length stops the run, naming it
+    )
     packing: bool = False
     group_by_length: bool = True
-    strict: bool = True  # any bad row stops the stage (False: bad rows are skipped and counted)
-    max_image_pixels: int = ranged(DEFAULT_MAX_IMAGE_PIXELS, ge=1)  # decompression-bomb limit, width x height
+    strict: bool = True  # a bad row (malformed, a broken image or box, a gold answer no configured reward can score) stops the stage before training, listed as file:line; false: bad rows are skipped and counted per file. A source left with no rows is always an error
+    max_image_pixels: int = ranged(
+        DEFAULT_MAX_IMAGE_PIXELS, ge=1
+    )  # decompression-bomb limit, width x height; above PIL's 89,478,485 a warning is printed
     seed: int | None = ranged(None, ge=0, le=MAX_SEED)  # random:N sampling, weights; None: the stage's seed
+    image_check: Literal["decode", "header"] = (
+        "decode"  # how stages check images before training. decode: each one decoded in full, as training will (finds truncated files); header: headers only (fast on huge sets; a corrupt image then stops training, naming its row)
+    )
 
     def check(self) -> None:
         if not self.sources:

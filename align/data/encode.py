@@ -25,10 +25,11 @@ The rule: the tokens the model is trained on are the tokens it sees at inference
   from the model folder's processor). The image token must be a single special token of the tokenizer, as the
   Llava processor expands it. Images belong in user turns; placeholders in assistant turns are an error.
 
-Truncation (:func:`fit_length`) never cuts an image span or the prompt: a row whose prompt and images leave no
-room for a single target token is dropped (``policy="drop"``) or an error (``policy="error"``). A row that only
-overflows in its final target keeps the start of the target, as TRL's ``SFTTrainer`` (``keep_start``) and
-LLaVA do; labels are cut with the ids and the row is counted as truncated in :class:`FitReport`.
+Truncation (:func:`fit_length`) never cuts an image span or the prompt. With ``policy="error"`` any row longer
+than ``max_length`` is an error naming it. With ``policy="drop"`` a row whose prompt and images leave no room for
+a single target token is dropped, and a row that only overflows in its final target keeps the start of the
+target, as TRL's ``SFTTrainer`` (``keep_start``) and LLaVA do; labels are cut with the ids and the row is counted
+as truncated in :class:`FitReport`.
 
 Try it::
 
@@ -263,19 +264,20 @@ def encoded_length(sample: Sample, tokenizer: Any, image_token_id: int, image_se
 
 
 def fit_length(encoded: Encoded, max_length: int, policy: Literal["drop", "error"]) -> Encoded | None:
-    """``encoded`` if it fits; its target cut to fit; or ``None`` (drop) / AlignError if the prompt cannot fit."""
+    """``encoded`` if it fits. Longer: ``"error"`` raises AlignError naming the row; ``"drop"`` gives ``None``
+    when the prompt cannot fit, else the row with its target cut to fit."""
     if policy not in ("drop", "error"):
         raise ValueError(f"policy must be 'drop' or 'error', got {policy!r}")
     if len(encoded) <= max_length:
         return encoded
-    if encoded.prompt_length >= max_length:  # not even one target token would remain
-        if policy == "drop":
-            return None
+    if policy == "error":  # the user asked for every row whole: cutting the target would train on less
         raise AlignError(
-            f"{encoded.origin}: the prompt is {encoded.prompt_length} tokens ({encoded.n_image_tokens} of them for "
-            f"{encoded.n_images} image(s)) + {len(encoded) - encoded.prompt_length} target tokens, but max_length "
-            f"is {max_length}; prompts and images are never truncated (raise max_length or use policy 'drop')"
+            f"{encoded.origin}: {len(encoded)} tokens > max_length {max_length} (overlong: error): the prompt is "
+            f"{encoded.prompt_length} tokens ({encoded.n_image_tokens} of them for {encoded.n_images} image(s)) + "
+            f"{len(encoded) - encoded.prompt_length} target tokens; raise max_length or set overlong: drop"
         )
+    if encoded.prompt_length >= max_length:  # not even one target token would remain
+        return None
     return dataclasses.replace(
         encoded,
         input_ids=encoded.input_ids[:max_length],

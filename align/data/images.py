@@ -10,12 +10,19 @@ Every failure is an :class:`AlignError` naming the file and the numbers involved
 
 from __future__ import annotations
 
+import io
+import math
 import os
-import warnings
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from align.data.config import DEFAULT_MAX_IMAGE_PIXELS
 from align.errors import AlignError
 
 
@@ -34,6 +41,7 @@ class ImageUnreadable(AlignError):
 # EXIF orientations 5-8 rotate by 90 degrees: the displayed width is the stored height.
 _TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
 _EXIF_ORIENTATION = 0x0112
+_PIL_LIMIT_LOCK = threading.Lock()
 
 
 def resolve_image(ref: str, image_root: str | Path, allow_outside_root: bool = False) -> Path:
@@ -60,19 +68,30 @@ def resolve_image(ref: str, image_root: str | Path, allow_outside_root: bool = F
     return path
 
 
+@contextmanager
+def _our_pixel_limit() -> Iterator[None]:
+    """PIL's global decompression-bomb check off while we open a file: ``_check_pixels`` is the one limit.
+
+    PIL refuses images over 2 x ``Image.MAX_IMAGE_PIXELS`` whatever the recipe says, so without this a
+    recipe could not raise ``data.max_image_pixels`` above ~179M pixels. The lock keeps concurrent opens
+    from restoring each other's value.
+    """
+    with _PIL_LIMIT_LOCK:
+        before = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = before
+
+
 def _open(path: Path, max_pixels: int) -> Image.Image:
-    """Open the header of ``path``; the pixel limit is ours, not PIL's global one."""
+    """Open the header of ``path`` and check its pixel count against ``max_pixels``."""
     if not path.exists():
         raise ImageNotFound(f"image not found: {path}")
     try:
-        with warnings.catch_warnings():
-            # PIL warns above its global limit; our own check below decides.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with _our_pixel_limit():
             image = Image.open(path)
-    except Image.DecompressionBombError as err:
-        raise ImageTooLarge(
-            f"image {path}: {err} (PIL refuses images over 2 x Image.MAX_IMAGE_PIXELS)"
-        ) from None
     except UnidentifiedImageError:
         raise ImageUnreadable(
             f"image {path}: not an image file PIL can read ({path.stat().st_size} bytes)"
@@ -85,6 +104,41 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
         image.close()
         raise
     return image
+
+
+def open_image_bytes(data: bytes) -> Image.Image:
+    """An encoded image held in a dataset row (header read, pixels decoded later by :func:`load_image`)."""
+    try:
+        with _our_pixel_limit():
+            return Image.open(io.BytesIO(data))
+    except (OSError, ValueError) as err:  # UnidentifiedImageError is an OSError
+        raise ImageUnreadable(
+            f"embedded image ({len(data)} bytes): not an image PIL can read: {err}"
+        ) from None
+
+
+def pixel_limit_warning(max_pixels: int) -> str | None:
+    """The warning for a pixel limit raised above PIL's default decompression-bomb limit, or ``None``."""
+    if max_pixels <= DEFAULT_MAX_IMAGE_PIXELS:
+        return None
+    side = int(math.sqrt(max_pixels))
+    return (
+        f"WARNING: data.max_image_pixels is {max_pixels:,}, {max_pixels / DEFAULT_MAX_IMAGE_PIXELS:.1f}x PIL's "
+        f"decompression-bomb limit of {DEFAULT_MAX_IMAGE_PIXELS:,}: an image of up to {side:,}x{side:,} pixels "
+        f"({3 * max_pixels / 2**30:.1f} GiB decoded as RGB) will be decoded, per image and per process; "
+        "keep the default unless your data really has images that large"
+    )
+
+
+_warned: set[int] = set()
+
+
+def warn_pixel_limit(max_pixels: int) -> None:
+    """Print :func:`pixel_limit_warning` to stderr, once per process and value."""
+    message = pixel_limit_warning(max_pixels)
+    if message is not None and max_pixels not in _warned:
+        _warned.add(max_pixels)
+        print(message, file=sys.stderr, flush=True)
 
 
 def _check_pixels(image: Image.Image, name: str, max_pixels: int) -> None:
@@ -129,14 +183,34 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(image: str | Path | Image.Image, max_pixels: int) -> Image.Image:
-    """A fully decoded RGB image, EXIF orientation applied; AlignError names the file on any failure."""
+def load_image(image: str | Path | Image.Image, max_pixels: int, origin: str | None = None) -> Image.Image:
+    """A fully decoded RGB image, EXIF orientation applied: the one image-loading path of every stage, ``align
+    data check``, ``align eval`` and ``align chat``.
+
+    A file is opened (pixel limit checked on the header), its structure verified (PNG chunk CRCs and the end
+    chunk: PIL decodes a PNG cut short in its last chunk without complaint), decoded in full and converted.
+    Any failure is an :class:`AlignError` naming the image, prefixed with the row's ``origin`` when given.
+    """
+    try:
+        return _load(image, max_pixels)
+    except AlignError as err:
+        if origin is None:
+            raise
+        raise type(err)(f"{origin}: {err}") from None
+
+
+def _load(image: str | Path | Image.Image, max_pixels: int) -> Image.Image:
     if isinstance(image, Image.Image):
         name = getattr(image, "filename", "") or "in dataset"
         _check_pixels(image, name, max_pixels)
         opened = image
     else:
         name = str(image)
+        with _open(Path(image), max_pixels) as header:
+            try:
+                header.verify()  # leaves the image unusable: it is opened again below
+            except (OSError, SyntaxError, ValueError) as err:
+                raise ImageUnreadable(f"image {name}: corrupt or truncated: {err}") from None
         opened = _open(Path(image), max_pixels)
     try:
         opened.load()
@@ -148,9 +222,15 @@ def load_image(image: str | Path | Image.Image, max_pixels: int) -> Image.Image:
             opened.close()
 
 
-def pixel_values(images: list, image_processor, max_pixels: int):
-    """``(pixel_values or None, [(width, height), ...])`` of ``images`` in order, each decoded once."""
-    loaded = [load_image(im, max_pixels) for im in images]
+def pixel_values(
+    images: Sequence[Any], image_processor: Any, max_pixels: int, origins: Sequence[str] | None = None
+):
+    """``(pixel_values or None, [(width, height), ...])`` of ``images`` in order, each decoded once.
+
+    ``origins`` (one per image: the row it belongs to) makes a failure name the row as well as the image.
+    """
+    names = origins if origins is not None else [None] * len(images)
+    loaded = [load_image(im, max_pixels, origin) for im, origin in zip(images, names, strict=True)]
     if not loaded:
         return None, []
     return image_processor(images=loaded, return_tensors="pt")["pixel_values"], [im.size for im in loaded]

@@ -10,7 +10,7 @@ repeats appended; shuffling and length grouping are the batcher's job. Every ran
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -87,6 +87,19 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
     return "\n".join([line(cells[0]), rule, *(line(r) for r in cells[1:])])
 
 
+def _n(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def empty_source(name: str, path: str, read: int, usable: int, why: str) -> str | None:
+    """The error for a source left with no rows to train on, or ``None``; ``why`` says where its rows went."""
+    if read == 0:
+        return f"data source '{name}' ({path}): the file has no rows"
+    if usable == 0:
+        return f"data source '{name}' ({path}): none of its {_n(read, 'row')} is usable ({why})"
+    return None
+
+
 @dataclass
 class MixReport:
     sources: list[SourceCounts]
@@ -103,22 +116,36 @@ class MixReport:
 
 
 def build_mix(
-    sources: Sequence[DataSource], seed: int, strict: bool = True
+    sources: Sequence[DataSource], seed: int, strict: bool = True, exclude: Collection[str] = ()
 ) -> tuple[list[Sample], MixReport]:
-    """Read every source and build the mix; ``strict`` refuses any row problem, else skips and counts it."""
+    """Read every source and build the mix; ``strict`` refuses any row problem, else skips and counts it.
+
+    ``exclude``: origins of rows a check found bad (:func:`align.data.check.checked_mix`), counted as
+    problems before sampling. A source left with no rows (an empty file, nothing usable, a weight that
+    rounds to 0 rows) is an :class:`AlignError` naming it, whatever ``strict`` says.
+    """
     counts, kept_rows, problems = [], [], []
     for source in sources:
         c = SourceCounts(source.name)
         kept: list[Sample] = []
+        first: RowProblem | None = None
         for row in read_source(source):
             c.read += 1
-            if isinstance(row, RowProblem):
+            if isinstance(row, Sample) and row.origin in exclude:
+                c.problems += 1
+            elif isinstance(row, RowProblem):
                 c.problems += 1
                 problems.append(row)
+                first = first or row
             elif isinstance(row, FilteredRow):
                 c.filtered += 1
             else:
                 kept.append(row)
+        if not kept and not (strict and problems):
+            why = f"{c.problems} bad, {c.filtered} filtered"
+            if first is not None:
+                why += f"; first: {first.origin}: {first.reason}"
+            raise AlignError(empty_source(source.name, source.path, c.read, 0, why) or "")
         c.kept = len(kept)
         kept = apply_sampling(kept, parse_sampling(source.sampling), seed, source.name)
         c.sampled = len(kept)
@@ -133,9 +160,10 @@ def build_mix(
     sizes = mix_sizes([c.sampled for c in counts], [s.repeat for s in sources], [s.weight for s in sources])
     mix: list[Sample] = []
     for source, c, rows, size in zip(sources, counts, kept_rows, sizes, strict=True):
-        if size and not rows:
+        if size == 0:
             raise AlignError(
-                f"data source '{source.name}' has no usable rows but its weight {source.weight} asks for {size}"
+                f"data source '{source.name}' ({source.path}): weight {source.weight} gives it 0 of the "
+                f"{sum(sizes)} mixed rows; raise the weight or remove the source"
             )
         c.mixed = size
         mix.extend(take(rows, size, seed, source.name))

@@ -42,6 +42,7 @@ from align.data.rows import (
     RowError,
     RowProblem,
     conversation_row,
+    gold_text,
     question_row,
     row_images,
 )
@@ -216,7 +217,7 @@ def _onevision(record: dict, ctx: RowContext) -> Sample | str:
     sample.meta.pop("judge_response", None)
     gt = sample.meta.pop("gt", None)
     if gt is not None:
-        sample.answer = gt.strip() if isinstance(gt, str) else json.dumps(gt)
+        sample.answer = gold_text(gt, "gt")
         if not sample.answer:
             raise RowError("answer", "empty 'gt'")
     return sample

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from align.data.config import DataSource
 from align.data.rows import (
     Row,
@@ -108,5 +110,7 @@ def read_hf(source: DataSource, ctx: RowContext) -> Iterator[Row]:
                 yield sample
         except RowError as bad:
             yield RowProblem(origin, bad.kind, bad.reason)
+        except Image.DecompressionBombError as err:  # `datasets` decoded the image with PIL's global limit
+            yield RowProblem(origin, "image-too-large", f"embedded image: {err}")
         except (OSError, ValueError) as err:  # an undecodable embedded image
             yield RowProblem(origin, "image-corrupt", f"cannot decode row: {err}")

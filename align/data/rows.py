@@ -8,7 +8,6 @@ Sample passes before it leaves a reader: known roles, a user turn, non-empty ass
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import re
@@ -18,7 +17,7 @@ from typing import Any
 
 from PIL import Image
 
-from align.data.images import resolve_image
+from align.data.images import open_image_bytes, resolve_image
 from align.data.sample import IMAGE_PLACEHOLDER, Sample
 from align.errors import AlignError
 
@@ -73,7 +72,10 @@ def row_images(value: Any, ctx: RowContext) -> list[Any]:
         if isinstance(item, Image.Image):
             out.append(item)
         elif isinstance(item, dict) and isinstance(item.get("bytes"), bytes):  # datasets.Image(decode=False)
-            out.append(Image.open(io.BytesIO(item["bytes"])))
+            try:
+                out.append(open_image_bytes(item["bytes"]))
+            except AlignError as err:
+                raise RowError("image-corrupt", str(err)) from None
         elif isinstance(item, dict) and isinstance(item.get("path"), str):
             out.append(_resolve(item["path"], ctx))
         elif isinstance(item, str):
@@ -188,12 +190,47 @@ def parse_box(value: Any) -> list[float] | None:
     return list(value)
 
 
+def _listed(value: Any) -> Any:
+    """A string holding a JSON list (optionally in ``<answer>`` tags) as that list; anything else as it is."""
+    if isinstance(value, str):
+        match = _ANSWER_TAG.search(value)
+        text = (match.group(1) if match else value).strip()
+        if text.startswith("["):
+            try:
+                return json.loads(text)
+            except json.JSONDecodeError:
+                return value
+    return value
+
+
+def _number_list(value: Any) -> bool:
+    """Whether ``value`` is, or is a string of, a non-empty list of numbers (NaN included): a box answer."""
+    value = _listed(value)
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    )
+
+
+def _why_not(value: Any) -> str:
+    """What is wrong with a box-like value that :func:`parse_box` refused, as a suffix for the message."""
+    value = _listed(value)
+    if not isinstance(value, list):
+        return ""
+    if len(value) != 4:
+        return f" ({len(value)} coordinates)"
+    return " (coordinates must be finite numbers)"
+
+
 def _box(value: Any, declared: bool) -> list[float] | None:
     """The row's box, or None; a declared box (grounding row, ``box`` field) must parse and be ordered."""
     box = parse_box(value)
     if box is None:
         if declared:
-            raise RowError("box", f"malformed box: expected [x1, y1, x2, y2], got {value!r:.80}")
+            raise RowError(
+                "box", f"malformed box: expected [x1, y1, x2, y2], got {value!r:.80}{_why_not(value)}"
+            )
         return None
     x1, y1, x2, y2 = box
     if x1 < 0 or y1 < 0 or x2 <= x1 or y2 <= y1:
@@ -201,6 +238,27 @@ def _box(value: Any, declared: bool) -> list[float] | None:
             return None
         raise RowError("box", f"malformed box {box}: need 0 <= x1 < x2 and 0 <= y1 < y2")
     return box
+
+
+def gold_text(value: Any, field: str) -> str:
+    """A gold answer as the rewards read it: text as written, a finite number or a box as JSON.
+
+    Anything else (an object, a list that is not a box, NaN) would reach the accuracy reward as JSON text it
+    can only score 0 against, so it is a row problem here.
+    """
+    if isinstance(value, str):
+        return value.strip()
+    if isinstance(value, bool) or (isinstance(value, (int, float)) and math.isfinite(value)):
+        return json.dumps(value)
+    if isinstance(value, list) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+    ):
+        _box(value, declared=True)  # a list of numbers must be a box; raises saying what is wrong with it
+        return json.dumps(value)
+    kind = "a non-finite number" if isinstance(value, float) else f"a {type(value).__name__}"
+    raise RowError(
+        "answer", f"'{field}' is {kind} ({value!r:.60}); expected text, a number or a box [x1, y1, x2, y2]"
+    )
 
 
 def conversation_row(record: dict, field: str, image_field: str, ctx: RowContext) -> Sample:
@@ -222,11 +280,12 @@ def question_row(
     if solution is None or (isinstance(solution, str) and not solution.strip()):
         raise RowError("answer", "missing or empty solution")
     meta = row_meta(record, used)
-    declared = meta.get("family") == "grounding" or "box" in meta
+    # a solution written as a list of numbers is a box whatever the family says: it must be a valid one
+    declared = meta.get("family") == "grounding" or "box" in meta or _number_list(solution)
     box = _box(meta.pop("box", solution), declared)
     if box is not None:
         meta["box"] = box
-    answer = solution.strip() if isinstance(solution, str) else json.dumps(solution)
+    answer = gold_text(solution, "solution")
     user = ctx.question_template.format(question=question)
     if images and IMAGE_PLACEHOLDER not in user:
         user = f"{IMAGE_PLACEHOLDER}\n" * len(images) + user

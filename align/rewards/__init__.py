@@ -40,7 +40,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 from align.errors import AlignError
-from align.rewards.answers import accuracy, gold_kind, normalize_text, parse_choice, parse_number, parse_yesno
+from align.rewards.answers import (
+    accuracy,
+    gold_kind,
+    gold_problem,
+    normalize_text,
+    parse_choice,
+    parse_number,
+    parse_yesno,
+)
 from align.rewards.boxes import (
     as_box,
     box_from_model_input,
@@ -56,6 +64,8 @@ from align.rewards.mathcheck import warm_up
 from align.rewards.reasoning import length, repetition
 
 __all__ = [
+    "DEFAULT_REWARD_FUNCS",
+    "GOLD_REWARDS",
     "R1_PREFILL",
     "REWARDS",
     "RewardFn",
@@ -72,6 +82,7 @@ __all__ = [
     "format_reward",
     "format_score",
     "gold_kind",
+    "gold_problem",
     "iou",
     "iou_reward",
     "iou_soft",
@@ -87,6 +98,7 @@ __all__ = [
     "repetition",
     "repetition_reward",
     "score_all",
+    "unscorable_gold",
     "warm_up",
     "with_prefill",
 ]
@@ -181,6 +193,36 @@ REWARDS: dict[str, RewardFn] = {
     "length": length_reward,
     "repetition": repetition_reward,
 }
+
+
+DEFAULT_REWARD_FUNCS: tuple[str, ...] = ("accuracy", "format")  # GRPO's and `align eval`'s default
+GOLD_REWARDS: tuple[str, ...] = ("accuracy", "iou", "iou_soft")  # the built-ins that read a row's gold
+
+
+def unscorable_gold(reward_funcs: Sequence[str], solution: object, box: object = None) -> str | None:
+    """Why none of the configured built-in rewards that read a gold (:data:`GOLD_REWARDS`) can score a row
+    with this ``solution`` and ``box``, or ``None`` if one of them can or none is configured.
+
+    A pure function of the row: such a row would earn ``None`` ("not applicable") from each of those rewards
+    on every completion, so the stages and ``align data check`` count it before training instead. Custom
+    ``module:function`` rewards may read anything and are not judged.
+    """
+    reasons = []
+    for spec in reward_funcs:
+        if spec == "accuracy":
+            reason = (
+                gold_problem(solution) if solution is not None else "the row has no gold answer (solution)"
+            )
+        elif spec in ("iou", "iou_soft"):
+            reason = (
+                None if as_box(box) is not None else f"no valid gold box [x1, y1, x2, y2] (box: {box!r:.60})"
+            )
+        else:
+            continue
+        if reason is None:
+            return None
+        reasons.append(f"{spec} reward: {reason}")
+    return "; ".join(reasons) or None
 
 
 def _import(spec: str) -> Any:

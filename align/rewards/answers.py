@@ -22,7 +22,7 @@ text      anything else                                           equal after no
 ========  ======================================================  =============================================
 
 A gold that is missing, blank, or (for math) unparseable or unsafe gives ``None``: the row is skipped, not
-scored 0. A completion without an answer scores 0.0. The answer is read by
+scored 0; :func:`gold_problem` says why, so that data checks can count such rows up front. A completion without an answer scores 0.0. The answer is read by
 :func:`align.rewards.extract.extract_answer`.
 """
 
@@ -35,7 +35,7 @@ from fractions import Fraction
 from typing import Literal
 
 from align.rewards.extract import extract_answer, fold_math, fold_text
-from align.rewards.mathcheck import MAX_DIGITS, math_equal, parse_gold
+from align.rewards.mathcheck import MAX_DIGITS, math_equal, parse_gold, unsafe_reason
 
 GoldKind = Literal["choice", "yesno", "number", "math", "text"]
 
@@ -221,18 +221,36 @@ def gold_kind(gold: object) -> GoldKind | None:
     return "text" if normalize_text(g) else None
 
 
+def gold_problem(gold: object, timeout: float = 1.0) -> str | None:
+    """Why :func:`accuracy` cannot score against ``gold`` (it would return ``None`` for every completion), or
+    ``None`` if it can. Pure; ``align data check`` and the stages use it to count such rows before training."""
+    text = _gold_text(gold)
+    if text is None:
+        return f"the gold answer is a {type(gold).__name__} ({gold!r:.60}), not text or a finite number"
+    g = _trim(text)
+    kind = gold_kind(gold)
+    if kind is None:
+        if not g:
+            return f"the gold answer {text!r:.60} is blank once $…$ / \\boxed{{…}} wrappers are removed"
+        return f"the gold answer {text!r:.60} has no letters or digits to compare with"
+    if kind == "math" and parse_gold(g, timeout) is None:
+        unsafe = unsafe_reason(g)
+        if unsafe is not None:
+            return f"the gold answer {g!r:.60} is refused by the math guard ({unsafe})"
+        return f"math_verify cannot parse the gold answer {g!r:.60}"
+    return None
+
+
 def accuracy(
     completion: object, gold: object, *, rel_tol: float = 1e-4, abs_tol: float = 1e-9, timeout: float = 1.0
 ) -> float | None:
     """1.0 if the completion's answer matches ``gold``, 0.0 if not or if there is no answer, ``None`` if the
-    gold is unusable. ``rel_tol``/``abs_tol`` apply to non-integer numeric golds; ``timeout`` (seconds)
-    bounds math_verify."""
+    gold is unusable (:func:`gold_problem` says why). ``rel_tol``/``abs_tol`` apply to non-integer numeric
+    golds; ``timeout`` (seconds) bounds math_verify."""
+    if gold_problem(gold, timeout) is not None:
+        return None
     kind = gold_kind(gold)
-    if kind is None:
-        return None
     g = _trim(_gold_text(gold) or "")
-    if kind == "math" and parse_gold(g, timeout) is None:
-        return None
     answer = extract_answer(completion)
     if answer is None:
         return 0.0
