@@ -169,16 +169,53 @@ def check_image_tokens(model, processor) -> int:
     return expected
 
 
+def llm_config_of(name_or_path: str):
+    """The config of a causal LM (a folder is checked first: config.json, model_type, safetensors weights).
+
+    A vision tower, a Llava or any other non-causal-LM folder is refused with what was found, before loading.
+    """
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from align.checkpoint import check_weight_files, read_model_config
+
+    if Path(name_or_path).is_dir():
+        model_type = read_model_config(name_or_path)["model_type"]
+        if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            what = "a vision tower" if "clip" in model_type or "siglip" in model_type else "not a causal LM"
+            raise AlignError(
+                f"llm.name_or_path {name_or_path}: model_type is {model_type!r} ({what}); "
+                "the LLM must be a causal language model (e.g. qwen2, llama)"
+            )
+        check_weight_files(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise AlignError(f"llm.name_or_path {name_or_path}: cannot read its config: {first}") from None
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise AlignError(
+            f"llm.name_or_path {name_or_path}: model_type is {config.model_type!r}, not a causal language model"
+        )
+    if getattr(config, "vision_config", None) is not None:  # e.g. gemma3: its causal-LM class is multimodal
+        raise AlignError(
+            f"llm.name_or_path {name_or_path}: {config.model_type!r} is a vision-language model; "
+            "name a text-only causal LM"
+        )
+    return config
+
+
 def compose(recipe: AssembleRecipe, recipe_file: str | None = None):
     """``(model, processor, generation_config)`` in memory from the parts named by ``recipe``, checked."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+    from align.checkpoint import supported_attention
     from align.vision import check_feature_selection, describe_vision, load_vision_tower
 
     spec = recipe.vision
-    info = describe_vision(
-        spec.source, spec.name_or_path, spec.pretrained
-    )  # configs only: fail before loading
+    llm_config = llm_config_of(recipe.llm.name_or_path)  # configs only: fail before loading
+    info = describe_vision(spec.source, spec.name_or_path, spec.pretrained)
     try:
         strategy = check_feature_selection(info, spec.feature_layer, spec.select_strategy)
     except RecipeError as err:
@@ -189,9 +226,18 @@ def compose(recipe: AssembleRecipe, recipe_file: str | None = None):
     vision_model, image_processor, _ = load_vision_tower(
         spec.source, spec.name_or_path, spec.pretrained, dtype
     )
+    llm_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(llm_config)]
     llm = AutoModelForCausalLM.from_pretrained(
-        recipe.llm.name_or_path, dtype=dtype, attn_implementation=recipe.llm.attn_implementation
+        recipe.llm.name_or_path,
+        dtype=dtype,
+        attn_implementation=supported_attention(llm_class, recipe.llm.attn_implementation),
     )
+    cap = getattr(llm.config, "final_logit_softcapping", None)
+    if cap:  # Llava's own lm_head call has no capping; tanh is monotonic, so greedy tokens are the same
+        print(
+            f"{llm_config.model_type}: final_logit_softcapping {cap} is not applied by "
+            "LlavaForConditionalGeneration (logits are the LLM's before capping; argmax unchanged)"
+        )
     tokenizer = AutoTokenizer.from_pretrained(recipe.llm.name_or_path)
     model, processor = build_llava(
         vision_model,

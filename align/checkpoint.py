@@ -145,26 +145,109 @@ def save_llava(
     return folder
 
 
-def resolve_model_folder(path: str | Path) -> Path:
-    """A model folder, or a stage's output folder (whose model/ is used)."""
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+_ATTENTION_FLAGS = {
+    "sdpa": "_supports_sdpa",
+    "flash_attention_2": "_supports_flash_attn",
+    "flex_attention": "_supports_flex_attn",
+}
+_noted: set[str] = set()  # attention fallbacks already printed by this process
+
+
+def read_model_config(folder: str | Path) -> dict:
+    """``config.json`` of a model folder as a dict, with a ``model_type``; reads no weights.
+
+    Checking the config first turns a wrong folder into one line at once instead of minutes of loading.
+    """
+    folder = Path(folder)
+    path = folder / "config.json"
+    if not path.is_file():
+        raise AlignError(f"{folder}: no config.json (not a model folder)")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise AlignError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        found = sorted(config)[:8] if isinstance(config, dict) else type(config).__name__
+        raise AlignError(f"{path}: no model_type (found {found}); not a Hugging Face model folder")
+    return config
+
+
+def check_weight_files(folder: str | Path) -> None:
+    """A folder must hold safetensors weights: pickle files can run code when loaded, so they are refused."""
+    folder = Path(folder)
+    if any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickled:
+        raise AlignError(
+            f"{folder}: holds only pickle weights ({', '.join(pickled)}); pickle weights are not loaded; "
+            "convert to safetensors (load it where you trust it and save_pretrained(..., safe_serialization=True))"
+        )
+    raise AlignError(f"{folder}: no weights (no *.safetensors file)")
+
+
+def resolve_model_folder(path: str | Path, expect: str | None = "llava") -> Path:
+    """A model folder, or a stage's output folder (whose model/ is used), checked before any weights load.
+
+    ``expect``: the ``model_type`` the folder must have (``None``: any); its weights must be safetensors.
+    """
     path = Path(path)
     if (path / "config.json").exists():
-        return path
-    if (path / "model" / "config.json").exists():
-        return path / "model"
-    raise AlignError(f"{path}: not a model folder (no config.json) nor a stage output (no model/config.json)")
+        folder = path
+    elif (path / "model" / "config.json").exists():
+        folder = path / "model"
+    else:
+        raise AlignError(
+            f"{path}: no config.json (not a model folder, nor a stage output with model/config.json)"
+        )
+    model_type = read_model_config(folder)["model_type"]
+    if expect is not None and model_type != expect:
+        hint = ""
+        if expect == "llava" and _is_causal_lm(model_type):
+            hint = "; this is a language model: build a Llava folder from it with `align assemble` first"
+        raise AlignError(f"{folder}: model_type is {model_type!r}, expected {expect!r}{hint}")
+    check_weight_files(folder)
+    return folder
+
+
+def _is_causal_lm(model_type: str) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+
+def supported_attention(model_class, requested: str) -> str:
+    """``requested`` when ``model_class`` implements it, else the first it does of sdpa, eager.
+
+    transformers refuses an explicitly requested implementation a model lacks (Gemma-2 has no sdpa: its
+    attention soft-capping needs the eager kernel); the classes declare what they support.
+    """
+    if requested == "eager" or getattr(model_class, _ATTENTION_FLAGS[requested], False):
+        return requested
+    chosen = "sdpa" if getattr(model_class, "_supports_sdpa", False) else "eager"
+    note = f"{model_class.config_class.model_type}: {requested} not supported, using {chosen}"
+    if note not in _noted:
+        _noted.add(note)
+        print(note)
+    return chosen
 
 
 def load_llava(folder: str | Path, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
     """(model, processor) from a Llava folder: ours, or any llava-hf checkpoint."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
-    folder = Path(folder)
-    if not (folder / "config.json").exists():
-        raise AlignError(f"{folder}: not a model folder (no config.json)")
-    model = LlavaForConditionalGeneration.from_pretrained(
-        folder, dtype=dtype, attn_implementation=attn_implementation
-    )
+    folder = resolve_model_folder(folder)
+    config = AutoConfig.from_pretrained(folder)
+    text_class = MODEL_MAPPING[type(config.text_config)]
+    vision_class = MODEL_MAPPING[type(config.vision_config)]
+    attention = {
+        "": attn_implementation,
+        "text_config": supported_attention(text_class, attn_implementation),
+        "vision_config": supported_attention(vision_class, attn_implementation),
+    }
+    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype, attn_implementation=attention)
     processor = AutoProcessor.from_pretrained(folder)
     return model, processor
 

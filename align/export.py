@@ -24,12 +24,12 @@ from typing import Any
 import torch
 import yaml
 
+from align.checkpoint import PICKLE_SUFFIXES
 from align.errors import AlignError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # The DeepSeek-R1-Distill model cards: "temperature within 0.5-0.7 (0.6 is recommended)", top-p 0.95.
 R1_SAMPLING = {"do_sample": True, "temperature": 0.6, "top_p": 0.95}
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 RECIPE_FILE = "recipe.resolved.yaml"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -328,9 +328,7 @@ def export(
         raise AlignError(f"--out {out} exists and is not a model folder; refusing to replace it")
     if dtype is not None and dtype not in DTYPES:
         raise AlignError(f"--dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
-    config = AutoConfig.from_pretrained(model_dir)
-    if config.model_type != "llava":
-        raise AlignError(f"{model_dir}: model_type is {config.model_type!r}, expected 'llava'")
+    config = AutoConfig.from_pretrained(model_dir)  # resolve_model_folder checked that it is a Llava
     torch_dtype = DTYPES[dtype] if dtype is not None else _source_dtype(config)
     model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch_dtype)
     processor = AutoProcessor.from_pretrained(model_dir)

@@ -55,6 +55,7 @@ from transformers import (
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.image_utils import PILImageResampling
 
+from align.checkpoint import check_weight_files, read_model_config
 from align.config import RecipeError
 from align.errors import AlignError
 
@@ -128,6 +129,8 @@ def load_vision_tower(
     if source == "hf":
         _reject_pretrained(name_or_path, pretrained)
         config = _hf_config(name_or_path)
+        if Path(name_or_path).is_dir():
+            check_weight_files(name_or_path)
         model_class = CLIPVisionModel if isinstance(config, CLIPVisionConfig) else SiglipVisionModel
         try:
             with _quiet():  # a full CLIP/SigLIP checkpoint lists every text weight as "unexpected"
@@ -156,11 +159,18 @@ def _reject_pretrained(name_or_path: str, pretrained: str | None) -> None:
         raise AlignError(f"'{name_or_path}': only open_clip towers take pretrained ({pretrained!r})")
 
 
+def _folder_model_type(folder: Path) -> str:
+    return read_model_config(folder)["model_type"]
+
+
 def _hf_config(name_or_path: str) -> VisionConfig:
+    if Path(name_or_path).is_dir():
+        _folder_model_type(Path(name_or_path))  # no config.json / no model_type: one line naming the folder
     try:
         config = AutoConfig.from_pretrained(name_or_path)
     except (OSError, ValueError) as err:
-        raise AlignError(f"cannot read the config of vision tower '{name_or_path}': {err}") from err
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise AlignError(f"cannot read the config of vision tower '{name_or_path}': {first}") from None
     if config.model_type not in _HF_KINDS:
         raise AlignError(
             f"'{name_or_path}' is a {config.model_type} model; the vision tower must be CLIP or SigLIP "
@@ -222,7 +232,10 @@ def _openclip_visual(name_or_path: str, pretrained: str | None, meta: bool) -> n
                 f"'{name_or_path}': a local-dir: tower takes its weights from the folder, not pretrained"
             )
         if not (folder / "open_clip_config.json").is_file():
-            raise AlignError(f"'{name_or_path}': {folder}/open_clip_config.json not found")
+            found = ""
+            if (folder / "config.json").is_file():  # a Hugging Face folder: say what it is
+                found = f" (it is a Hugging Face {_folder_model_type(folder)!r} folder, not an open_clip one)"
+            raise AlignError(f"'{name_or_path}': {folder}/open_clip_config.json not found{found}")
         if not any(any(folder.glob(pattern)) for pattern in ("*.safetensors", "*.bin", "*.pth")):
             raise AlignError(f"'{name_or_path}': no weights file in {folder}")
     elif name_or_path.startswith("hf-hub:"):

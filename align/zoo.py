@@ -19,6 +19,13 @@ This module owns ``align zoo`` and :func:`build_zoo`, which writes one folder pe
 * ``qwen2-r1`` / ``llama-r1``: ``Qwen2ForCausalLM`` / ``LlamaForCausalLM`` shaped like the R1 distills (GQA,
   untied embeddings, llama3 rope scaling for Llama) with the tokenizers of :mod:`align.zoo_tokenizer`.
 
+:data:`FAMILIES` are further LLM parts, not in the default zoo (``build_families(out)`` or ``align zoo
+--families``), one per architecture feature the tests keep working: ``qwen3`` (q/k RMSNorm), ``qwen2-tied`` /
+``llama-tied`` (tied embeddings), ``mistral`` and ``mistral-sw`` (sliding window), ``gemma2`` (scaled
+embeddings, attention and final-logit soft-capping, no sdpa, alternating sliding layers), ``gemma3`` (text
+only: q/k norms, local/global rope) and ``phi3`` (fused qkv and gate/up projections). They share the Qwen
+flavour tokenizer and the R1-distill chat template (``llama-tied`` has the Llama flavour, without a pad token).
+
 Every part is deterministic (fixed seeds): rebuilding into the same folder gives byte-identical files (folders
 built elsewhere differ only in openclip-siglip's absolute timm path). A part folder is complete when its
 ``zoo-part.json`` marker holds the current fingerprint (part spec, library versions and, for openclip-siglip,
@@ -41,6 +48,7 @@ from typing import Any
 from align.errors import AlignError
 
 PARTS = ("clip-hf", "siglip-hf", "openclip-vit", "openclip-siglip", "qwen2-r1", "llama-r1")
+FAMILIES = ("qwen3", "qwen2-tied", "llama-tied", "mistral", "mistral-sw", "gemma2", "gemma3", "phi3")
 MARKER = "zoo-part.json"
 ZOO_VERSION = 1  # bump when a part's recipe changes in a way the spec dicts below do not show
 SEED = 0
@@ -73,6 +81,37 @@ LLAMA_ROPE = dict(
     original_max_position_embeddings=512,
 )
 QWEN_ROPE = dict(rope_type="default", rope_theta=10000.0)
+# A window shorter than a prompt (64 image tokens + text), so that the sliding layers really slide.
+WINDOW = 16
+# family -> (config class name, tokenizer flavour, config arguments on top of LLM)
+FAMILY_SPECS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "qwen3": ("Qwen3Config", "qwen2", dict(head_dim=32, rope_parameters=QWEN_ROPE)),
+    "qwen2-tied": (
+        "Qwen2Config",
+        "qwen2",
+        dict(tie_word_embeddings=True, rope_parameters=QWEN_ROPE, use_sliding_window=False),
+    ),
+    "llama-tied": ("LlamaConfig", "llama", dict(tie_word_embeddings=True, rope_parameters=LLAMA_ROPE)),
+    "mistral": ("MistralConfig", "qwen2", dict(sliding_window=None)),
+    "mistral-sw": ("MistralConfig", "qwen2", dict(sliding_window=WINDOW)),
+    "gemma2": (
+        "Gemma2Config",
+        "qwen2",
+        dict(head_dim=32, query_pre_attn_scalar=32, sliding_window=WINDOW, tie_word_embeddings=True),
+    ),
+    "gemma3": (
+        "Gemma3TextConfig",
+        "qwen2",
+        dict(
+            head_dim=32,
+            query_pre_attn_scalar=32,
+            sliding_window=WINDOW,
+            layer_types=["sliding_attention", "full_attention"],
+            tie_word_embeddings=True,
+        ),
+    ),
+    "phi3": ("Phi3Config", "qwen2", dict()),
+}
 # The R1 distills ship sampling defaults in generation_config.json.
 GENERATION = dict(do_sample=True, temperature=0.6, top_p=0.95)
 
@@ -262,6 +301,32 @@ def _build_llm(flavour: str) -> Callable[[Path, Path], int]:
     return build
 
 
+def _build_family(family: str) -> Callable[[Path, Path], int]:
+    def build(path: Path, home: Path) -> int:
+        import transformers
+        from transformers import AutoModelForCausalLM, GenerationConfig
+
+        from align.zoo_tokenizer import build_r1_tokenizer
+
+        config_name, flavour, extra = FAMILY_SPECS[family]
+        tokenizer = build_r1_tokenizer(flavour, seed=SEED)
+        ids = dict(
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        config = getattr(transformers, config_name)(**(LLM | extra), **ids)
+        _seeded(SEED)
+        model = AutoModelForCausalLM.from_config(config)
+        model.generation_config = GenerationConfig(**_generation_ids(ids), **GENERATION)
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        return _parameters(model)
+
+    return build
+
+
 def _generation_ids(ids: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in ids.items() if k != "vocab_size" and v is not None}
 
@@ -274,6 +339,7 @@ BUILDERS: dict[str, Callable[[Path, Path], int]] = {
     "openclip-siglip": _build_openclip("openclip-siglip"),
     "qwen2-r1": _build_llm("qwen2"),
     "llama-r1": _build_llm("llama"),
+    **{family: _build_family(family) for family in FAMILIES},
 }
 SPECS: dict[str, Any] = {
     "clip-hf": [VISION_HF, CLIP_MEAN, CLIP_STD],
@@ -282,7 +348,10 @@ SPECS: dict[str, Any] = {
     "openclip-siglip": [OPENCLIP_CFG["openclip-siglip"], TIMM_SIGLIP, OPENCLIP_PREPROCESS["openclip-siglip"]],
     "qwen2-r1": [LLM, QWEN_ROPE, GENERATION],
     "llama-r1": [LLM, LLAMA_ROPE, GENERATION],
+    **{family: [LLM, FAMILY_SPECS[family], GENERATION] for family in FAMILIES},
 }
+# parts whose tokenizer is trained from code: its corpus and template are part of their fingerprint
+TOKENIZED = ("qwen2-r1", "llama-r1", *FAMILIES)
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -308,10 +377,7 @@ def fingerprint(part: str, home: Path) -> str:
     inputs: list[Any] = [ZOO_VERSION, part, SEED, SPECS[part], versions]
     if part in LOCATED:
         inputs.append(str(Path(home).resolve()))
-    if part in (
-        "qwen2-r1",
-        "llama-r1",
-    ):  # the tokenizer is trained from code: its corpus and template count too
+    if part in TOKENIZED:
         from align.zoo_tokenizer import chat_template, training_corpus
 
         inputs += [hashlib.sha256("\n".join([*training_corpus(SEED), chat_template()]).encode()).hexdigest()]
@@ -330,7 +396,7 @@ def read_marker(path: Path) -> dict[str, Any] | None:
 def build_part(part: str, out: Path, force: bool = False) -> Path:
     """Build one part under ``out`` unless it is already complete (and not ``force``)."""
     if part not in BUILDERS:
-        raise ValueError(f"unknown zoo part {part!r}; parts are {', '.join(PARTS)}")
+        raise ValueError(f"unknown zoo part {part!r}; parts are {', '.join(BUILDERS)}")
     path = out / part
     expected = fingerprint(part, path)
     marker = read_marker(path)
@@ -351,6 +417,13 @@ def build_zoo(out: Path, force: bool = False) -> dict[str, Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     return {part: build_part(part, out, force) for part in PARTS}
+
+
+def build_families(out: Path, force: bool = False) -> dict[str, Path]:
+    """Write every LLM of :data:`FAMILIES` under ``out``; returns ``{family: folder}``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return {family: build_part(family, out, force) for family in FAMILIES}
 
 
 def register_openclip(path: Path) -> tuple[str, str]:
@@ -378,10 +451,15 @@ def register_openclip(path: Path) -> tuple[str, str]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"zoo folder (default: {DEFAULT_OUT})")
     parser.add_argument("--force", action="store_true", help="rebuild parts that are already built")
+    parser.add_argument(
+        "--families", action="store_true", help=f"also the LLM families: {', '.join(FAMILIES)}"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     paths = build_zoo(args.out, force=args.force)
+    if args.families:
+        paths |= build_families(args.out, force=args.force)
     for part, path in paths.items():
         marker = read_marker(path) or {}
         print(f"{part:<16} {path}  {marker.get('parameters', 0):,} parameters")

@@ -323,10 +323,8 @@ def length_fn_for_model(model_dir: str) -> LengthFn:
 
     try:
         model_dir = resolve_model_folder(model_dir)
-    except AlignError:
-        raise AlignError(
-            f"model folder {model_dir}: no config.json (pass a Llava folder with --model)"
-        ) from None
+    except AlignError as err:  # keep what was wrong: no config.json, another model type, pickle weights
+        raise AlignError(f"model folder {err} (pass a Llava folder with --model)") from None
 
     processor = AutoProcessor.from_pretrained(model_dir)
     config = AutoConfig.from_pretrained(model_dir)

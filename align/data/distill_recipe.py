@@ -147,7 +147,7 @@ def build_describe(spec: DescriptionSpec, max_image_pixels: int) -> Describe:
     if spec.column is not None:
         return column_description(spec.column)
     captioner = HFCaptioner(
-        str(resolve_model_folder(spec.captioner or "")),
+        str(resolve_model_folder(spec.captioner or "", expect=None)),  # any image-text-to-text model
         prompt=spec.prompt,
         max_new_tokens=spec.max_new_tokens,
         max_image_pixels=max_image_pixels,
