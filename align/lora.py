@@ -18,15 +18,35 @@ from safetensors.torch import save_file
 from torch import nn
 
 from align.checkpoint import canonical_state_dict
+from align.errors import AlignError
 
 _PEFT_PREFIX = "base_model.model."
+ALL_LINEAR = "all-linear"  # peft's name for "every linear layer but the output head"
 NON_LORA_TRAINABLES = "non_lora_trainables.safetensors"
 
 
 def apply_lora(model: nn.Module, r: int, alpha: int, dropout: float, target_modules: list[str]) -> nn.Module:
-    """Wrap ``model`` with LoRA adapters on ``target_modules`` inside ``language_model`` only."""
+    """Wrap ``model`` with LoRA adapters on ``target_modules`` inside ``language_model`` only.
+
+    ``[ALL_LINEAR]`` adapts every linear layer of the LLM, whatever the family calls them (Phi-3 fuses
+    ``qkv_proj`` and ``gate_up_proj``). Every other name must match a linear layer: one that matches nothing
+    would silently adapt less than the recipe says (peft only complains when none matches, with a traceback).
+    """
     from peft import LoraConfig, get_peft_model
 
+    linear = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if ".language_model." in f".{name}" and isinstance(module, nn.Linear)
+    }
+    if target_modules == [ALL_LINEAR]:
+        target_modules = sorted(linear)
+    unmatched = [t for t in target_modules if t not in linear]
+    if unmatched:
+        raise AlignError(
+            f"lora.target_modules: {', '.join(map(repr, unmatched))} match no linear layer of the LLM; "
+            f"its linear layers are named {', '.join(sorted(linear))}"
+        )
     names = "|".join(target_modules)
     config = LoraConfig(
         r=r,

@@ -30,6 +30,7 @@ from align.config import MAX_TOKENS, RecipeError, load_any, ranged, read_yaml, s
 from align.data.config import DataSource
 from align.data.mixing import format_table
 from align.engine import init_distributed
+from align.runfolder import hold_output_dir
 
 STAGE_KINDS = ("projector", "sft", "grpo")
 
@@ -120,6 +121,12 @@ def _evaluate(spec: EvalSpec, model_dir: Path, out: Path, dist) -> dict:
 
 
 def run_pipeline(recipe: PipelineRecipe, recipe_file: str, dist) -> Path:
+    """Every stage in order, holding the pipeline's output_dir (each stage also holds its own folder)."""
+    with hold_output_dir(recipe.output_dir, dist):
+        return _run_pipeline(recipe, recipe_file, dist)
+
+
+def _run_pipeline(recipe: PipelineRecipe, recipe_file: str, dist) -> Path:
     import importlib
 
     from align.assemble import assemble

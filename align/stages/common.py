@@ -30,6 +30,7 @@ from align.config import MAX_SEED, RecipeError, ranged
 from align.engine import ParamGroup
 from align.errors import AlignError
 from align.feature_cache import tower_features
+from align.lora import ALL_LINEAR
 from align.model import COMPONENTS, component_parameters
 
 
@@ -50,8 +51,14 @@ class LoRASpec:
     alpha: int = ranged(16, ge=1)  # the update is scaled by alpha / r
     dropout: float = ranged(0.05, ge=0, lt=1)
     target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    )
+        default_factory=lambda: [ALL_LINEAR]
+    )  # e.g. [q_proj, v_proj]; all-linear: all
+
+    def check(self) -> None:
+        if ALL_LINEAR in self.target_modules and len(self.target_modules) > 1:
+            raise RecipeError.at(
+                "target_modules", f"'{ALL_LINEAR}' already names every linear layer; list it alone"
+            )
 
 
 @dataclass
@@ -98,6 +105,14 @@ class RunSpec:
             raise RecipeError.at("deepspeed_config", f"strategy {self.strategy} needs a DeepSpeed JSON")
 
 
+def check_trainable(trainable: TrainableSpec, lora: LoRASpec) -> None:
+    """The recipe-level part of "something trains": at least one component, and LoRA only on a trained LLM."""
+    if not any((trainable.vision, trainable.projector, trainable.llm)):
+        raise RecipeError.at("trainable", "nothing would train: set at least one of vision/projector/llm")
+    if lora.r > 0 and not trainable.llm:
+        raise RecipeError.at("lora.r", "LoRA adapts the LLM: it needs trainable.llm: true")
+
+
 def param_groups(model, optim: OptimSpec) -> list[ParamGroup]:
     """Optimizer groups: one per component with trainable parameters, at its learning rate.
 
@@ -118,6 +133,8 @@ def param_groups(model, optim: OptimSpec) -> list[ParamGroup]:
             groups.append(ParamGroup(component, decayed, lr=lrs[component], weight_decay=optim.weight_decay))
         if flat:
             groups.append(ParamGroup(f"{component}_no_decay", flat, lr=lrs[component], weight_decay=0.0))
+    if not groups:  # e.g. only the vision tower is trainable and none of its layers feeds an image feature
+        raise AlignError("trainable: no parameter of the model would train (see the parameter table above)")
     return groups
 
 
@@ -154,16 +171,19 @@ def prune_checkpoints(output_dir: str | Path, keep_last: int) -> None:
 
 
 def remove_incomplete_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Delete step folders a crash left half-written (no ``state/engine.json``); returns what was removed.
+    """Delete what a crash left half-written; returns what was removed.
 
-    Call on the main process only, before training: nothing else writes checkpoints then.
+    That is step folders without ``state/engine.json`` and the temporary folders of interrupted atomic saves
+    (``.model.tmp-*`` of the final model or the adapter). Call on the main process only, before training:
+    nothing else writes then.
     """
     root = Path(output_dir) / "checkpoints"
     complete = {path for _, path in checkpoints(output_dir)}
     steps = (
         [p for p in root.glob("step-*") if _STEP_DIR.match(p.name) and p.is_dir()] if root.exists() else []
     )
-    stale = [p for p in steps if p not in complete]
+    temporary = [p for p in Path(output_dir).glob(".*.tmp-*") if p.is_dir()]
+    stale = [p for p in steps if p not in complete] + temporary
     for path in stale:
         shutil.rmtree(path)
     return stale

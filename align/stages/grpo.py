@@ -67,11 +67,10 @@ from align.checkpoint import (
     save_llava,
 )
 from align.config import MAX_TOKENS, RecipeError, load_any, ranged, save_resolved, to_dict
-from align.data.check import check_sources
+from align.data.check import checked_mix, stage_row_check
 from align.data.config import DataConfig
 from align.data.encode import encode_prompt
 from align.data.images import pixel_values
-from align.data.mixing import build_mix
 from align.engine import held_parameters, init_distributed, setup
 from align.errors import AlignError
 from align.grpo.logps import completion_logps_and_entropy
@@ -103,6 +102,7 @@ from align.model import (
 )
 from align.plot import plot_run
 from align.rewards import R1_PREFILL, load_reward, score_all, warm_up, with_prefill
+from align.runfolder import hold_output_dir
 from align.stages.common import (
     LoRASpec,
     MetricsWriter,
@@ -110,11 +110,13 @@ from align.stages.common import (
     Progress,
     RunSpec,
     TrainableSpec,
+    check_trainable,
     freeze_unreachable_vision,
     lr_at,
     param_groups,
     peak_memory_mb,
     prune_checkpoints,
+    remove_incomplete_checkpoints,
     resume_point,
     truncate_metrics,
 )
@@ -157,6 +159,12 @@ class GRPOSpec:
             raise RecipeError.at("reward_funcs", "needs at least one reward function")
         if len(set(self.reward_funcs)) != len(self.reward_funcs):
             raise RecipeError.at("reward_funcs", f"lists a function twice: {self.reward_funcs}")
+        # a typo or a missing module stops here, not after minutes of loading
+        for i, spec in enumerate(self.reward_funcs):
+            try:
+                load_reward(spec)
+            except AlignError as err:
+                raise RecipeError.at(f"reward_funcs[{i}]", str(err)) from None
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
             raise RecipeError.at(
                 "reward_weights",
@@ -178,8 +186,7 @@ class GRPORecipe:
     lora: LoRASpec = field(default_factory=LoRASpec)
 
     def check(self) -> None:
-        if self.lora.r > 0 and not self.trainable.llm:
-            raise RecipeError.at("lora.r", "LoRA adapts the LLM: it needs trainable.llm: true")
+        check_trainable(self.trainable, self.lora)
         if self.run.gradient_checkpointing and self.grpo.shared_prefix:
             raise RecipeError.at(
                 "grpo.shared_prefix",
@@ -232,7 +239,12 @@ def _save_model(engine, model, processor, folder: Path, lora: LoRASpec, recipe) 
 
 
 def train(recipe: GRPORecipe, dist, resume: bool) -> Path:
-    """The whole stage on this process; ``dist`` from ``init_distributed()``."""
+    """The whole stage on this process (``dist`` from ``init_distributed()``), holding its output_dir."""
+    with hold_output_dir(recipe.output_dir, dist):
+        return _train(recipe, dist, resume)
+
+
+def _train(recipe: GRPORecipe, dist, resume: bool) -> Path:
     run, cfg = recipe.run, recipe.grpo
     out = Path(recipe.output_dir)
     torch.manual_seed(run.seed)
@@ -243,9 +255,17 @@ def train(recipe: GRPORecipe, dist, resume: bool) -> Path:
     g = cfg.num_generations
     # before any heavy work: a fresh run into a folder with old checkpoints stops here
     resume_from = resume_point(out, resume)
+    # the model folder's config.json before the data: a wrong folder fails in a second, not after the rows
+    model_dir = resolve_model_folder(recipe.model)
+
+    # every row checked (images decoded, boxes, a gold answer the rewards can score) and data.strict applied
+    # before any model loads
+    data = recipe.data
+    seed = data.seed if data.seed is not None else run.seed
+    row_check = stage_row_check("grpo", cfg.reward_funcs)
+    samples, mix = checked_mix(data, seed, row_check, log=print if dist.is_main else None)
 
     # --- policy, reference, rewards --------------------------------------------------------------------------
-    model_dir = resolve_model_folder(recipe.model)
     # ZeRO in bf16 trains bf16 weights (fp32 masters are made from them); single/ddp keep fp32 and autocast.
     # The reference takes the policy's dtype so that KL is exactly 0 before the first update.
     dtype = torch.bfloat16 if strategy.startswith("zero") and precision == "bf16" else torch.float32
@@ -292,19 +312,11 @@ def train(recipe: GRPORecipe, dist, resume: bool) -> Path:
         )
 
     # --- data ------------------------------------------------------------------------------------------------
-    data = recipe.data
-    seed = data.seed if data.seed is not None else run.seed
-    report = check_sources(data.sources, data.max_image_pixels, decode_images=False)  # fast: headers only
-    if not report.ok and data.strict:
-        raise AlignError(f"data check failed:\n{report.listing(10)}\n(see all: align data check RECIPE)")
-    samples, mix = build_mix(data.sources, seed, data.strict)
     if "accuracy" in cfg.reward_funcs:
         warm_up()  # math_verify's grammar loads once here, not inside the first timed reward call
     prompts = []
     image_token_id = llava_of(model).config.image_token_id
     for s in samples:
-        if s.answer is None:
-            raise AlignError(f"{s.origin}: GRPO rows need a gold answer (solution) for the rewards")
         enc = encode_prompt(s, tokenizer, image_token_id, n_image_tokens)
         if len(enc) + cfg.max_completion_length > data.max_length and data.overlong == "error":
             raise AlignError(
@@ -373,6 +385,8 @@ def train(recipe: GRPORecipe, dist, resume: bool) -> Path:
             print(f"resumed from {resume_from} at round {start_round}")
     start_step = start_round * cfg.num_iterations
     if dist.is_main:
+        for stale in remove_incomplete_checkpoints(out):
+            print(f"removed {stale}: an interrupted save")
         truncate_metrics(out, start_step)  # steps after the checkpoint are logged again
         _trim_completions(out, start_step)
         if resume_from is None:
@@ -403,7 +417,10 @@ def train(recipe: GRPORecipe, dist, resume: bool) -> Path:
             sampler = SharedPrefixSampler(llava_of(gathered.model))
             for mb in micro:
                 pixels, flat_sizes = pixel_values(
-                    [im for s, _ in mb for im in s.images], processor.image_processor, data.max_image_pixels
+                    [im for s, _ in mb for im in s.images],
+                    processor.image_processor,
+                    data.max_image_pixels,
+                    [s.origin for s, _ in mb for _ in s.images],
                 )
                 sizes, at = [], 0  # per row: its images' sizes
                 for s, _ in mb:

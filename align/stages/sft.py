@@ -32,18 +32,18 @@ import torch.nn.functional as F
 
 from align.checkpoint import atomic_folder, image_seq_len, load_llava, resolve_model_folder, save_llava
 from align.config import RecipeError, load_any, save_resolved, to_dict
-from align.data.batching import length_grouped_batches, pack, packed_collate, pad_collate
-from align.data.check import check_sources
+from align.data.batching import image_origins, length_grouped_batches, pack, packed_collate, pad_collate
+from align.data.check import checked_mix, stage_row_check
 from align.data.config import DataConfig
 from align.data.encode import IGNORE_INDEX, encode_sft, fit_all
 from align.data.images import load_image
-from align.data.mixing import build_mix
 from align.engine import init_distributed, setup
 from align.errors import AlignError
 from align.feature_cache import FeatureCache, cache_fingerprint, tower_features
 from align.lora import apply_lora, is_lora, merge_lora_state_dict, save_adapter
 from align.model import format_parameter_table, parameter_table, set_trainable
 from align.plot import plot_run
+from align.runfolder import hold_output_dir
 from align.stages.common import (
     LoRASpec,
     MetricsWriter,
@@ -51,6 +51,7 @@ from align.stages.common import (
     Progress,
     RunSpec,
     TrainableSpec,
+    check_trainable,
     freeze_unreachable_vision,
     lr_at,
     param_groups,
@@ -75,10 +76,7 @@ class SFTRecipe:
     feature_cache: Literal["none", "memory", "disk"] = "none"  # frozen-tower features computed once per image
 
     def check(self) -> None:
-        if not any((self.trainable.vision, self.trainable.projector, self.trainable.llm)):
-            raise RecipeError.at("trainable", "nothing would train: set at least one of vision/projector/llm")
-        if self.lora.r > 0 and not self.trainable.llm:
-            raise RecipeError.at("lora.r", "LoRA adapts the LLM: it needs trainable.llm: true")
+        check_trainable(self.trainable, self.lora)
         if self.feature_cache != "none":
             if self.trainable.vision:
                 raise RecipeError.at(
@@ -120,18 +118,23 @@ def _global_batches(
 def _collate(units, packing: bool, pad_id: int) -> dict:
     batch = packed_collate(units, pad_id) if packing else pad_collate(units, pad_id)
     batch["images"] = [im for u in units for im in u.images]
+    batch["image_origins"] = image_origins(units)
     return batch
 
 
 def _image_features(
-    model, images: list, processor, cache: FeatureCache | None, max_pixels: int
+    model, images: list, processor, cache: FeatureCache | None, max_pixels: int, origins=None
 ) -> torch.Tensor:
-    """Projected features, ``[images x image tokens, hidden]``, of ``images`` (of one blank image if none)."""
+    """Projected features, ``[images x image tokens, hidden]``, of ``images`` (of one blank image if none).
+
+    ``origins``: each image's row, named by a load error (the cache computes a subset, hence by identity).
+    """
     cfg = model.config
     tower = model.model.vision_tower
+    origin_of = {id(im): o for im, o in zip(images, origins, strict=True)} if origins else {}
 
     def compute(ims):
-        loaded = [load_image(im, max_pixels) for im in ims]
+        loaded = [load_image(im, max_pixels, origin_of.get(id(im))) for im in ims]
         px = processor.image_processor(images=loaded, return_tensors="pt")["pixel_values"]
         px = px.to(tower.device, tower.dtype)
         return tower_features(tower, px, cfg.vision_feature_layer, cfg.vision_feature_select_strategy)
@@ -159,7 +162,9 @@ def input_embeddings(model, batch, processor, cache, max_pixels: int, device) ->
     """
     ids = batch["input_ids"].to(device)
     embeds = model.get_input_embeddings()(ids)
-    features = _image_features(model, batch["images"], processor, cache, max_pixels).to(embeds.dtype)
+    features = _image_features(
+        model, batch["images"], processor, cache, max_pixels, batch.get("image_origins")
+    ).to(embeds.dtype)
     if not batch["images"]:
         return embeds + 0.0 * features.sum()
     mask = ids == model.config.image_token_id
@@ -215,7 +220,12 @@ def _save_model(engine, model, processor, folder: Path, lora: LoRASpec, recipe) 
 
 
 def train(recipe, dist, resume: bool) -> Path:
-    """The whole stage on this process; ``dist`` from ``init_distributed()``."""
+    """The whole stage on this process (``dist`` from ``init_distributed()``), holding its output_dir."""
+    with hold_output_dir(recipe.output_dir, dist):
+        return _train(recipe, dist, resume)
+
+
+def _train(recipe, dist, resume: bool) -> Path:
     run = recipe.run
     out = Path(recipe.output_dir)
     torch.manual_seed(run.seed)
@@ -225,14 +235,15 @@ def train(recipe, dist, resume: bool) -> Path:
     strategy = run.strategy if run.strategy != "auto" else ("ddp" if dist.world_size > 1 else "single")
     # before any heavy work: a fresh run into a folder with old checkpoints stops here
     resume_from = resume_point(out, resume)
-    # every row checked (image headers, placeholders, answers, boxes) before the model loads
-    report = check_sources(recipe.data.sources, recipe.data.max_image_pixels, decode_images=False)
-    if not report.ok and recipe.data.strict:
-        raise AlignError(f"data check failed:\n{report.listing(10)}\n(all of them: align data check RECIPE)")
-    bad_rows = {p.origin for p in report.problems}
+    # the model folder's config.json before the data: a wrong folder fails in a second, not after the rows
+    model_dir = resolve_model_folder(recipe.model)
+    # every row checked (images decoded, placeholders, answers, boxes, a target to learn) and data.strict
+    # applied before the model loads
+    data = recipe.data
+    seed = data.seed if data.seed is not None else run.seed
+    samples, mix = checked_mix(data, seed, stage_row_check(recipe.kind), log=print if dist.is_main else None)
 
     # --- model -----------------------------------------------------------------------------------------------
-    model_dir = resolve_model_folder(recipe.model)
     # ZeRO in bf16 trains bf16 weights (fp32 masters are made from them): loading in bf16 halves host memory.
     # single/ddp keep fp32 weights and autocast.
     zero_bf16 = strategy.startswith("zero") and precision == "bf16"
@@ -267,13 +278,6 @@ def train(recipe, dist, resume: bool) -> Path:
             )
 
     # --- data ------------------------------------------------------------------------------------------------
-    data = recipe.data
-    seed = data.seed if data.seed is not None else run.seed
-    samples, mix = build_mix(data.sources, seed, data.strict)
-    if bad_rows:
-        samples = [s for s in samples if s.origin not in bad_rows]
-        if dist.is_main:
-            print(f"data.strict is false: skipping {len(bad_rows)} rows that failed the data check")
     encoded = [encode_sft(s, tokenizer, llava.config.image_token_id, n_image_tokens) for s in samples]
     encoded, fit = fit_all(encoded, data.max_length, data.overlong)
     units = _units(encoded, data.packing, data.max_length)
@@ -327,7 +331,7 @@ def train(recipe, dist, resume: bool) -> Path:
         print(f"--resume: no complete checkpoint under {out / 'checkpoints'}; starting at step 0")
     if dist.is_main:
         for stale in remove_incomplete_checkpoints(out):
-            print(f"removed {stale}: an interrupted save (no state/engine.json)")
+            print(f"removed {stale}: an interrupted save")
         truncate_metrics(out, start_step)  # steps after the checkpoint are logged again
         if resume_from is None:
             save_resolved(recipe, out)
