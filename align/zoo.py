@@ -19,12 +19,12 @@ This module owns ``align zoo`` and :func:`build_zoo`, which writes one folder pe
 * ``qwen2-r1`` / ``llama-r1``: ``Qwen2ForCausalLM`` / ``LlamaForCausalLM`` shaped like the R1 distills (GQA,
   untied embeddings, llama3 rope scaling for Llama) with the tokenizers of :mod:`align.zoo_tokenizer`.
 
-:data:`FAMILIES` are further LLM parts, not in the default zoo (``build_families(out)`` or ``align zoo
---families``), one per architecture feature the tests keep working: ``qwen3`` (q/k RMSNorm), ``qwen2-tied`` /
-``llama-tied`` (tied embeddings), ``mistral`` and ``mistral-sw`` (sliding window), ``gemma2`` (scaled
-embeddings, attention and final-logit soft-capping, no sdpa, alternating sliding layers), ``gemma3`` (text
-only: q/k norms, local/global rope) and ``phi3`` (fused qkv and gate/up projections). They share the Qwen
-flavour tokenizer and the R1-distill chat template (``llama-tied`` has the Llama flavour, without a pad token).
+:data:`FAMILIES` are further LLM parts, not in the default zoo (``build_families(out)``, used by
+``tests/test_llm_families.py``), one per architecture feature the tests keep working: ``qwen3`` (q/k RMSNorm),
+``qwen2-tied`` / ``llama-tied`` (tied embeddings), ``mistral`` and ``mistral-sw`` (sliding window), ``gemma2``
+(scaled embeddings, attention and final-logit soft-capping, no sdpa, alternating sliding layers), ``gemma3``
+(text only: q/k norms, local/global rope) and ``phi3`` (fused qkv and gate/up projections). They share the
+Qwen flavour tokenizer and the R1-distill chat template (``llama-tied``: the Llama flavour, without a pad).
 
 Every part is deterministic (fixed seeds): rebuilding into the same folder gives byte-identical files (folders
 built elsewhere differ only in openclip-siglip's absolute timm path). A part folder is complete when its
@@ -451,15 +451,10 @@ def register_openclip(path: Path) -> tuple[str, str]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"zoo folder (default: {DEFAULT_OUT})")
     parser.add_argument("--force", action="store_true", help="rebuild parts that are already built")
-    parser.add_argument(
-        "--families", action="store_true", help=f"also the LLM families: {', '.join(FAMILIES)}"
-    )
 
 
 def run(args: argparse.Namespace) -> int:
     paths = build_zoo(args.out, force=args.force)
-    if args.families:
-        paths |= build_families(args.out, force=args.force)
     for part, path in paths.items():
         marker = read_marker(path) or {}
         print(f"{part:<16} {path}  {marker.get('parameters', 0):,} parameters")

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+# Only these: Qwen3 and Gemma-3 normalise q/k per head, Gemma scales embeddings and soft-caps, Mistral slides
+# its window, Phi-3 fuses qkv and gate/up; StaticDecoder computes none of that, so those sample through HF.
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 _LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 _MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
