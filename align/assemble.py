@@ -259,7 +259,9 @@ def compose(recipe: AssembleRecipe, recipe_file: str | None = None):
 def assemble(recipe: AssembleRecipe, recipe_file: str | None = None) -> Path:
     """Compose and save a Llava folder (canonical llava-hf layout + the resolved recipe); returns its path."""
     from align.checkpoint import save_llava
+    from align.runfolder import check_output_dir
 
+    check_output_dir(recipe.output_dir)  # before minutes of loading, not after
     model, processor, generation_config = compose(recipe, recipe_file)
     out = save_llava(
         recipe.output_dir,

@@ -318,9 +318,10 @@ def export(
 
     from align.checkpoint import atomic_folder, resolve_model_folder, save_llava
     from align.model import parameter_table
+    from align.runfolder import check_output_dir
 
     model_dir = resolve_model_folder(source).resolve()
-    out = Path(out).resolve()
+    out = check_output_dir(out, "--out").resolve()
     if out == model_dir or model_dir in out.parents or out in model_dir.parents:
         raise AlignError(f"--out {out} overlaps the source model folder {model_dir}; choose another folder")
     if out.exists() and any(out.iterdir()) and not (out / "config.json").exists():
