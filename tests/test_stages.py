@@ -575,7 +575,15 @@ def test_real_recipes_have_the_llava_1_5_hyper_parameters(name: str) -> None:
     assert yaml.safe_load(path.read_text())["kind"] == kind
 
 
-def test_stage_refuses_broken_rows_before_loading_the_model(tmp_path, capsys) -> None:
+def test_stage_refuses_broken_rows_before_loading_the_model(
+    world: World, tmp_path, capsys, monkeypatch
+) -> None:
+    import align.stages.sft as sft_stage
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the rows were checked")
+
+    monkeypatch.setattr(sft_stage, "load_llava", no_loading)
     rows = tmp_path / "rows.jsonl"
     good = {
         "messages": [{"role": "user", "content": "<image>\nhi"}, {"role": "assistant", "content": "ok"}],
@@ -584,9 +592,10 @@ def test_stage_refuses_broken_rows_before_loading_the_model(tmp_path, capsys) ->
     rows.write_text(json.dumps(good) + "\n")
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
-        f"kind: sft\nmodel: {tmp_path}/no-model\noutput_dir: {tmp_path}/out\n"
+        f"kind: sft\nmodel: {world.model}\noutput_dir: {tmp_path}/out\n"
         f"data: {{sources: [{{name: rows, path: {rows}, format: messages}}]}}\n"
     )
     assert main(["sft", str(recipe)]) == 2
     err = capsys.readouterr().err
-    assert f"{rows}:1" in err and "missing.png" in err and "no-model" not in err
+    assert f"{rows}:1" in err and "missing.png" in err
+    assert not (tmp_path / "out").exists()
