@@ -20,3 +20,24 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("zoo")
     build_zoo(root)
     return root
+
+
+@pytest.fixture(scope="session")
+def siglip_qwen2(zoo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An assembled Llava folder (the zoo's HF SigLIP tower + tiny Qwen2 R1 distill); tests must not change it."""
+    import contextlib
+    import io
+
+    from align.assemble import AssembleRecipe, assemble
+    from align.config import from_dict
+
+    out = tmp_path_factory.mktemp("siglip_qwen2") / "model"
+    spec = {
+        "kind": "assemble",
+        "vision": {"source": "hf", "name_or_path": str(zoo / "siglip-hf")},
+        "llm": {"name_or_path": str(zoo / "qwen2-r1")},
+        "output_dir": str(out),
+    }
+    with contextlib.redirect_stdout(io.StringIO()):
+        assemble(from_dict(AssembleRecipe, spec))
+    return out

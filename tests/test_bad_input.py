@@ -24,9 +24,7 @@ import pytest
 import torch
 import yaml
 
-from align.assemble import AssembleRecipe, assemble
 from align.cli import main
-from align.config import from_dict
 from align.data.synth import synthesize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,19 +53,11 @@ class World:
 
 
 @pytest.fixture(scope="module")
-def world(zoo: Path, tmp_path_factory: pytest.TempPathFactory) -> World:
+def world(zoo: Path, siglip_qwen2: Path, tmp_path_factory: pytest.TempPathFactory) -> World:
     root = tmp_path_factory.mktemp("bad_input")
-    with contextlib.redirect_stdout(io.StringIO()):
-        synthesize(root / "synth", train=8, test=1)
-        spec = {
-            "kind": "assemble",
-            "vision": {"source": "hf", "name_or_path": str(zoo / "siglip-hf")},
-            "llm": {"name_or_path": str(zoo / "qwen2-r1")},
-            "output_dir": str(root / "model"),
-        }
-        assemble(from_dict(AssembleRecipe, spec))
+    synthesize(root / "synth", train=8, test=1)
     train = root / "synth" / "train"
-    return World(root, zoo, root / "model", train / "sft.jsonl", train / "rl.jsonl", train / "images")
+    return World(root, zoo, siglip_qwen2, train / "sft.jsonl", train / "rl.jsonl", train / "images")
 
 
 @dataclass

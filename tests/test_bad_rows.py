@@ -282,19 +282,13 @@ def test_checked_mix_skips_and_counts_per_file_when_not_strict(folder) -> None:
 
 
 @pytest.fixture(scope="module")
-def world(zoo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from align.assemble import AssembleRecipe, assemble
+def world(siglip_qwen2: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Synthetic data beside a link to the shared assembled model (the stages read it, never write it)."""
     from align.data.synth import synthesize
 
     root = tmp_path_factory.mktemp("bad_rows")
     synthesize(root / "synth", train=8, test=1)
-    spec = {
-        "kind": "assemble",
-        "vision": {"source": "hf", "name_or_path": str(zoo / "siglip-hf")},
-        "llm": {"name_or_path": str(zoo / "qwen2-r1")},
-        "output_dir": str(root / "model"),
-    }
-    assemble(from_dict(AssembleRecipe, spec))
+    (root / "model").symlink_to(siglip_qwen2, target_is_directory=True)
     return root
 
 
