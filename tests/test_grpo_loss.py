@@ -19,6 +19,7 @@ from trl.trainer.utils import nanstd as trl_nanstd
 
 from align.errors import AlignError
 from align.grpo.loss import (
+    IMPORTANCE_SAMPLING_LEVELS,
     LOSS_TYPES,
     SCALE_REWARDS,
     STD_EPS,
@@ -70,14 +71,16 @@ class _Accelerator:
         return x
 
 
-def trl_compute_loss(logps, inputs, *, beta, loss_type, accumulation_steps, num_processes, delta=None):
+def trl_compute_loss(
+    logps, inputs, *, beta, loss_type, accumulation_steps, num_processes, delta=None, level="token"
+):
     """TRL's loss and logged metrics; every attribute ``_compute_loss`` reads is set here and nowhere else."""
     trainer = SimpleNamespace(
         _get_per_token_logps_and_entropies=lambda *a, **k: (logps, torch.zeros_like(logps), None),
         aux_loss_enabled=False,
         top_entropy_quantile=1.0,
         off_policy_mask_threshold=None,
-        importance_sampling_level="token",
+        importance_sampling_level=level,
         beta=beta,
         loss_type=loss_type,
         epsilon_low=EPSILON,
@@ -123,8 +126,14 @@ CASES += [
 ]  # two-sided clipping (delta > 1 + EPSILON_HIGH)
 
 
-@pytest.mark.parametrize(("loss_type", "scale", "beta", "with_old", "steps", "delta"), CASES)
-def test_loss_and_gradients_match_trl(batch, loss_type, scale, beta, with_old, steps, delta):
+# GSPO (importance_sampling_level "sequence") under every loss_type TRL runs it with
+SEQUENCE_CASES = list(itertools.product(LOSS_TYPES, ["group"], [0.0, 0.04], [False, True], STEPS, [None]))
+SEQUENCE_CASES += [(lt, "none", 0.04, True, (1, 1), 1.3) for lt in LOSS_TYPES]
+ALL_CASES = [(*c, "token") for c in CASES] + [(*c, "sequence") for c in SEQUENCE_CASES]
+
+
+@pytest.mark.parametrize(("loss_type", "scale", "beta", "with_old", "steps", "delta", "level"), ALL_CASES)
+def test_loss_and_gradients_match_trl(batch, loss_type, scale, beta, with_old, steps, delta, level):
     accumulation_steps, num_processes = steps
     advantages, _ = group_advantages(REWARDS, G, scale)
     old = batch.old if with_old else None
@@ -137,7 +146,7 @@ def test_loss_and_gradients_match_trl(batch, loss_type, scale, beta, with_old, s
         batch.logps_of(w_ours), old, ref, advantages, batch.mask,
         beta=beta, epsilon=EPSILON, epsilon_high=EPSILON_HIGH, loss_type=loss_type,
         max_completion_length=T, num_items_in_batch=num_items, num_processes=num_processes,
-        accumulation_steps=accumulation_steps, delta=delta,
+        accumulation_steps=accumulation_steps, delta=delta, importance_sampling_level=level,
     )  # fmt: skip
     (grad_ours,) = torch.autograd.grad(ours, w_ours)
 
@@ -145,7 +154,7 @@ def test_loss_and_gradients_match_trl(batch, loss_type, scale, beta, with_old, s
     theirs, metrics = trl_compute_loss(
         batch.logps_of(w_trl), _trl_inputs(batch, advantages, old, ref, num_items),
         beta=beta, loss_type=loss_type, accumulation_steps=accumulation_steps,
-        num_processes=num_processes, delta=delta,
+        num_processes=num_processes, delta=delta, level=level,
     )  # fmt: skip
     (grad_trl,) = torch.autograd.grad(theirs, w_trl)
 
@@ -180,6 +189,44 @@ def test_parity_batch_exercises_clipping_and_delta(batch):
     capped, _ = grpo_loss(logps, batch.old, None, advantages, batch.mask, delta=1.3, **kwargs)
     uncapped, _ = grpo_loss(logps, batch.old, None, advantages, batch.mask, **kwargs)
     assert abs(capped.item() - uncapped.item()) > 1e-3
+
+
+def test_sequence_level_ratio_is_one_per_completion_and_clips(batch):
+    """GSPO: one ratio per completion, exp of its mean token log-ratio; the parity batch clips completions on
+    both sides, so the sequence-level parity cases are not between two unclipped losses."""
+    advantages, _ = group_advantages(REWARDS, G, "group")
+    logps = batch.logps_of(batch.weight)
+    kwargs = dict(
+        beta=0.0, epsilon=EPSILON, epsilon_high=EPSILON_HIGH, loss_type="grpo", max_completion_length=T
+    )
+    _, parts = grpo_loss(
+        logps, batch.old, None, advantages, batch.mask, importance_sampling_level="sequence", **kwargs
+    )
+    m = batch.mask.float()
+    per_completion = torch.exp(((logps - batch.old) * m).sum(-1) / m.sum(-1).clamp(min=1.0))
+    assert parts.ratio_mean.item() == pytest.approx(per_completion.mean().item(), abs=1e-6)
+    low = ((per_completion < 1 - EPSILON) & (advantages < 0)).float().mean().item()
+    high = ((per_completion > 1 + EPSILON_HIGH) & (advantages > 0)).float().mean().item()
+    assert (parts.clip_ratio_low.item(), parts.clip_ratio_high.item()) == pytest.approx((low, high), abs=1e-6)
+    assert low > 0 and high > 0
+    _, token_parts = grpo_loss(logps, batch.old, None, advantages, batch.mask, **kwargs)
+    assert abs(token_parts.ratio_mean.item() - parts.ratio_mean.item()) > 1e-3, "the two levels differ"
+
+
+def test_one_iteration_sequence_level_has_grpos_gradient(batch):
+    """With old_logps=None every ratio is 1 at both levels, and with loss_type grpo the gradients coincide:
+    d/dθ exp(mean_t (l_t - sg l_t)) = mean_t dl_t, which is what the per-token mean of grpo gives."""
+    advantages, _ = group_advantages(REWARDS, G, "group")
+    grads = {}
+    for level in IMPORTANCE_SAMPLING_LEVELS:
+        weight = batch.weight.clone().requires_grad_(True)
+        loss, _ = grpo_loss(
+            batch.logps_of(weight), None, None, advantages, batch.mask, beta=0.0, epsilon=EPSILON,
+            epsilon_high=EPSILON_HIGH, loss_type="grpo", max_completion_length=T, importance_sampling_level=level,
+        )  # fmt: skip
+        (grads[level],) = torch.autograd.grad(loss, weight)
+    assert grads["token"].abs().max().item() > 1e-3
+    assert torch.allclose(grads["token"], grads["sequence"], atol=1e-6)
 
 
 def _trl_reference_advantages(per_func, weights, num_generations, scale):
@@ -321,6 +368,7 @@ def test_accumulated_micro_batches_give_the_step_objective(batch, loss_type):
         (dict(loss_type="dapo"), "pass num_items_in_batch"),
         (dict(beta=0.04), "beta=0.04, ref_logps missing"),
         (dict(advantages=torch.zeros(3)), r"advantages has shape \(3,\)"),
+        (dict(importance_sampling_level="batch"), "importance_sampling_level must be one of"),
     ],
 )
 def test_grpo_loss_rejects_inconsistent_inputs(batch, change, message):

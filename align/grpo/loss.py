@@ -7,11 +7,12 @@ This module owns the arithmetic of one GRPO step and nothing else (no models, ge
   statistics that explain a zero loss (:class:`AdvantageStats`);
 * :func:`mask_truncated`: ``mask_truncated_completions``;
 * :func:`grpo_loss`: clipped surrogate + k3 KL (``beta``, ``epsilon``, ``epsilon_high``, ``delta``,
-  ``loss_type``), returning the loss and its parts (:class:`LossParts`).
+  ``loss_type``, ``importance_sampling_level``), returning the loss and its parts (:class:`LossParts`).
 
-Every option means what it means in TRL 1.16's ``GRPOTrainer`` with ``importance_sampling_level="token"``,
-``multi_objective_aggregation="sum_then_normalize"``, no vLLM importance-sampling correction,
-``top_entropy_quantile=1.0`` and no entropy bonus. ``old_logps=None`` is TRL's ``num_iterations=1`` shortcut.
+Every option means what it means in TRL 1.16's ``GRPOTrainer`` with
+``multi_objective_aggregation="sum_then_normalize"``, ``use_bias_correction_kl=False``, no vLLM
+importance-sampling correction, ``top_entropy_quantile=1.0`` and no entropy bonus. ``old_logps=None`` is TRL's
+``num_iterations=1`` shortcut.
 
 Gradient accumulation: :func:`grpo_loss` returns the loss of ONE micro-batch *before* dividing by the number
 of accumulation steps, for every ``loss_type`` alike; the caller (the engine, or DeepSpeed's ``backward``)
@@ -34,8 +35,10 @@ from align.errors import AlignError
 
 ScaleRewards = Literal["group", "batch", "none"]
 LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
+ImportanceSamplingLevel = Literal["token", "sequence"]
 SCALE_REWARDS: tuple[str, ...] = get_args(ScaleRewards)
 LOSS_TYPES: tuple[str, ...] = get_args(LossType)
+IMPORTANCE_SAMPLING_LEVELS: tuple[str, ...] = get_args(ImportanceSamplingLevel)
 
 # TRL adds this to the std so that a zero-variance group divides 0 by 1e-4 rather than by 0.
 STD_EPS = 1e-4
@@ -173,8 +176,10 @@ class LossParts:
     policy: Tensor  # clipped-surrogate part of the loss, aggregated like the loss
     kl_penalty: Tensor  # beta * aggregated k3 KL (0 when beta == 0)
     kl: Tensor | None  # mean per-token k3 estimate of KL(pi || pi_ref)  (TRL "kl")
+    # The ratio and clip statistics are over completion tokens, or with importance_sampling_level "sequence"
+    # over completions (every row of the micro-batch, one ratio each), as TRL's global_masked_mean counts them.
     ratio_mean: Tensor  # mean of pi / pi_old
-    clip_ratio_low: Tensor  # fraction of tokens with ratio < 1 - epsilon and A < 0  (TRL clip_ratio/low_mean)
+    clip_ratio_low: Tensor  # fraction with ratio < 1 - epsilon and A < 0  (TRL clip_ratio/low_mean)
     clip_ratio_high: Tensor  # ratio > 1 + epsilon_high and A > 0  (TRL clip_ratio/high_mean)
     clip_ratio_region: Tensor  # either of the two  (TRL clip_ratio/region_mean)
     num_tokens: Tensor  # completion tokens in this micro-batch (sum of the mask)
@@ -211,6 +216,12 @@ def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1.0)
 
 
+def _level_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """TRL's ``global_masked_mean`` on one rank: a ``[B, 1]`` value (one per sequence) is averaged over all B
+    rows, masked ones included; a ``[B, T]`` value over the completion tokens."""
+    return x.mean() if x.shape[-1] == 1 else _masked_mean(x, mask)
+
+
 def _check_inputs(
     logps: Tensor,
     old_logps: Tensor | None,
@@ -219,9 +230,15 @@ def _check_inputs(
     completion_mask: Tensor,
     beta: float,
     loss_type: str,
+    importance_sampling_level: str,
 ) -> None:
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+        raise ValueError(
+            f"importance_sampling_level must be one of {IMPORTANCE_SAMPLING_LEVELS}, "
+            f"got {importance_sampling_level!r}"
+        )
     if (ref_logps is None) != (beta == 0.0):
         raise ValueError(
             f"ref_logps must be given exactly when beta != 0 (beta={beta}, "
@@ -251,6 +268,7 @@ def grpo_loss(
     num_processes: int = 1,
     accumulation_steps: int = 1,
     delta: float | None = None,
+    importance_sampling_level: ImportanceSamplingLevel = "token",
 ) -> tuple[Tensor, LossParts]:
     """GRPO loss of one micro-batch (before the caller's division by ``accumulation_steps``).
 
@@ -262,6 +280,10 @@ def grpo_loss(
     ratio too. Per token, with ``r = exp(logps - old_logps)`` and ``d = ref_logps - logps``::
 
         l_it = -min(r_it A_i, clip(r_it, 1 - epsilon, 1 + epsilon_high) A_i) + beta (exp(d_it) - d_it - 1)
+
+    ``importance_sampling_level="sequence"`` (GSPO) replaces ``r_it`` by one ratio per completion,
+    ``s_i = exp(sum_t m_it (logps_it - old_logps_it) / max(1, sum_t m_it))``, broadcast over its tokens and
+    clipped (and capped by ``delta``) the same way; the KL term stays per token, as in TRL.
 
     then, with ``m`` the mask and ``B`` the micro-batch size, ``loss_type`` aggregates:
 
@@ -276,7 +298,9 @@ def grpo_loss(
     generation batch and rescales by ``gradient_accumulation_steps / steps_per_generation``; with one
     generation batch per optimizer step, TRL's default, both are the same count.)
     """
-    _check_inputs(logps, old_logps, ref_logps, advantages, completion_mask, beta, loss_type)
+    _check_inputs(
+        logps, old_logps, ref_logps, advantages, completion_mask, beta, loss_type, importance_sampling_level
+    )
     eps_high = epsilon if epsilon_high is None else epsilon_high
     mask = completion_mask.to(logps.dtype)
     adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
@@ -286,7 +310,10 @@ def grpo_loss(
 
     # With one iteration the sampling policy is the current one: the ratio is exactly 1 but still carries
     # grad log pi, which is the whole policy gradient.
-    ratio = torch.exp(logps - (logps.detach() if old_logps is None else old_logps))
+    log_ratio = logps - (logps.detach() if old_logps is None else old_logps)
+    if importance_sampling_level == "sequence":  # [B, 1]: the broadcasts below apply it to every token
+        log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    ratio = torch.exp(log_ratio)
     unclipped = ratio if delta is None else ratio.clamp(max=delta)
     clipped = ratio.clamp(1 - epsilon, 1 + eps_high)
     policy = aggregate(-torch.min(unclipped * adv, clipped * adv))
@@ -309,10 +336,10 @@ def grpo_loss(
             policy=policy.detach(),
             kl_penalty=kl_penalty.detach(),
             kl=kl,
-            ratio_mean=_masked_mean(ratio, mask),
-            clip_ratio_low=_masked_mean(low, mask),
-            clip_ratio_high=_masked_mean(high, mask),
-            clip_ratio_region=_masked_mean(torch.maximum(low, high), mask),
+            ratio_mean=_level_mean(ratio, mask),
+            clip_ratio_low=_level_mean(low, mask),
+            clip_ratio_high=_level_mean(high, mask),
+            clip_ratio_region=_level_mean(torch.maximum(low, high), mask),
             num_tokens=mask.sum(),
         )
     return loss, parts

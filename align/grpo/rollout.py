@@ -2,7 +2,8 @@
 
 The stage (``align/stages/grpo.py``) owns the loop; this module owns the per-batch record and the pure helpers
 around it: reward columns, reference log-probs (a frozen copy, or the LoRA policy with adapters disabled),
-group/batch reward statistics and the per-step rollout metrics. ``dist`` arguments are the engine's
+group/batch reward statistics, DAPO's dynamic sampling (which question groups carry a signal, splitting batches
+into groups and packing the chosen ones into micro-batches again) and the per-step rollout metrics. ``dist`` arguments are the engine's
 ``Dist`` (its reductions); nothing here imports a distributed library.
 Tests: ``.venv/bin/pytest -q tests/test_grpo_stage.py``.
 """
@@ -12,9 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from align.grpo.logps import completion_logps
+from align.grpo.sampler import Rollout
 from align.lora import is_lora
 
 
@@ -43,14 +46,18 @@ def all_sum(dist, value: float) -> float:
     return float(dist.all_reduce_mean(float(value))) * dist.world_size
 
 
-def reward_columns(samples, sizes, g: int) -> dict[str, list]:
-    """Dataset columns for the reward functions, one value per completion (question-major)."""
+def reward_columns(samples, sizes, g: int, rollout: Rollout) -> dict[str, list]:
+    """Dataset columns for the reward functions, one value per completion (question-major); ``completion_ids``
+    (TRL's name) holds each completion's token ids, end-of-turn token included, padding left out."""
     rep = lambda values: [v for v in values for _ in range(g)]  # noqa: E731
     return {
         "solution": rep([s.answer for s in samples]),
         "box": rep([s.meta.get("box") for s in samples]),
         "image_size": rep([sz[0] if sz else None for sz in sizes]),
         "family": rep([s.meta.get("family") for s in samples]),
+        "completion_ids": [
+            ids[:n].tolist() for ids, n in zip(rollout.completion_ids, rollout.lengths.tolist(), strict=True)
+        ],
     }
 
 
@@ -122,6 +129,83 @@ def group_std(rewards: torch.Tensor, g: int) -> torch.Tensor:
     centred = grouped - grouped.nanmean(1, keepdim=True)
     var = (centred**2).nansum(1) / (count - 1).clamp(min=1)
     return torch.where(count > 1, var.sqrt(), torch.zeros_like(var))
+
+
+def has_signal(rewards: torch.Tensor, g: int) -> torch.Tensor:
+    """``[groups]`` bool: True where a group's rewards vary, i.e. where some advantage is not 0 (a group with
+    fewer than 2 scored completions has none: its advantages are all 0, see :func:`group_std`)."""
+    std = group_std(rewards, g)
+    return ~torch.isclose(std, torch.zeros_like(std))
+
+
+def fill_groups(varied: list, flat: list, need: int) -> tuple[list, int]:
+    """DAPO's dynamic sampling on one rank: the ``need`` groups an update trains on, and how many of ``flat``
+    (zero-variance groups) were dropped.
+
+    Groups with signal (``varied``, in sampling order) come first; only when the round limit left fewer than
+    ``need`` of them are zero-variance ones used to fill the micro-batches (they add 0 to the policy gradient).
+    Surplus groups with signal are not kept for later: every step draws its own questions (exact resume).
+    """
+    if len(varied) + len(flat) < need:
+        raise ValueError(f"{len(varied)} + {len(flat)} groups sampled for {need} places")
+    fill = flat[: max(0, need - len(varied))]
+    return varied[:need] + fill, len(flat) - len(fill)
+
+
+def split_groups(b: RolloutBatch, g: int) -> list[RolloutBatch]:
+    """``b`` as one batch per question (its ``g`` completions and everything scored on them); advantages are
+    left out (they are computed on the batch that trains)."""
+    r, pieces, image_at = b.rollout, [], 0
+    for q, n_images in enumerate(b.images_per_prompt):
+        rows = slice(q * g, (q + 1) * g)
+        pixels = None if b.pixels is None or n_images == 0 else b.pixels[image_at : image_at + n_images]
+        image_at += n_images
+        rollout = Rollout(
+            r.completion_ids[rows],
+            r.completion_mask[rows],
+            r.lengths[rows],
+            r.is_truncated[rows],
+            None if r.logps is None else r.logps[rows],
+        )
+        piece = RolloutBatch([b.samples[q]], [b.prompt_ids[q]], pixels, [n_images], [b.sizes[q]], rollout)
+        piece.texts, piece.scores = b.texts[rows], b.scores[rows]
+        piece.per_func, piece.rewards, piece.mask = b.per_func[rows], b.rewards[rows], b.mask[rows]
+        piece.ref_logps = None if b.ref_logps is None else b.ref_logps[rows]
+        pieces.append(piece)
+    return pieces
+
+
+def merge_groups(pieces: list[RolloutBatch], pad_token_id: int) -> RolloutBatch:
+    """One micro-batch of the questions in ``pieces`` (from :func:`split_groups`, possibly of different
+    rounds), completions right-padded to the widest piece: padding is masked, so log-probs are unchanged."""
+    width = max(p.rollout.completion_ids.shape[1] for p in pieces)
+
+    def cat(tensors: list[torch.Tensor], value: float) -> torch.Tensor:
+        return torch.cat([F.pad(t, (0, width - t.shape[1]), value=value) for t in tensors])
+
+    rollouts = [p.rollout for p in pieces]
+    images = [p.pixels for p in pieces if p.pixels is not None]
+    b = RolloutBatch(
+        [s for p in pieces for s in p.samples],
+        [ids for p in pieces for ids in p.prompt_ids],
+        torch.cat(images) if images else None,
+        [n for p in pieces for n in p.images_per_prompt],
+        [sz for p in pieces for sz in p.sizes],
+        Rollout(
+            cat([r.completion_ids for r in rollouts], pad_token_id),
+            cat([r.completion_mask for r in rollouts], 0),
+            torch.cat([r.lengths for r in rollouts]),
+            torch.cat([r.is_truncated for r in rollouts]),
+            None if rollouts[0].logps is None else cat([r.logps for r in rollouts], 0.0),
+        ),
+    )
+    b.texts = [t for p in pieces for t in p.texts]
+    b.scores = [row for p in pieces for row in p.scores]
+    b.per_func = torch.cat([p.per_func for p in pieces])
+    b.rewards = torch.cat([p.rewards for p in pieces])
+    b.mask = cat([p.mask for p in pieces], 0)
+    b.ref_logps = None if pieces[0].ref_logps is None else cat([p.ref_logps for p in pieces], 0.0)
+    return b
 
 
 def rollout_metrics(

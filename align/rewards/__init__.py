@@ -61,6 +61,7 @@ from align.rewards.boxes import (
 )
 from align.rewards.extract import R1_PREFILL, extract_answer, extract_think, format_score, with_prefill
 from align.rewards.mathcheck import warm_up
+from align.rewards.overlong import soft_overlong, soft_overlong_reward
 from align.rewards.reasoning import length, repetition
 
 __all__ = [
@@ -98,6 +99,8 @@ __all__ = [
     "repetition",
     "repetition_reward",
     "score_all",
+    "soft_overlong",
+    "soft_overlong_reward",
     "unscorable_gold",
     "warm_up",
     "with_prefill",
@@ -192,6 +195,7 @@ REWARDS: dict[str, RewardFn] = {
     "iou_soft": iou_soft_reward,
     "length": length_reward,
     "repetition": repetition_reward,
+    "soft_overlong": soft_overlong_reward,
 }
 
 

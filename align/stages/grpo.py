@@ -38,10 +38,20 @@ exactly 1, so the policy-gradient part is ~0 while its gradient is not), through
 (``time/rollout_s``, ``time/rewards_s``, ``time/reference_s``, ``time/update_s``). Sampled completions go to
 ``completions.jsonl`` with their rewards.
 
+DAPO's dynamic sampling (``dynamic_sampling: true``, which TRL does not have; verl's ``filter_groups``): after
+each rollout round every rank keeps its question groups whose rewards vary; while any rank has fewer than its
+``micro_batch_size x grad_accum``, every rank rolls out the next questions of the data order (the decision is
+taken on the shortfall summed over ranks, so all do the same rounds and updates), up to
+``dynamic_sampling_max_rounds``, after which zero-variance groups fill the gaps (verl stops with an error
+there). Advantages and the reward metrics are then those of the groups trained on;
+``dynamic_sampling/dropped_groups`` counts the zero-variance groups left out over all ranks and
+``dynamic_sampling/rounds`` the rounds used. Steps keep their number, so a run reads its data faster; the
+number of rounds drawn is saved with each checkpoint, and resuming continues the same data order and seeds.
+
 Where this differs from TRL 1.16 on purpose: micro-batches hold whole question groups (TRL shuffles
 completions across the micro-batches of a generation batch, which only changes how ``grpo``/``bnpo`` average
-within a micro-batch); reward functions get the columns ``solution``, ``box``, ``image_size``, ``family`` (not
-``prompts``/``completion_ids``); the prefill is restored before scoring (TRL scores the raw completion).
+within a micro-batch); reward functions get the columns ``solution``, ``box``, ``image_size``, ``family`` and
+TRL's ``completion_ids`` (not ``prompts``); the prefill is restored before scoring (TRL scores the raw completion).
 
 Tests: ``.venv/bin/pytest -q tests/test_grpo_stage.py`` (``-m distributed`` for the 2-process runs).
 """
@@ -53,7 +63,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -75,6 +85,7 @@ from align.engine import held_parameters, init_distributed, setup
 from align.errors import AlignError
 from align.grpo.logps import completion_logps_and_entropy
 from align.grpo.loss import (
+    IMPORTANCE_SAMPLING_LEVELS,
     LOSS_TYPES,
     SCALE_REWARDS,
     combine_rewards,
@@ -85,13 +96,17 @@ from align.grpo.loss import (
 from align.grpo.rollout import (
     RolloutBatch,
     all_sum,
+    fill_groups,
     global_std,
+    has_signal,
     llava_of,
+    merge_groups,
     reference_logps,
     reward_columns,
     reward_names,
     rollout_metrics,
     skip_pooling_head,
+    split_groups,
 )
 from align.grpo.sampler import SharedPrefixSampler
 from align.lora import apply_lora, is_lora, merge_lora_state_dict, save_adapter
@@ -137,10 +152,24 @@ class GRPOSpec:
     num_iterations: int = ranged(1, ge=1)
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "grpo"
     scale_rewards: Literal["group", "batch", "none"] = "group"
-    mask_truncated_completions: bool = False
+    importance_sampling_level: Literal["token", "sequence"] = (
+        "token"  # pi/pi_old per token, or per completion: exp(mean token log-ratio), GSPO (with loss_type grpo)
+    )
+    mask_truncated_completions: bool = (
+        False  # DAPO's overlong filtering: completions cut at max_completion_length add no loss
+    )
+    dynamic_sampling: bool = (
+        False  # DAPO: drop groups whose G rewards are all equal, roll out more questions to fill the step
+    )
+    dynamic_sampling_max_rounds: int = ranged(
+        10, ge=2, note="1 could not refill"
+    )  # rollout rounds per step at most (verl's max_num_gen_batches); then zero-variance groups fill the rest
     reward_funcs: list[str] = field(
         default_factory=lambda: ["accuracy", "format"]
     )  # names or module:function
+    reward_params: dict[str, dict[str, Any]] = field(
+        default_factory=dict
+    )  # keyword arguments per reward_funcs entry (any YAML value), e.g. {soft_overlong: {soft_punish_cache: 32}}
     reward_weights: list[float] | None = ranged(None)  # one per reward function, any sign; None: all 1
     reward_errors: Literal["skip", "raise"] = "skip"  # an exception inside a reward: count + skip, or stop
     shared_prefix: bool = (
@@ -170,7 +199,37 @@ class GRPOSpec:
                 "reward_weights",
                 f"{len(self.reward_weights)} weights for {len(self.reward_funcs)} reward functions {self.reward_funcs}",
             )
+        for spec in self.reward_params:
+            if spec not in self.reward_funcs:
+                raise RecipeError.at(
+                    f"reward_params.{spec}", f"is not one of reward_funcs {self.reward_funcs}"
+                )
+            try:  # a misspelt parameter stops here
+                load_reward(spec, self.reward_params_for(spec))
+            except AlignError as err:
+                raise RecipeError.at(f"reward_params.{spec}", str(err)) from None
+        if "soft_overlong" in self.reward_funcs:
+            params = self.reward_params_for("soft_overlong")
+            cache, limit = params.get("soft_punish_cache"), params["max_completion_len"]
+            whole = all(isinstance(v, int) and not isinstance(v, bool) for v in (cache, limit))
+            if not whole or not 0 <= cache <= limit:
+                raise RecipeError.at(
+                    "reward_params.soft_overlong",
+                    f"needs soft_punish_cache, a whole number of tokens in [0, max_completion_len ({limit})] "
+                    f"over which the penalty falls from 0 to -1; got {params}",
+                )
+        if self.dynamic_sampling and self.reward_weights is not None and not any(self.reward_weights):
+            raise RecipeError.at(
+                "dynamic_sampling",
+                "every reward weight is 0, so every group has zero variance and none could ever be kept",
+            )
         assert self.loss_type in LOSS_TYPES and self.scale_rewards in SCALE_REWARDS
+        assert self.importance_sampling_level in IMPORTANCE_SAMPLING_LEVELS
+
+    def reward_params_for(self, spec: str) -> dict:
+        """The keyword arguments ``spec`` is bound with; soft_overlong's budget defaults to this stage's."""
+        defaults = {"max_completion_len": self.max_completion_length} if spec == "soft_overlong" else {}
+        return {**defaults, **self.reward_params.get(spec, {})}
 
 
 @dataclass
@@ -297,7 +356,7 @@ def _train(recipe: GRPORecipe, dist, resume: bool) -> Path:
         reference, _ = load_llava(model_dir, dtype=dtype)
         skip_pooling_head(reference)
     rewards = {
-        name: load_reward(spec)
+        name: load_reward(spec, cfg.reward_params_for(spec))
         for name, spec in zip(reward_names(cfg.reward_funcs), cfg.reward_funcs, strict=True)
     }
     weights = cfg.reward_weights or [1.0] * len(rewards)
@@ -378,9 +437,11 @@ def _train(recipe: GRPORecipe, dist, resume: bool) -> Path:
             print(f"reference model: this rank holds {held:,} of its {total:,} parameters")
     base_lrs = engine.lrs()  # before load_state, which restores the schedule's current values
     warmup = int(recipe.optim.warmup_ratio * total_steps)
-    start_round = 0
+    start_round = draws = 0
     if resume_from is not None:
-        start_round = engine.load_state(resume_from / "state")["round"]
+        saved = engine.load_state(resume_from / "state")
+        start_round = saved["round"]
+        draws = saved.get("draws", start_round)  # states written before dynamic sampling: a draw per round
         if dist.is_main:
             print(f"resumed from {resume_from} at round {start_round}")
     start_step = start_round * cfg.num_iterations
@@ -396,91 +457,125 @@ def _train(recipe: GRPORecipe, dist, resume: bool) -> Path:
     progress = Progress(total_steps, start_step, dist.is_main)
     t_start = time.perf_counter()
     order: dict[int, list[int]] = {}
+    per_rank = run.micro_batch_size * run.grad_accum
+    max_draws = cfg.dynamic_sampling_max_rounds if cfg.dynamic_sampling else 1
 
     # --- the loop: one round = rollouts for this step's questions, then num_iterations updates ---------------
     for rnd in range(start_round, total_rounds):
         t_round = time.perf_counter()
         torch.manual_seed(run.seed * 1_000_003 + rnd)  # dropout depends on the round only: exact resume
-        epoch, index = divmod(rnd, rounds_per_epoch)
-        if epoch not in order:
-            order = {epoch: random.Random(f"grpo-order:{seed}:{epoch}").sample(range(len(kept)), len(kept))}
-        round_ids = order[epoch][index * questions_per_round : (index + 1) * questions_per_round]
-        per_rank = run.micro_batch_size * run.grad_accum
-        mine = [kept[i] for i in round_ids[dist.rank * per_rank : (dist.rank + 1) * per_rank]]
-        micro = [mine[i : i + run.micro_batch_size] for i in range(0, per_rank, run.micro_batch_size)]
-        generator = torch.Generator().manual_seed(run.seed * 1_000_003 + rnd * 1009 + dist.rank)
-
-        # rollouts: one gathered phase for all micro-batches; old log-probs come from the sampler, once per round
-        batches: list[RolloutBatch] = []
-        policy.eval()
-        with engine.gathered_for_generation() as gathered, engine.autocast():
-            sampler = SharedPrefixSampler(llava_of(gathered.model))
-            for mb in micro:
-                pixels, flat_sizes = pixel_values(
-                    [im for s, _ in mb for im in s.images],
-                    processor.image_processor,
-                    data.max_image_pixels,
-                    [s.origin for s, _ in mb for _ in s.images],
-                )
-                sizes, at = [], 0  # per row: its images' sizes
-                for s, _ in mb:
-                    sizes.append(flat_sizes[at : at + len(s.images)])
-                    at += len(s.images)
-                b = RolloutBatch(
-                    [s for s, _ in mb],
-                    [enc.input_ids for _, enc in mb],
-                    pixels,
-                    [len(s.images) for s, _ in mb],
-                    sizes,
-                )
-                b.rollout = sampler.generate(
-                    b.prompt_ids,
-                    b.pixels,
-                    b.images_per_prompt,
-                    num_generations=g,
-                    max_new_tokens=cfg.max_completion_length,
-                    temperature=cfg.temperature,
-                    top_p=cfg.top_p,
-                    top_k=cfg.top_k,
-                    eos_token_ids=eos_ids,
-                    pad_token_id=tokenizer.pad_token_id,
-                    generator=generator,
-                    return_logps=cfg.num_iterations > 1,
-                    blank_pixels=blank,
-                )
-                batches.append(b)
-            t_rollout = time.perf_counter()
-            if cfg.beta > 0 and reference is None:  # LoRA: the policy's own gathered weights, adapters off
-                for b in batches:
-                    b.ref_logps = reference_logps(
-                        None, gathered.model, b, g, cfg.temperature, cfg.shared_prefix, blank
-                    )
-        policy.train()
-        if (
-            reference is not None
-        ):  # the frozen copy: after the block, so the gathered policy is released first
-            with engine.autocast():
-                for b in batches:
-                    b.ref_logps = reference_logps(
-                        reference, model, b, g, cfg.temperature, cfg.shared_prefix, blank
-                    )
-        t_reference = time.perf_counter()
-
+        # A draw reads the next step's worth of questions in the data order (and seeds sampling by its number):
+        # one per round, or with dynamic sampling more until every rank holds per_rank groups with signal.
+        varied: list[RolloutBatch] = []  # dynamic sampling: this rank's question groups whose rewards vary
+        flat: list[RolloutBatch] = []  # and those whose G rewards are all equal
         reward_errors = dict.fromkeys(rewards, 0)
-        for b in batches:
-            texts = tokenizer.batch_decode(b.rollout.completion_ids, skip_special_tokens=True)
-            b.texts = with_prefill(texts, prefill) if prefill else texts  # rewards see the full reasoning
-            b.scores, errors = score_all(
-                rewards, b.texts, reward_columns(b.samples, b.sizes, g), on_error=cfg.reward_errors
-            )
-            for name, n in errors.items():
-                reward_errors[name] += n
-            b.per_func = torch.tensor([[float("nan") if v is None else v for v in row] for row in b.scores])
-            b.rewards = combine_rewards(b.per_func, weights)
-            b.mask = b.rollout.completion_mask
-            if cfg.mask_truncated_completions:
-                b.mask = mask_truncated(b.mask, b.rollout.is_truncated)
-        t_rewards = time.perf_counter()
+        seconds = dict.fromkeys(("rollout", "reference", "rewards"), 0.0)
+        first_draw = draws
+        for _ in range(max_draws):
+            t_draw = time.perf_counter()
+            epoch, index = divmod(draws, rounds_per_epoch)
+            if epoch not in order:
+                shuffled = random.Random(f"grpo-order:{seed}:{epoch}").sample(range(len(kept)), len(kept))
+                order = {epoch: shuffled}
+            round_ids = order[epoch][index * questions_per_round : (index + 1) * questions_per_round]
+            mine = [kept[i] for i in round_ids[dist.rank * per_rank : (dist.rank + 1) * per_rank]]
+            micro = [mine[i : i + run.micro_batch_size] for i in range(0, per_rank, run.micro_batch_size)]
+            generator = torch.Generator().manual_seed(run.seed * 1_000_003 + draws * 1009 + dist.rank)
+            draws += 1
+
+            # rollouts: one gathered phase for all micro-batches; old log-probs come from the sampler, once
+            batches: list[RolloutBatch] = []
+            policy.eval()
+            with engine.gathered_for_generation() as gathered, engine.autocast():
+                sampler = SharedPrefixSampler(llava_of(gathered.model))
+                for mb in micro:
+                    pixels, flat_sizes = pixel_values(
+                        [im for s, _ in mb for im in s.images],
+                        processor.image_processor,
+                        data.max_image_pixels,
+                        [s.origin for s, _ in mb for _ in s.images],
+                    )
+                    sizes, at = [], 0  # per row: its images' sizes
+                    for s, _ in mb:
+                        sizes.append(flat_sizes[at : at + len(s.images)])
+                        at += len(s.images)
+                    b = RolloutBatch(
+                        [s for s, _ in mb],
+                        [enc.input_ids for _, enc in mb],
+                        pixels,
+                        [len(s.images) for s, _ in mb],
+                        sizes,
+                    )
+                    b.rollout = sampler.generate(
+                        b.prompt_ids,
+                        b.pixels,
+                        b.images_per_prompt,
+                        num_generations=g,
+                        max_new_tokens=cfg.max_completion_length,
+                        temperature=cfg.temperature,
+                        top_p=cfg.top_p,
+                        top_k=cfg.top_k,
+                        eos_token_ids=eos_ids,
+                        pad_token_id=tokenizer.pad_token_id,
+                        generator=generator,
+                        return_logps=cfg.num_iterations > 1,
+                        blank_pixels=blank,
+                    )
+                    batches.append(b)
+                t_rollout = time.perf_counter()
+                if cfg.beta > 0 and reference is None:  # LoRA: the policy's gathered weights, adapters off
+                    for b in batches:
+                        b.ref_logps = reference_logps(
+                            None, gathered.model, b, g, cfg.temperature, cfg.shared_prefix, blank
+                        )
+            policy.train()
+            if (
+                reference is not None
+            ):  # the frozen copy: after the block, so the gathered policy is released first
+                with engine.autocast():
+                    for b in batches:
+                        b.ref_logps = reference_logps(
+                            reference, model, b, g, cfg.temperature, cfg.shared_prefix, blank
+                        )
+            t_reference = time.perf_counter()
+
+            for b in batches:
+                texts = tokenizer.batch_decode(b.rollout.completion_ids, skip_special_tokens=True)
+                b.texts = with_prefill(texts, prefill) if prefill else texts  # rewards see the full reasoning
+                b.scores, errors = score_all(
+                    rewards,
+                    b.texts,
+                    reward_columns(b.samples, b.sizes, g, b.rollout),
+                    on_error=cfg.reward_errors,
+                )
+                for name, n in errors.items():
+                    reward_errors[name] += n
+                b.per_func = torch.tensor(
+                    [[float("nan") if v is None else v for v in row] for row in b.scores]
+                )
+                b.rewards = combine_rewards(b.per_func, weights)
+                b.mask = b.rollout.completion_mask
+                if cfg.mask_truncated_completions:
+                    b.mask = mask_truncated(b.mask, b.rollout.is_truncated)
+            t_rewards = time.perf_counter()
+            seconds["rollout"] += t_rollout - t_draw
+            seconds["reference"] += t_reference - t_rollout
+            seconds["rewards"] += t_rewards - t_reference
+            if not cfg.dynamic_sampling:
+                break
+            for b in batches:
+                for piece, signal in zip(split_groups(b, g), has_signal(b.rewards, g).tolist(), strict=True):
+                    (varied if signal else flat).append(piece)
+            # all ranks draw again while any one lacks groups with signal: one decision, on the summed shortfall
+            if all_sum(dist, max(0, per_rank - len(varied))) == 0:
+                break
+
+        if cfg.dynamic_sampling:  # the update sees per_rank groups: with signal, or filled at the round limit
+            chosen, dropped = fill_groups(varied, flat, per_rank)
+            batches = [
+                merge_groups(chosen[i : i + run.micro_batch_size], tokenizer.pad_token_id)
+                for i in range(0, per_rank, run.micro_batch_size)
+            ]
 
         # advantages: per group of G; "batch" scales by the std of the whole global batch, as TRL does
         all_rewards = torch.cat([b.rewards for b in batches])
@@ -494,13 +589,10 @@ def _train(recipe: GRPORecipe, dist, resume: bool) -> Path:
                 b.advantages = b.advantages / (batch_std + 1e-4)
             zero_std.append(stats.frac_reward_zero_std)
         rollout_row = rollout_metrics(dist, batches, list(rewards), reward_errors, zero_std, g)
-        rollout_row.update(
-            {
-                "time/rollout_s": t_rollout - t_round,
-                "time/reference_s": t_reference - t_rollout,
-                "time/rewards_s": t_rewards - t_reference,
-            }
-        )
+        rollout_row.update({f"time/{k}_s": v for k, v in seconds.items()})
+        if cfg.dynamic_sampling:
+            rollout_row["dynamic_sampling/dropped_groups"] = all_sum(dist, dropped)
+            rollout_row["dynamic_sampling/rounds"] = draws - first_draw
 
         # updates: num_iterations optimizer steps on the same completions
         n_tokens = all_sum(dist, sum(float(b.mask.sum()) for b in batches))
@@ -537,6 +629,7 @@ def _train(recipe: GRPORecipe, dist, resume: bool) -> Path:
                     num_items_in_batch=n_tokens,
                     num_processes=dist.world_size,
                     accumulation_steps=run.grad_accum,
+                    importance_sampling_level=cfg.importance_sampling_level,
                 )
                 engine.backward(loss)
                 grad_norm = engine.step()
@@ -589,7 +682,7 @@ def _train(recipe: GRPORecipe, dist, resume: bool) -> Path:
         if crossed and rnd + 1 < total_rounds:
             step_dir = out / "checkpoints" / f"step-{done:07d}"
             _save_model(engine, model, processor, step_dir / "model", recipe.lora, recipe)
-            engine.save_state(step_dir / "state", extra={"round": rnd + 1})
+            engine.save_state(step_dir / "state", extra={"round": rnd + 1, "draws": draws})
             if dist.is_main:
                 prune_checkpoints(out, run.keep_last)
             dist.barrier()
