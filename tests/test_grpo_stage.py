@@ -310,7 +310,9 @@ def test_lora_reference_is_the_same_model_with_adapters_disabled(work: Path, lea
     )
     assert run.loads == 1 and "reference model: adapters disabled" in run.stdout
     rows = run.metrics()
-    assert rows[0]["kl"] == 0.0 and rows[-1]["kl"] > 0, "adapters start at 0, then move away from the base"
+    # adapters start at 0, then move away from the base; step 1's KL is 0 up to float32 rounding (-1.9e-9 with
+    # peft 0.21 and transformers 5.24), the last one is far above that
+    assert abs(rows[0]["kl"]) < 1e-7 and rows[-1]["kl"] > 1e-6, [r["kl"] for r in rows]
     assert (run.out / "adapter" / "adapter_config.json").is_file()
     merged = load_file(run.out / "model" / "model.safetensors")
     assert not any("lora" in k for k in merged), "model/ holds plain Llava weights with LoRA merged"
