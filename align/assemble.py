@@ -179,24 +179,23 @@ def llm_config_of(name_or_path: str):
 
     from align.checkpoint import check_weight_files, read_model_config
 
-    if Path(name_or_path).is_dir():
-        model_type = read_model_config(name_or_path)["model_type"]
-        if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-            what = "a vision tower" if "clip" in model_type or "siglip" in model_type else "not a causal LM"
-            raise AlignError(
-                f"llm.name_or_path {name_or_path}: model_type is {model_type!r} ({what}); "
-                "the LLM must be a causal language model (e.g. qwen2, llama)"
-            )
-        check_weight_files(name_or_path)
+    folder = Path(name_or_path).is_dir()
+    if folder:  # no config.json or no model_type: one line naming the folder, before transformers reads it
+        read_model_config(name_or_path)
     try:
         config = AutoConfig.from_pretrained(name_or_path)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise AlignError(f"llm.name_or_path {name_or_path}: cannot read its config: {first}") from None
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    model_type = config.model_type
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        what = "a vision tower" if "clip" in model_type or "siglip" in model_type else "not a causal LM"
         raise AlignError(
-            f"llm.name_or_path {name_or_path}: model_type is {config.model_type!r}, not a causal language model"
+            f"llm.name_or_path {name_or_path}: model_type is {model_type!r} ({what}); "
+            "the LLM must be a causal language model (e.g. qwen2, llama)"
         )
+    if folder:
+        check_weight_files(name_or_path)
     if getattr(config, "vision_config", None) is not None:  # e.g. gemma3: its causal-LM class is multimodal
         raise AlignError(
             f"llm.name_or_path {name_or_path}: {config.model_type!r} is a vision-language model; "

@@ -159,13 +159,9 @@ def _reject_pretrained(name_or_path: str, pretrained: str | None) -> None:
         raise AlignError(f"'{name_or_path}': only open_clip towers take pretrained ({pretrained!r})")
 
 
-def _folder_model_type(folder: Path) -> str:
-    return read_model_config(folder)["model_type"]
-
-
 def _hf_config(name_or_path: str) -> VisionConfig:
     if Path(name_or_path).is_dir():
-        _folder_model_type(Path(name_or_path))  # no config.json / no model_type: one line naming the folder
+        read_model_config(name_or_path)  # no config.json / no model_type: one line naming the folder
     try:
         config = AutoConfig.from_pretrained(name_or_path)
     except (OSError, ValueError) as err:
@@ -234,7 +230,7 @@ def _openclip_visual(name_or_path: str, pretrained: str | None, meta: bool) -> n
         if not (folder / "open_clip_config.json").is_file():
             found = ""
             if (folder / "config.json").is_file():  # a Hugging Face folder: say what it is
-                found = f" (it is a Hugging Face {_folder_model_type(folder)!r} folder, not an open_clip one)"
+                found = f" (it is a Hugging Face {read_model_config(folder)['model_type']!r} folder, not an open_clip one)"
             raise AlignError(f"'{name_or_path}': {folder}/open_clip_config.json not found{found}")
         if not any(any(folder.glob(pattern)) for pattern in ("*.safetensors", "*.bin", "*.pth")):
             raise AlignError(f"'{name_or_path}': no weights file in {folder}")

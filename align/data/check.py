@@ -27,7 +27,15 @@ from typing import Any, Literal
 from align.config import RecipeError, apply_overrides, from_dict, read_yaml, schema_for
 from align.data.config import DataConfig, DataSource, parse_sampling
 from align.data.images import ImageNotFound, ImageTooLarge, image_size, load_image, warn_pixel_limit
-from align.data.mixing import MixReport, apply_sampling, build_mix, empty_source, format_table, mix_sizes
+from align.data.mixing import (
+    MixReport,
+    apply_sampling,
+    build_mix,
+    empty_source,
+    format_table,
+    mix_sizes,
+    zero_weight_source,
+)
 from align.data.readers import FilteredRow, RowProblem, read_source
 from align.data.sample import Sample
 from align.errors import AlignError
@@ -83,10 +91,7 @@ class CheckReport:
                 why += f"; first: {c.first.origin}: {c.first.reason}"
             error = empty_source(c.name, c.path, c.rows, c.usable, why)
             if error is None and mixed == 0:
-                error = (
-                    f"data source '{c.name}' ({c.path}): weight {source.weight} gives it 0 of the "
-                    f"{sum(self.mixed)} mixed rows; raise the weight or remove the source"
-                )
+                error = zero_weight_source(c.name, c.path, source.weight, sum(self.mixed))
             if error is not None:
                 errors.append(error)
         return errors

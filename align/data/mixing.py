@@ -100,6 +100,14 @@ def empty_source(name: str, path: str, read: int, usable: int, why: str) -> str 
     return None
 
 
+def zero_weight_source(name: str, path: str, weight: float | None, total: int) -> str:
+    """The error for a weighted source that rounds to no rows of a mix of ``total``."""
+    return (
+        f"data source '{name}' ({path}): weight {weight} gives it 0 of the {total} mixed rows; "
+        "raise the weight or remove the source"
+    )
+
+
 @dataclass
 class MixReport:
     sources: list[SourceCounts]
@@ -161,10 +169,7 @@ def build_mix(
     mix: list[Sample] = []
     for source, c, rows, size in zip(sources, counts, kept_rows, sizes, strict=True):
         if size == 0:
-            raise AlignError(
-                f"data source '{source.name}' ({source.path}): weight {source.weight} gives it 0 of the "
-                f"{sum(sizes)} mixed rows; raise the weight or remove the source"
-            )
+            raise AlignError(zero_weight_source(source.name, source.path, source.weight, sum(sizes)))
         c.mixed = size
         mix.extend(take(rows, size, seed, source.name))
     return mix, MixReport(counts, problems)

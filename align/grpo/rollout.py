@@ -3,8 +3,8 @@
 The stage (``align/stages/grpo.py``) owns the loop; this module owns the per-batch record and the pure helpers
 around it: reward columns, reference log-probs (a frozen copy, or the LoRA policy with adapters disabled),
 group/batch reward statistics, DAPO's dynamic sampling (which question groups carry a signal, splitting batches
-into groups and packing the chosen ones into micro-batches again) and the per-step rollout metrics. ``dist`` arguments are the engine's
-``Dist`` (its reductions); nothing here imports a distributed library.
+into groups and packing the chosen ones into micro-batches again) and the per-step rollout metrics. ``dist``
+arguments are the engine's ``Dist`` (its reductions); nothing here imports a distributed library.
 Tests: ``.venv/bin/pytest -q tests/test_grpo_stage.py``.
 """
 

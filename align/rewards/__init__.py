@@ -61,7 +61,7 @@ from align.rewards.boxes import (
 )
 from align.rewards.extract import R1_PREFILL, extract_answer, extract_think, format_score, with_prefill
 from align.rewards.mathcheck import warm_up
-from align.rewards.overlong import soft_overlong, soft_overlong_reward
+from align.rewards.overlong import soft_overlong, soft_overlong_problem, soft_overlong_reward
 from align.rewards.reasoning import length, repetition
 
 __all__ = [
@@ -197,6 +197,10 @@ REWARDS: dict[str, RewardFn] = {
     "repetition": repetition_reward,
     "soft_overlong": soft_overlong_reward,
 }
+# Built-ins whose parameters need more than their names checked: name -> what is wrong with them, or None.
+PARAMETER_PROBLEMS: dict[str, Callable[[Mapping[str, Any]], str | None]] = {
+    "soft_overlong": soft_overlong_problem,
+}
 
 
 DEFAULT_REWARD_FUNCS: tuple[str, ...] = ("accuracy", "format")  # GRPO's and `align eval`'s default
@@ -267,6 +271,9 @@ def _bind(name: str, fn: RewardFn, params: Mapping[str, Any]) -> RewardFn:
         raise AlignError(
             f"reward '{name}' has no parameter {', '.join(map(repr, unknown))} (parameters: {', '.join(named)})"
         )
+    problem = PARAMETER_PROBLEMS[name](params) if name in PARAMETER_PROBLEMS else None
+    if problem is not None:
+        raise AlignError(f"reward '{name}' {problem}")
 
     def bound(completions: Sequence[Any], **columns: Any) -> list:
         return fn(completions, **{**columns, **params})

@@ -15,7 +15,7 @@ The GRPO stage passes the token ids of every completion as the ``completion_ids`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 
@@ -27,6 +27,18 @@ def soft_overlong(length: int, max_completion_len: int, soft_punish_cache: int) 
     if length <= max_completion_len:
         return (start - length) / soft_punish_cache
     return -1.0
+
+
+def soft_overlong_problem(params: Mapping[str, Any]) -> str | None:
+    """What is wrong with :func:`soft_overlong_reward`'s bound parameters, or ``None``."""
+    cache, limit = params.get("soft_punish_cache"), params.get("max_completion_len")
+    whole = all(isinstance(v, int) and not isinstance(v, bool) for v in (cache, limit))
+    if whole and 0 <= cache <= limit:
+        return None
+    return (
+        f"needs soft_punish_cache, a whole number of tokens in [0, max_completion_len ({limit})] over which the "
+        f"penalty falls from 0 to -1; got {dict(params)}"
+    )
 
 
 def soft_overlong_reward(

@@ -204,20 +204,14 @@ class GRPOSpec:
                 raise RecipeError.at(
                     f"reward_params.{spec}", f"is not one of reward_funcs {self.reward_funcs}"
                 )
-            try:  # a misspelt parameter stops here
-                load_reward(spec, self.reward_params_for(spec))
-            except AlignError as err:
-                raise RecipeError.at(f"reward_params.{spec}", str(err)) from None
-        if "soft_overlong" in self.reward_funcs:
-            params = self.reward_params_for("soft_overlong")
-            cache, limit = params.get("soft_punish_cache"), params["max_completion_len"]
-            whole = all(isinstance(v, int) and not isinstance(v, bool) for v in (cache, limit))
-            if not whole or not 0 <= cache <= limit:
-                raise RecipeError.at(
-                    "reward_params.soft_overlong",
-                    f"needs soft_punish_cache, a whole number of tokens in [0, max_completion_len ({limit})] "
-                    f"over which the penalty falls from 0 to -1; got {params}",
-                )
+        # each reward bound as the stage binds it: a misspelt or impossible parameter stops here
+        for spec in self.reward_funcs:
+            params = self.reward_params_for(spec)
+            if params:
+                try:
+                    load_reward(spec, params)
+                except AlignError as err:
+                    raise RecipeError.at(f"reward_params.{spec}", str(err)) from None
         if self.dynamic_sampling and self.reward_weights is not None and not any(self.reward_weights):
             raise RecipeError.at(
                 "dynamic_sampling",
@@ -529,9 +523,8 @@ def _train(recipe: GRPORecipe, dist, resume: bool) -> Path:
                             None, gathered.model, b, g, cfg.temperature, cfg.shared_prefix, blank
                         )
             policy.train()
-            if (
-                reference is not None
-            ):  # the frozen copy: after the block, so the gathered policy is released first
+            # the frozen copy: after the block, so the gathered policy is released first
+            if reference is not None:
                 with engine.autocast():
                     for b in batches:
                         b.ref_logps = reference_logps(
