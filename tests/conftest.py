@@ -12,6 +12,21 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``).
+
+    Other test processes share these 2 cores, and oversubscribed torch threads spin-wait and run many times
+    slower; one thread also keeps the arithmetic of in-process and subprocess runs the same.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The zoo root; parts are sub-folders named as in ``align.zoo.PARTS``."""

@@ -28,13 +28,14 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from align.cli import main
 from align.data.synth import synthesize
 from align.runfolder import LOCK_NAME, check_output_dir, hold_output_dir
 from align.stages.common import checkpoints
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
 VICTIM = ROOT / "tests" / "dist_scripts" / "crash_at.py"
@@ -53,14 +54,6 @@ KILLS = [
     ("grpo", "state", 4, 4, 2),  # step 4's training state (its second file)
     ("grpo", "weights", 3, 6, 4),  # the final model
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -36,6 +36,8 @@ from align.grpo.logps import completion_logps
 from align.grpo.sampler import generate
 from align.lora import apply_lora
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = Path(__file__).resolve().parents[1]
 REWARDS = ROOT / "tests" / "dist_scripts" / "grpo_rewards.py"
 VOWELS, RECORDER = f"{REWARDS}:vowel_share", f"{REWARDS}:recorder"
@@ -67,15 +69,6 @@ STEP_KEYS = {
     "grad_norm",
 }
 TIMING_KEYS = {"step_time_s", "completion_tokens_per_s"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Several test processes share these 2 cores; torch's 2-thread kernels then spin-wait and run ~10x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

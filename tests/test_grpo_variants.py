@@ -32,6 +32,8 @@ from align.grpo.rollout import RolloutBatch, fill_groups, has_signal, merge_grou
 from align.grpo.sampler import Rollout
 from align.rewards import RewardSetupError, load_reward, soft_overlong
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "tests" / "dist_scripts"
 GATED = f"{SCRIPTS / 'grpo_variant_rewards.py'}:gated_vowels"
@@ -160,28 +162,13 @@ def test_split_then_merge_keeps_every_group_whole() -> None:
 # ------------------------------------------------------------------------------------------------ stage runs
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()  # several test processes share these 2 cores
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def work(zoo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """16 synthetic train questions and an assembled SigLIP + Qwen2 tiny Llava."""
+def work(siglip_qwen2: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """16 synthetic train questions beside base/, the shared assembled SigLIP + Qwen2 tiny Llava (read only)."""
     root = tmp_path_factory.mktemp("grpo_variants")
     with contextlib.redirect_stdout(io.StringIO()):
         assert main(["data", "synth", "--out", str(root / "synth"), "--train", "16", "--test", "2"]) == 0
-        assemble = [
-            "assemble",
-            str(ROOT / "recipes/tiny/assemble_siglip_qwen2.yaml"),
-            f"vision.name_or_path={zoo / 'siglip-hf'}",
-            f"llm.name_or_path={zoo / 'qwen2-r1'}",
-            f"output_dir={root / 'base'}",
-        ]
-        assert main(assemble) == 0
+    (root / "base").symlink_to(siglip_qwen2, target_is_directory=True)
     return root
 
 

@@ -35,20 +35,13 @@ from align.grpo.logps import completion_logps
 from align.grpo.sampler import generate
 from align.zoo import FAMILIES, WINDOW, build_families
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "tiny"
 # the families StaticDecoder computes exactly; every other one must sample through the HF forward
 PLAIN_DECODER = {"qwen2-tied", "llama-tied"}
 QUESTION = "<image>\nHow many circles are there in the image?"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # other processes share these 2 cores; oversubscribed torch threads spin-wait and run many times slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -37,6 +37,8 @@ from align.model import set_trainable
 from align.stages.common import OptimSpec, param_groups
 from align.stages.sft import forward_loss_sum
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "tiny"
 REAL = ROOT / "recipes" / "real"
@@ -50,15 +52,6 @@ class World:
     clip_model: Path  # an assembled CLIP (CLS token) + Llama folder
     captions: Path
     sft: Path
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: other processes share these 2 cores, and oversubscribed threads are many times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def assembled(zoo: Path, tower: str, llm: str, out: Path) -> Path:
