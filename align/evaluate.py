@@ -11,11 +11,17 @@ completions (one shared prefix) and the summary reports mean accuracy over sampl
 come from the row's solution, or for SFT rows (messages / LLaVA formats) from the final assistant turn's
 answer. Writes ``predictions.jsonl``, ``summary.json`` and ``summary.md`` to ``--out`` and prints the table:
 overall, per source and per question family (``family`` field of the rows).
+
+Every accuracy comes with its standard error over questions (:func:`mean_and_se`: a question's score is the
+mean over its samples, SE = sample standard deviation / sqrt(questions)) and the normal 95% interval
+mean +- 1.96 SE; :func:`paired_gain` gives the gain of one model over another on the same questions with the SE
+of the per-question differences (paired, so it is smaller than the two SEs combined when the models agree).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -68,6 +74,41 @@ def _scorable(rows: list, rewards: Sequence[str], strict: bool, paths: dict[str,
     return kept
 
 
+def mean_and_se(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and its standard error (sample std / sqrt(n); 0 for a single value)."""
+    n = len(values)
+    if n == 0:
+        raise ValueError("mean_and_se of no values")
+    mean = sum(values) / n
+    if n == 1:
+        return mean, 0.0
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
+def interval95(mean: float, se: float) -> tuple[float, float]:
+    """The normal 95% interval of a mean in [0, 1], clipped to [0, 1]."""
+    return max(0.0, mean - 1.96 * se), min(1.0, mean + 1.96 * se)
+
+
+def question_accuracy(predictions: Sequence[dict]) -> dict[str, float]:
+    """Each question's accuracy: the mean over its samples (a sample with no accuracy score counts 0)."""
+    scores: dict[str, list[float]] = defaultdict(list)
+    for p in predictions:
+        scores[p["origin"]].append(p["rewards"].get("accuracy") or 0.0)
+    return {q: sum(v) / len(v) for q, v in scores.items()}
+
+
+def paired_gain(before: Sequence[dict], after: Sequence[dict]) -> tuple[float, float, int]:
+    """Accuracy gain of ``after`` over ``before`` on the questions both answered: (gain, its SE, questions)."""
+    a, b = question_accuracy(before), question_accuracy(after)
+    common = [q for q in b if q in a]
+    if not common:
+        raise ValueError("the two prediction sets share no question")
+    gain, se = mean_and_se([b[q] - a[q] for q in common])
+    return gain, se, len(common)
+
+
 def _table(groups: dict[str, list[dict]], reward_names: list[str], samples: int) -> list[list]:
     rows = []
     for name, preds in groups.items():
@@ -81,6 +122,9 @@ def _table(groups: dict[str, list[dict]], reward_names: list[str], samples: int)
                 by_q[p["origin"]] = max(by_q[p["origin"]], p["rewards"].get("accuracy") or 0.0)
             row.append(round(sum(by_q.values()) / len(by_q), 4))
         row.append(round(sum(p["length"] for p in preds) / len(preds), 1))
+        if "accuracy" in reward_names:
+            mean, se = mean_and_se(list(question_accuracy(preds).values()))
+            row += [round(se, 4), [round(x, 4) for x in interval95(mean, se)]]
         rows.append(row)
     return rows
 
@@ -186,6 +230,8 @@ def evaluate(
         for p in predictions:
             groups.setdefault(f"{key}={p[key]}", []).append(p)
     headers = ["group", "questions", *rewards, *([f"pass@{samples}"] if samples > 1 else []), "mean_length"]
+    if "accuracy" in rewards:
+        headers += ["accuracy_se", "accuracy_ci95"]
     table = _table(groups, rewards, samples)
     summary = {
         "model": str(model_dir),
@@ -196,10 +242,14 @@ def evaluate(
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     md = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    md += ["| " + " | ".join(str(c) for c in row) + " |" for row in table]
+    md += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in table]
     (out_dir / "summary.md").write_text("\n".join(md) + "\n")
-    summary["table"] = format_table(headers, table)
+    summary["table"] = format_table(headers, [[_cell(c) for c in row] for row in table])
     return summary
+
+
+def _cell(value) -> str:
+    return f"{value[0]:.3f}-{value[1]:.3f}" if isinstance(value, list) else str(value)
 
 
 def add_arguments(parser) -> None:

@@ -120,6 +120,87 @@ def _evaluate(spec: EvalSpec, model_dir: Path, out: Path, dist) -> dict:
     return summary or json.loads((out / "summary.json").read_text())
 
 
+def _predictions(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines() if line]
+
+
+def _pm(group: dict, key: str = "accuracy") -> str:
+    """``0.470 ± 0.035`` from a summary group, or the bare value when it has no SE."""
+    if key not in group:
+        return ""
+    se = group.get(f"{key}_se")
+    return f"{group[key]:.3f} ± {se:.3f}" if se is not None else str(group[key])
+
+
+def _report(timings: dict, evals: dict, eval_dirs: dict[str, Path]) -> tuple[list[list], list[str]]:
+    """report.md's tables: per stage accuracy ± SE, 95% interval and the paired gain over the previous stage."""
+    from align.evaluate import paired_gain
+
+    headers = [
+        "stage",
+        "accuracy ± SE",
+        "95% CI",
+        "gain ± SE (paired)",
+        "format",
+        "mean_length",
+        "wall_time_s",
+    ]
+    rows, previous = [headers], None
+    for name in timings:
+        group = evals.get(name, {}).get("groups", {}).get("all", {})
+        ci = group.get("accuracy_ci95")
+        gain = ""
+        if previous is not None and name in eval_dirs and "accuracy" in group:
+            g, se, _ = paired_gain(_predictions(eval_dirs[previous]), _predictions(eval_dirs[name]))
+            gain = f"{g:+.3f} ± {se:.3f}" + (f" ({g / se:+.1f} SE)" if se > 0 else "")
+        rows.append(
+            [
+                name,
+                _pm(group),
+                f"{ci[0]:.3f}-{ci[1]:.3f}" if ci else "",
+                gain,
+                group.get("format", ""),
+                group.get("mean_length", ""),
+                round(timings[name], 1),
+            ]
+        )
+        if name in eval_dirs:
+            previous = name
+    md = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    md += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows[1:]]
+    questions = {e.get("questions") for e in evals.values()}
+    if evals:
+        md += [
+            "",
+            f"Held-out questions: {', '.join(str(q) for q in sorted(questions, key=str))}. SE: standard error over "
+            "questions; 95% CI: accuracy ± 1.96 SE; gain: mean per-question accuracy difference from the stage "
+            "above on the same questions, with the SE of those differences.",
+        ]
+    families = sorted({k for e in evals.values() for k in e.get("groups", {}) if k.startswith("family=")})
+    if families:
+        md += [
+            "",
+            "Accuracy ± SE per question family:",
+            "",
+            "| stage | " + " | ".join(f.removeprefix("family=") for f in families) + " |",
+            "|---|" + "---|" * len(families),
+        ]
+        for name, e in evals.items():
+            md.append(f"| {name} | " + " | ".join(_pm(e["groups"].get(f, {})) for f in families) + " |")
+    return rows, md
+
+
+def _curve_links(out: Path, stages: list[str]) -> list[str]:
+    """report.md's links to each stage's training-curve PNGs (the stage plotted them into ``plots/``)."""
+    md = []
+    for name in stages:
+        pngs = sorted((out / name / "plots").glob("*.png"))
+        if pngs:
+            links = ", ".join(f"[{p.stem}]({p.relative_to(out).as_posix()})" for p in pngs)
+            md.append(f"- {name}: {links}")
+    return ["", "Training curves:", "", *md] if md else []
+
+
 def run_pipeline(recipe: PipelineRecipe, recipe_file: str, dist) -> Path:
     """Every stage in order, holding the pipeline's output_dir (each stage also holds its own folder)."""
     with hold_output_dir(recipe.output_dir, dist):
@@ -139,8 +220,6 @@ def _run_pipeline(recipe: PipelineRecipe, recipe_file: str, dist) -> Path:
     if recipe.prepare:
         module, fn = recipe.prepare.split(":")
         getattr(importlib.import_module(module), fn)()
-    rows = []
-
     # assembly (or a given model folder)
     t0 = time.perf_counter()
     assembled = out / "assembled"
@@ -153,9 +232,10 @@ def _run_pipeline(recipe: PipelineRecipe, recipe_file: str, dist) -> Path:
     else:
         current = source
     timings = {"assembled": time.perf_counter() - t0}
-    evals = {}
+    evals, eval_dirs = {}, {}
     if recipe.eval is not None:
-        evals["assembled"] = _evaluate(recipe.eval, current, out / "assembled-eval", dist)
+        eval_dirs["assembled"] = out / "assembled-eval"
+        evals["assembled"] = _evaluate(recipe.eval, current, eval_dirs["assembled"], dist)
 
     # stages, each reading the previous one's model
     for i, stage in enumerate(recipe.stages):
@@ -190,7 +270,8 @@ def _run_pipeline(recipe: PipelineRecipe, recipe_file: str, dist) -> Path:
         timings[name] = summary.get("wall_time_s", time.perf_counter() - t0)
         current = stage_out / "model"  # the stage plotted its metrics into stage_out/plots when it ended
         if recipe.eval is not None:
-            evals[name] = _evaluate(recipe.eval, current, stage_out / "eval", dist)
+            eval_dirs[name] = stage_out / "eval"
+            evals[name] = _evaluate(recipe.eval, current, eval_dirs[name], dist)
 
     # export and report
     if dist.is_main:
@@ -198,36 +279,9 @@ def _run_pipeline(recipe: PipelineRecipe, recipe_file: str, dist) -> Path:
             from align.export import export
 
             export(current, out / "export", dtype=recipe.export_dtype)
-        headers = ["stage", "accuracy", "format", "mean_length", "wall_time_s"]
-        for name in timings:
-            group = evals.get(name, {}).get("groups", {}).get("all", {})
-            rows.append(
-                [
-                    name,
-                    group.get("accuracy", ""),
-                    group.get("format", ""),
-                    group.get("mean_length", ""),
-                    round(timings[name], 1),
-                ]
-            )
-        table = format_table(headers, rows)
-        md = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-        md += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-        families = sorted({k for e in evals.values() for k in e.get("groups", {}) if k.startswith("family=")})
-        if families:
-            md += [
-                "",
-                "Accuracy per question family:",
-                "",
-                "| stage | " + " | ".join(f.removeprefix("family=") for f in families) + " |",
-                "|---|" + "---|" * len(families),
-            ]
-            for name, e in evals.items():
-                md.append(
-                    f"| {name} | "
-                    + " | ".join(str(e["groups"].get(f, {}).get("accuracy", "")) for f in families)
-                    + " |"
-                )
+        rows, md = _report(timings, evals, eval_dirs)
+        md += _curve_links(out, [name for name in timings if name != "assembled"])
+        table = format_table(rows[0], rows[1:])
         (out / "report.md").write_text("\n".join(md) + "\n")
         print(table)
         print(f"report: {out / 'report.md'}")

@@ -87,6 +87,8 @@ def test_summary_equals_hand_computed_numbers(llava, tmp_path, monkeypatch) -> N
     assert groups["all"]["format"] == 0.5  # 2 of 4 well formed
     assert groups["family=count"]["accuracy"] == 1.0 and groups["family=count"]["questions"] == 2
     assert groups["family=colour"]["accuracy"] == 0.0
+    assert groups["all"]["accuracy_se"] == 0.25  # std of (1, 0, 1, 1) = 0.5, over sqrt(4)
+    assert groups["all"]["accuracy_ci95"] == [0.26, 1.0]  # 0.75 -+ 0.49, clipped at 1
     predictions = [
         json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()
     ]
@@ -169,3 +171,60 @@ def test_real_generation_on_synthetic_test_split(llava, synth, tmp_path, capsys,
     assert summary["questions"] == 6
     lines = (tmp_path / "e" / "predictions.jsonl").read_text().splitlines()
     assert len(lines) == 6 and all(json.loads(line)["length"] <= 6 for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("values", "mean", "se"),
+    [
+        ([1.0], 1.0, 0.0),
+        ([0.0, 1.0], 0.5, 0.5),  # std 0.7071 / sqrt(2)
+        ([1.0, 1.0, 1.0, 1.0], 1.0, 0.0),
+        ([1.0, 0.0, 0.0, 0.0], 0.25, 0.25),  # std 0.5 / sqrt(4)
+        ([0.5, 0.5], 0.5, 0.0),
+    ],
+)
+def test_mean_and_se(values, mean, se) -> None:
+    from align.evaluate import mean_and_se
+
+    assert mean_and_se(values) == pytest.approx((mean, se))
+
+
+def test_se_of_1000_binary_questions_resolves_5_points() -> None:
+    """The demo's target: at p ~ 0.5, 1000 questions give SE ~ 0.016, so 5 points are > 3 SE."""
+    from align.evaluate import interval95, mean_and_se
+
+    mean, se = mean_and_se([1.0] * 500 + [0.0] * 500)
+    assert se == pytest.approx(0.0158, abs=1e-4) and 3 * se < 0.05
+    assert interval95(mean, se) == pytest.approx((0.469, 0.531), abs=1e-3)
+    assert interval95(0.99, 0.05) == pytest.approx((0.892, 1.0))  # clipped to [0, 1]
+
+
+def _pred(origin: str, acc: float | None) -> dict:
+    return {"origin": origin, "rewards": {"accuracy": acc}}
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "gain", "se", "n"),
+    [
+        # the same 4 questions; one more right after: +0.25, differences (0, 0, 0, 1)
+        ([("a", 1), ("b", 0), ("c", 0), ("d", 0)], [("a", 1), ("b", 0), ("c", 0), ("d", 1)], 0.25, 0.25, 4),
+        # paired: the same answers give gain 0 with SE 0 however noisy each accuracy is
+        ([("a", 1), ("b", 0)], [("a", 1), ("b", 0)], 0.0, 0.0, 2),
+        # samples: a question's score is its mean over samples; None (unscored) counts 0
+        ([("a", 0), ("a", 0)], [("a", 1), ("a", None)], 0.5, 0.0, 1),
+        # only shared questions count
+        ([("a", 0), ("x", 1)], [("a", 1), ("y", 0)], 1.0, 0.0, 1),
+    ],
+)
+def test_paired_gain(before, after, gain, se, n) -> None:
+    from align.evaluate import paired_gain
+
+    result = paired_gain([_pred(*p) for p in before], [_pred(*p) for p in after])
+    assert result == pytest.approx((gain, se, n))
+
+
+def test_paired_gain_needs_shared_questions() -> None:
+    from align.evaluate import paired_gain
+
+    with pytest.raises(ValueError, match="share no question"):
+        paired_gain([_pred("a", 1)], [_pred("b", 1)])

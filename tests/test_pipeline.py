@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -117,7 +118,14 @@ def test_short_pipeline_runs_resumes_and_skips(short_pipeline: Path, capsys) -> 
     assert LlavaForConditionalGeneration.from_pretrained(run / "export") is not None
     assert (run / "export" / "README.md").is_file()
     assert _report_rows(run) == ["assembled", *STAGES]
-    assert "Accuracy per question family" in (run / "report.md").read_text()
+    report = (run / "report.md").read_text()
+    assert "Accuracy ± SE per question family" in report
+    for stage in STAGES:  # each stage's curves are linked, and the links resolve
+        links = re.findall(rf"\[[^]]+\]\(({stage}/plots/[^)]+\.png)\)", report)
+        assert links and all((run / link).is_file() for link in links), stage
+    assert re.search(r"\| sft \| 0\.\d{3} ± 0\.\d{3} \| 0\.\d{3}-[01]\.\d{3} \| [+-]\d\.\d{3} ± ", report), (
+        report
+    )
 
     # the same command again: every stage is done, nothing trains or evaluates again
     stamps = {p: p.stat().st_mtime_ns for p in run.glob("*/**/predictions.jsonl")}
