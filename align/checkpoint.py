@@ -30,6 +30,8 @@ _TO_CANONICAL = (
     ("model.multi_modal_projector.", "multi_modal_projector."),
     ("model.language_model.", "language_model.model."),
     ("lm_head.", "language_model.lm_head."),
+    # LLaVA-NeXT (anyres): the row separator, named as the llava-v1.6 checkpoints name it
+    ("model.image_newline", "image_newline"),
 )
 CANONICAL_PREFIXES = tuple(dst for _, dst in _TO_CANONICAL)
 WEIGHTS_NAME = "model.safetensors"
@@ -130,11 +132,15 @@ def save_llava(
     generation_config=None,
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = 5 * 1024**3,
+    architecture: str = "LlavaForConditionalGeneration",
 ) -> Path:
-    """Write a complete Llava folder (config, canonical weights, processor + tokenizer, generation config)."""
+    """Write a complete Llava folder (config, canonical weights, processor + tokenizer, generation config).
+
+    ``architecture``: ``LlavaNextForConditionalGeneration`` for an anyres folder (the same layout + image_newline).
+    """
     folder = Path(folder)
     # vLLM and TRL choose the model class from `architectures`; a config built in memory has none.
-    config.architectures = ["LlavaForConditionalGeneration"]
+    config.architectures = [architecture]
     with atomic_folder(folder) as tmp:
         config.save_pretrained(tmp)
         write_weights(canonical_state_dict(state_dict, dtype), tmp, max_shard_bytes)
@@ -146,6 +152,9 @@ def save_llava(
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+# model types `align assemble` writes that the stages do not train (their layouts, processors and image-token
+# spans differ from Llava's), with the option that makes them
+INFERENCE_ONLY = {"idefics3": "projector.type pixel_shuffle", "llava_next": "vision.anyres_grids"}
 _ATTENTION_FLAGS = {
     "sdpa": "_supports_sdpa",
     "flash_attention_2": "_supports_flash_attn",
@@ -206,6 +215,11 @@ def resolve_model_folder(path: str | Path, expect: str | None = "llava") -> Path
         hint = ""
         if expect == "llava" and _is_causal_lm(model_type):
             hint = "; this is a language model: build a Llava folder from it with `align assemble` first"
+        elif expect == "llava" and model_type in INFERENCE_ONLY:
+            hint = (
+                f"; {model_type} folders ({INFERENCE_ONLY[model_type]}) load in transformers and vLLM as they are, "
+                "but align's stages train and run Llava folders only: assemble with an mlp2x_<act> projector to train"
+            )
         raise AlignError(f"{folder}: model_type is {model_type!r}, expected {expect!r}{hint}")
     check_weight_files(folder)
     return folder
@@ -252,12 +266,16 @@ def load_llava(folder: str | Path, dtype: torch.dtype = torch.float32, attn_impl
     return model, processor
 
 
-def image_seq_len(processor) -> int:
-    """How many image tokens one ``<image>`` expands to, measured with the processor itself."""
+def image_seq_len(processor, image=None) -> int:
+    """How many image tokens one ``<image>`` expands to, measured with the processor itself.
+
+    ``image``: a PIL image to measure with (anyres processors expand by image size; None: a small blank one).
+    """
     from PIL import Image
 
-    # The processor resizes any image to the tower's input, so a blank one measures the expansion.
-    text = processor(text=processor.image_token, images=[Image.new("RGB", (48, 40))], return_tensors="pt")
+    # A Llava processor resizes any image to the tower's input, so a blank one measures the expansion.
+    image = Image.new("RGB", (48, 40)) if image is None else image
+    text = processor(text=processor.image_token, images=[image], return_tensors="pt")
     return int((text["input_ids"] == processor.image_token_id).sum())
 
 

@@ -178,8 +178,14 @@ def _convert(tp: Any, value: Any, key: str, bound: Range | None = None) -> Any:
                 return _convert(arg, value, key, bound)
             except RecipeError as err:
                 errors.append(err)
-        if len(errors) == 1:
-            raise errors[0]
+        # `int | list[int]` given 5000: the int alternative's range error says more than "expected int | list"
+        shaped = [
+            err
+            for arg, err in zip((a for a in args if a is not type(None)), errors, strict=True)
+            if (get_origin(arg) in (list, tuple)) == isinstance(value, list)
+        ]
+        if len(errors) == 1 or len(shaped) == 1:
+            raise (errors if len(errors) == 1 else shaped)[0]
         raise RecipeError.at(key, f"expected {_type_name(tp)}, got {_value_name(value)} {value!r}")
     origin = get_origin(tp)
     if origin is Literal:

@@ -251,15 +251,17 @@ def model_card(
         "",
         f"# {name}",
         "",
-        f"A LLaVA-style vision-language reasoning model: vision encoder {vision} -> `mlp2x_gelu` projector -> "
-        f"language model {llm}. Exported by `align export` as a standard `LlavaForConditionalGeneration` folder "
+        f"A LLaVA-style vision-language reasoning model: vision encoder {vision} -> "
+        f"`mlp2x_{config.projector_hidden_act}` projector -> language model {llm}. Exported by `align export` as a standard `LlavaForConditionalGeneration` folder "
         f"(canonical llava-hf weight names, safetensors, {dtype}).",
         "",
         "| component | from | parameters |",
         "| --- | --- | ---: |",
         f"| vision encoder | {vision}, feature layer {config.vision_feature_layer}, "
         f"{config.vision_feature_select_strategy} | {parameters.get('vision', 0):,} |",
-        f"| projector | mlp2x_gelu ({config.projector_hidden_act}) | {parameters.get('projector', 0):,} |",
+        f"| projector | mlp2x_{config.projector_hidden_act} (Linear -> {config.projector_hidden_act} -> Linear"
+        f"{', on the listed layers concatenated' if isinstance(config.vision_feature_layer, list) else ''}) | "
+        f"{parameters.get('projector', 0):,} |",
         f"| language model | {llm} | {parameters.get('llm', 0):,} |",
         "",
         f"Each image becomes {config.image_seq_length} image tokens.",

@@ -46,17 +46,24 @@ def _without_pooling_head(vision_tower: nn.Module) -> Iterator[None]:
 
 
 def tower_features(
-    vision_tower: nn.Module, pixel_values: torch.Tensor, feature_layer: int, strategy: str
+    vision_tower: nn.Module, pixel_values: torch.Tensor, feature_layer: int | list[int], strategy: str
 ) -> torch.Tensor:
-    """Selected hidden states exactly as ``LlavaModel.get_image_features`` selects them (without projecting)."""
+    """Selected hidden states exactly as ``LlavaModel.get_image_features`` selects them (without projecting).
+
+    A ``feature_layer`` list concatenates those hidden states along features, in list order, each without its
+    CLS token under the ``default`` strategy.
+    """
     with _without_pooling_head(vision_tower):
         out = vision_tower(pixel_values, output_hidden_states=True, return_dict=True)
-    feats = out.hidden_states[feature_layer]
-    return feats[:, 1:] if strategy == "default" else feats
+    layers = [feature_layer] if isinstance(feature_layer, int) else list(feature_layer)
+    feats = [out.hidden_states[layer] for layer in layers]
+    if strategy == "default":
+        feats = [f[:, 1:] for f in feats]
+    return feats[0] if len(feats) == 1 else torch.cat(feats, dim=-1)
 
 
 def cache_fingerprint(
-    vision_tower: nn.Module, processor_config: dict, feature_layer: int, strategy: str
+    vision_tower: nn.Module, processor_config: dict, feature_layer: int | list[int], strategy: str
 ) -> str:
     h = hashlib.sha256()
     for name, tensor in sorted(vision_tower.state_dict().items()):

@@ -2,7 +2,8 @@
 
 Trainability is decided here and only here, by component name, and reported as a table at every stage
 start. Works on a plain ``LlavaForConditionalGeneration`` and on one wrapped by peft (LoRA), whose
-parameter names gain a ``base_model.model.`` prefix. Knows nothing about distribution.
+parameter names gain a ``base_model.model.`` prefix; an assembled Idefics3 model is counted the same way.
+Knows nothing about distribution.
 """
 
 from __future__ import annotations
@@ -19,9 +20,17 @@ def component_of(param_name: str) -> str:
     """Which component a parameter belongs to, from its (possibly peft-prefixed) name."""
     if "vision_tower." in param_name:
         return "vision"
-    if "multi_modal_projector." in param_name:
+    # LLaVA-NeXT's image_newline (row separator) is trained with the projector, as LLaVA-NeXT does
+    if "multi_modal_projector." in param_name or "image_newline" in param_name:
         return "projector"
     if "language_model." in param_name or "lm_head." in param_name:
+        return "llm"
+    # Idefics3 (pixel-shuffle connector) names its parts vision_model / connector / text_model
+    if "vision_model." in param_name:
+        return "vision"
+    if "connector." in param_name:
+        return "projector"
+    if "text_model." in param_name:
         return "llm"
     raise ValueError(f"parameter {param_name!r} belongs to no component of {COMPONENTS}")
 

@@ -30,6 +30,7 @@ from align.config import MAX_TOKENS, RecipeError, load_any, ranged, read_yaml, s
 from align.data.config import DataSource
 from align.data.mixing import format_table
 from align.engine import init_distributed
+from align.errors import AlignError
 from align.runfolder import hold_output_dir
 
 STAGE_KINDS = ("projector", "sft", "grpo")
@@ -225,8 +226,15 @@ def _run_pipeline(recipe: PipelineRecipe, recipe_file: str, dist) -> Path:
     assembled = out / "assembled"
     source = _relative_to(recipe.assemble, base)
     if source.suffix in (".yaml", ".yml"):
+        spec = load_any(source, [f"output_dir={assembled}"], expect="assemble")
+        if recipe.stages and spec.export_class != "LlavaForConditionalGeneration":
+            # before minutes of assembly: the stages train Llava folders only (checkpoint.INFERENCE_ONLY)
+            raise AlignError(
+                f"{source}: assembles a {spec.export_class} folder, which the stages do not train; "
+                "drop the stages (assemble + eval only) or use an mlp2x_<act> projector without anyres_grids"
+            )
         if not (assembled / "config.json").exists() and dist.is_main:
-            assemble(load_any(source, [f"output_dir={assembled}"], expect="assemble"), str(source))
+            assemble(spec, str(source))
         dist.barrier()
         current = assembled
     else:

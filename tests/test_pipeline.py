@@ -200,3 +200,22 @@ def test_prepare_builds_once_then_reuses(tmp_path: Path, zoo: Path, capsys) -> N
     prepare(dataclasses.replace(settings, lm=dataclasses.replace(settings.lm, lr=1e-4)))
     out = capsys.readouterr().out
     assert out.count("cached") == 2 and "causal-LM pre-training" in out
+
+
+def test_stages_after_an_assembly_they_cannot_train_are_refused_before_assembling(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    tiny = DEMO.parent / "tiny"
+    pipeline = _write(
+        tmp_path / "pipeline.yaml",
+        {
+            "kind": "pipeline",
+            "output_dir": str(tmp_path / "run"),
+            "assemble": str(tiny / "assemble_pixel_shuffle.yaml"),
+            "stages": [{"recipe": str(tiny / "sft.yaml")}],
+        },
+    )
+    assert main(["run", str(pipeline)]) == 2
+    err = capsys.readouterr().err
+    assert "Idefics3ForConditionalGeneration folder, which the stages do not train" in err
+    assert not (tmp_path / "run" / "assembled").exists()
