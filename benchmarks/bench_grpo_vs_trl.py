@@ -1,14 +1,23 @@
-"""Benchmark: one GRPO step of ``align grpo`` vs TRL 1.16's ``GRPOTrainer``, same tiny Llava, data and settings.
+"""Benchmark: one GRPO step of ``align grpo`` vs TRL 1.16's ``GRPOTrainer``, same Llava, data and settings.
 
-Both sides train the zoo's SigLIP + Qwen2 tiny Llava (assembled here) on the synthetic RL questions with the
+Both sides train the same SigLIP + Qwen2 Llava (assembled here) on the synthetic RL questions with the
 accuracy + format rewards: G = 8 completions for each of 2 questions per step (TRL:
-``per_device_train_batch_size=16``), up to 64 new tokens, temperature 1, top-p 1, no top-k, beta 0.04 (a
+``per_device_train_batch_size=16``), temperature 1, top-p 1, no top-k, beta 0.04 (a
 frozen reference model), ``loss_type="grpo"``, ``scale_rewards="group"``, one iteration, AdamW lr 1e-6
 constant, clip 1.0, fp32 on CPU, ``torch.set_num_threads(--threads)``. Every configuration runs in its own
 process, so the peak RSS is per run. A step's cost is measured between step ends (after the optimizer step),
 the first round left out as warm-up, as wall time and as this process's CPU time: on a shared machine the wall
 time swings with other load, while with ``--threads 1`` the CPU time stays the work done. Medians over steps,
 then over ``--repeat`` interleaved runs.
+
+``--size`` picks the model:
+
+* ``tiny`` (default): the zoo's parts as they are (SigLIP hidden 64, 2 layers, 64 image tokens; Qwen2 hidden
+  128, 2 layers, vocab 1024), up to 64 new tokens: per-op overhead dominates;
+* ``medium``: the zoo's parts re-initialised larger (seeded): SigLIP hidden 384, 6 layers, 224 px / patch 16 =
+  196 image tokens; Qwen2 hidden 768, 12 layers, 12 heads / 4 K/V heads, MLP 2048 (~77M parameters, the zoo's
+  R1 tokenizer, vocab 1024), up to 128 new tokens: arithmetic dominates. A random model rarely samples its
+  end-of-turn token, so completions run to the limit on both sides.
 
 Our variants switch one optimisation off at a time:
 
@@ -29,7 +38,7 @@ Our variants switch one optimisation off at a time:
 TRL's settings, in full: ``GRPOTrainer(model=<folder path>, reward_funcs=[accuracy, format],
 processing_class=<the folder's LlavaProcessor>, train_dataset=<prompt/image/solution rows>)`` with
 ``GRPOConfig(use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
-per_device_train_batch_size=16, gradient_accumulation_steps=1, num_generations=8, max_completion_length=64,
+per_device_train_batch_size=16, gradient_accumulation_steps=1, num_generations=8, max_completion_length=64 (medium: 128),
 temperature=1.0, top_p=1.0, top_k=0, beta=0.04, epsilon=0.2, num_iterations=1, loss_type="grpo",
 scale_rewards="group", learning_rate=1e-6, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0,
 max_grad_norm=1.0, optim="adamw_torch", max_steps=STEPS, logging_strategy="no", save_strategy="no",
@@ -38,10 +47,11 @@ passed as the saved folder's path because TRL re-loads the reference model from 
 processor's chat template is the folder's R1 template taught to render TRL's typed content blocks; the
 benchmark checks that both sides then feed the model the same prompt ids.
 
-Run (the first run builds the tiny model and data under --work, ~1 min)::
+Run (the first run builds the model and data under --work, ~1 min)::
 
     .venv/bin/python benchmarks/bench_grpo_vs_trl.py [--steps 6] [--threads 2] [--work /tmp/bench_grpo]
     .venv/bin/python benchmarks/bench_grpo_vs_trl.py --only ours,trl      # a subset of the configurations
+    .venv/bin/python benchmarks/bench_grpo_vs_trl.py --size medium --steps 3 --threads 1 --only ours,trl
 
 Results and what each optimisation bought: ``benchmarks/README.md`` (section GRPO).
 """
@@ -66,7 +76,24 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
-QUESTIONS, G, NEW_TOKENS, BETA, LR = 2, 8, 64, 0.04, 1e-6
+QUESTIONS, G, BETA, LR = 2, 8, 0.04, 1e-6
+NEW_TOKENS = {"tiny": 64, "medium": 128}
+# --size medium: the zoo parts' configs with these sizes, weights re-initialised (seed 0)
+MEDIUM_VISION = dict(
+    hidden_size=384,
+    intermediate_size=1536,
+    num_hidden_layers=6,
+    num_attention_heads=6,
+    image_size=224,
+    patch_size=16,
+)
+MEDIUM_LLM = dict(
+    hidden_size=768,
+    intermediate_size=2048,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    num_key_value_heads=4,
+)
 TEMPLATE = (
     "{question} Output the thinking process in <think> </think> and final answer in <answer> </answer> tags."
 )
@@ -90,16 +117,22 @@ VLM_TEMPLATE_USER = (
 )
 
 
-def prepare(work: Path) -> None:
-    """The tiny model folder (work/model) and synthetic questions (work/synth), built once."""
-    if (work / "model" / "config.json").exists() and (work / "synth" / "train" / "rl.jsonl").exists():
+def prepare(work: Path, size: str) -> None:
+    """The model folder (work/model) and synthetic questions (work/synth), built once per --work."""
+    done = work / "model" / "size.txt"
+    if done.exists() and (work / "synth" / "train" / "rl.jsonl").exists():
+        if done.read_text() != size:
+            raise SystemExit(
+                f"{work} holds the {done.read_text()} model: pass another --work for --size {size}"
+            )
         return
     from align.cli import main
     from align.zoo import build_part
 
     with contextlib.redirect_stdout(io.StringIO()):
-        for part in ("siglip-hf", "qwen2-r1"):
-            build_part(part, work / "zoo")
+        parts = {part: build_part(part, work / "zoo") for part in ("siglip-hf", "qwen2-r1")}
+        if size == "medium":
+            parts = grow(parts, work / "zoo-medium")
         assert (
             main(["data", "synth", "--out", str(work / "synth"), "--train", "64", "--test", "2", "--force"])
             == 0
@@ -107,11 +140,45 @@ def prepare(work: Path) -> None:
         assemble = [
             "assemble",
             str(ROOT / "recipes/tiny/assemble_siglip_qwen2.yaml"),
-            f"vision.name_or_path={work / 'zoo' / 'siglip-hf'}",
-            f"llm.name_or_path={work / 'zoo' / 'qwen2-r1'}",
+            f"vision.name_or_path={parts['siglip-hf']}",
+            f"llm.name_or_path={parts['qwen2-r1']}",
             f"output_dir={work / 'model'}",
         ]
         assert main(assemble) == 0
+    done.write_text(size)
+
+
+def grow(parts: dict[str, Path], out: Path) -> dict[str, Path]:
+    """The zoo parts with the medium sizes: same configs and tokenizer/processor files, new seeded weights."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    grown = {}
+    for part, sizes, model_class in (
+        ("siglip-hf", MEDIUM_VISION, AutoModel),
+        ("qwen2-r1", MEDIUM_LLM, AutoModelForCausalLM),
+    ):
+        src, dst = parts[part], out / part
+        shutil.rmtree(dst, ignore_errors=True)
+        shutil.copytree(
+            src, dst, ignore=shutil.ignore_patterns("*.safetensors", "config.json", "zoo-part.json")
+        )
+        config = AutoConfig.from_pretrained(src)
+        for key, value in sizes.items():
+            setattr(config, key, value)
+        if part == "qwen2-r1":
+            config.layer_types = ["full_attention"] * config.num_hidden_layers
+            config.max_window_layers = config.num_hidden_layers
+        torch.manual_seed(0)
+        model_class.from_config(config).save_pretrained(dst)
+        if part == "siglip-hf":
+            processor = json.loads((dst / "preprocessor_config.json").read_text())
+            processor["size"] = {"height": sizes["image_size"], "width": sizes["image_size"]}
+            (dst / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
+        grown[part] = dst
+    return grown
 
 
 def add_architectures(model_dir: Path) -> None:
@@ -226,7 +293,7 @@ class ForwardOldLogpsSampler:
         return rollout
 
 
-def run_ours(work: Path, variant: str, steps: int) -> dict:
+def run_ours(work: Path, variant: str, steps: int, new_tokens: int) -> dict:
     import align.stages.grpo as stage
     from align.config import load_any
     from align.engine import init_distributed
@@ -261,7 +328,7 @@ def run_ours(work: Path, variant: str, steps: int) -> dict:
         "run.precision=fp32",
         "run.tensorboard=false",
         f"grpo.num_generations={G}",
-        f"grpo.max_completion_length={NEW_TOKENS}",
+        f"grpo.max_completion_length={new_tokens}",
         "grpo.temperature=1.0",
         f"grpo.beta={BETA}",
         "grpo.loss_type=grpo",
@@ -299,7 +366,7 @@ def run_ours(work: Path, variant: str, steps: int) -> dict:
 # ---------------------------------------------------------------- TRL
 
 
-def run_trl(work: Path, steps: int) -> dict:
+def run_trl(work: Path, steps: int, new_tokens: int) -> dict:
     import torch
     from datasets import Dataset
     from PIL import Image
@@ -354,7 +421,7 @@ def run_trl(work: Path, steps: int) -> dict:
         per_device_train_batch_size=QUESTIONS * G,
         gradient_accumulation_steps=1,
         num_generations=G,
-        max_completion_length=NEW_TOKENS,
+        max_completion_length=new_tokens,
         temperature=1.0,
         top_p=1.0,
         top_k=0,
@@ -447,7 +514,11 @@ def child(args) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     work = Path(args.work)
-    result = run_trl(work, args.steps) if args.child == "trl" else run_ours(work, args.child, args.steps)
+    new_tokens = NEW_TOKENS[args.size]
+    if args.child == "trl":
+        result = run_trl(work, args.steps, new_tokens)
+    else:
+        result = run_ours(work, args.child, args.steps, new_tokens)
     if args.child == "ours":
         result["prompt_ids"] = our_prompt_ids(work)
     result["peak_rss_mb"] = peak_rss_mb()
@@ -456,7 +527,7 @@ def child(args) -> None:
 
 def launch(config: str, args) -> dict:
     cmd = [sys.executable, __file__, "--child", config, "--work", args.work, "--steps", str(args.steps)]
-    cmd += ["--threads", str(args.threads)]
+    cmd += ["--threads", str(args.threads), "--size", args.size]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -471,7 +542,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps per run; the first is warm-up")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every run")
-    parser.add_argument("--work", default="/tmp/bench_grpo", help="model, data and run folders")
+    parser.add_argument(
+        "--size", choices=sorted(NEW_TOKENS), default="tiny", help="the model (see the docstring)"
+    )
+    parser.add_argument("--work", help="model, data and run folders (default /tmp/bench_grpo[_medium])")
     parser.add_argument("--only", default=",".join(CONFIGS), help=f"comma-separated subset of {CONFIGS}")
     parser.add_argument(
         "--repeat",
@@ -481,10 +555,11 @@ def main() -> None:
     )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.work = args.work or ("/tmp/bench_grpo" if args.size == "tiny" else f"/tmp/bench_grpo_{args.size}")
     if args.child:
         child(args)
         return
-    prepare(Path(args.work))
+    prepare(Path(args.work), args.size)
     add_architectures(Path(args.work) / "model")
     chosen = [c for c in CONFIGS if c in args.only.split(",")]
     runs: dict[str, list[dict]] = {c: [] for c in chosen}
@@ -521,7 +596,7 @@ def main() -> None:
         )
     print(
         f"\n{args.steps} steps per run (first round excluded) x {args.repeat} runs, threads {args.threads}, G={G}, "
-        f"{QUESTIONS} questions/step, {NEW_TOKENS} new tokens, beta {BETA}, fp32 CPU"
+        f"{QUESTIONS} questions/step, {NEW_TOKENS[args.size]} new tokens, beta {BETA}, fp32 CPU, size {args.size}"
     )
 
 

@@ -596,38 +596,6 @@ def test_one_token_completions_still_run_the_completion_forward(qwen) -> None:
         torch.testing.assert_close(grad, naive_grads[name], atol=1e-5, rtol=0, msg=name)
 
 
-def test_shared_prefix_refuses_gradient_checkpointing() -> None:
-    model = _tiny_llava("siglip")
-    model.activation_checkpointing_enable()
-    model.train()
-    prompts, pixel_values, images = _image_prompts()
-    ids, mask = _completions(3, [2, 2, 2], 2)
-    with pytest.raises(AlignError, match="gradient checkpointing"):
-        completion_logps(
-            model,
-            prompts,
-            pixel_values,
-            images,
-            ids,
-            mask,
-            num_generations=1,
-            temperature=1.0,
-            shared_prefix=True,
-        )
-    logps = completion_logps(
-        model,
-        prompts,
-        pixel_values,
-        images,
-        ids,
-        mask,
-        num_generations=1,
-        temperature=1.0,
-        shared_prefix=False,
-    )
-    assert logps.shape == (3, 2) and logps.requires_grad
-
-
 @pytest.mark.parametrize("do_sample", [False, True])
 def test_the_image_token_is_never_sampled(do_sample: bool) -> None:
     model = _tiny_llava("siglip")
