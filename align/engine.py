@@ -33,7 +33,7 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -83,6 +83,14 @@ class Dist:
         t = torch.tensor(float(value), dtype=torch.float64, device=self.device)
         tdist.all_reduce(t)
         return t.item() / self.world_size
+
+    def all_reduce_max(self, value: float) -> float:
+        """Maximum over ranks of a float (``-all_reduce_max(-x)`` is the minimum)."""
+        if not self.distributed:
+            return float(value)
+        t = torch.tensor(float(value), dtype=torch.float64, device=self.device)
+        tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+        return t.item()
 
     def shutdown(self, exit_code: int = 0) -> int:
         """End the process. Single process: returns ``exit_code``. Distributed: never returns.
@@ -281,19 +289,8 @@ def setup(
 
     import deepspeed
 
-    if isinstance(deepspeed_config, (str, Path)):
-        source, zero = str(deepspeed_config), read_deepspeed_config(deepspeed_config)
-    else:
-        source, zero = "deepspeed config", dict(deepspeed_config or {})
-    cfg = build_deepspeed_config(
-        zero,
-        stage=int(strategy[-1]),
-        micro_batch_size=micro_batch_size,
-        grad_accum=grad_accum,
-        world_size=dist.world_size,
-        max_grad_norm=max_grad_norm,
-        precision=precision,
-        source=source,
+    cfg = _full_config(
+        deepspeed_config, strategy, micro_batch_size, grad_accum, dist.world_size, max_grad_norm, precision
     )
     if dist.device.type == "cpu":
         # Only DeepSpeed's inference all-reduce uses this op; marking it incompatible skips a 25-75 s JIT build.
@@ -308,6 +305,82 @@ def setup(
     return Engine(dist, strategy, precision, grad_accum, model, ds, optimizer, names, max_grad_norm, ds, cfg)
 
 
+def _full_config(
+    deepspeed_config: str | Path | Mapping[str, Any] | None,
+    strategy: str,
+    micro_batch_size: int,
+    grad_accum: int,
+    world_size: int,
+    max_grad_norm: float | None,
+    precision: Precision,
+) -> dict:
+    if isinstance(deepspeed_config, (str, Path)):
+        source, zero = str(deepspeed_config), read_deepspeed_config(deepspeed_config)
+    else:
+        source, zero = "deepspeed config", dict(deepspeed_config or {})
+    return build_deepspeed_config(
+        zero,
+        stage=int(strategy[-1]),
+        micro_batch_size=micro_batch_size,
+        grad_accum=grad_accum,
+        world_size=world_size,
+        max_grad_norm=max_grad_norm,
+        precision=precision,
+        source=source,
+    )
+
+
+@contextlib.contextmanager
+def partitioned_loading(
+    dist: Dist,
+    strategy: Strategy,
+    deepspeed_config: str | Path | Mapping[str, Any] | None,
+    *,
+    micro_batch_size: int,
+    grad_accum: int = 1,
+    max_grad_norm: float | None = 1.0,
+    precision: Precision = "fp32",
+) -> Iterator[None]:
+    """Models loaded inside with HF ``from_pretrained`` come out ZeRO-3 partitioned (no-op for other strategies).
+
+    transformers sees a live ``HfDeepSpeedConfig`` and builds the model inside ``deepspeed.zero.Init``, so each
+    tensor is split across the ranks as it is created, then fills the partitions one module at a time from the
+    memory-mapped safetensors (rank 0 reads, every rank keeps its 1/N). No rank ever holds the whole model:
+    an 8B policy + reference on 8 ranks is ~4 GB of bf16 weights per rank at load instead of 32 GB. Pass the
+    values :func:`setup` gets, so the partitioning (and bf16) is the one the engine then trains with.
+    Until :func:`setup` the parameters are empty placeholders: read them inside :func:`gathered`.
+    """
+    if strategy != "zero3":
+        yield
+        return
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    # zero.Init reads the world size from DeepSpeed's communicator: wrap the existing process group first
+    deepspeed.init_distributed(dist_backend=tdist.get_backend(), dist_init_required=False)
+    cfg = _full_config(
+        deepspeed_config, strategy, micro_batch_size, grad_accum, dist.world_size, max_grad_norm, precision
+    )
+    live = HfDeepSpeedConfig(cfg)  # transformers holds a weak reference: alive for this block only
+    try:
+        yield
+    finally:
+        del live
+
+
+@contextlib.contextmanager
+def gathered(params: Iterable[nn.Parameter]) -> Iterator[None]:
+    """ZeRO-3 partitioned ``params`` whole (read-only) inside the block; call on every rank. No-op otherwise."""
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+        yield
+
+
 def held_parameters(model: nn.Module) -> tuple[int, int]:
     """(parameter elements this rank stores, elements of the whole model): fewer under ZeRO-3 partitioning.
 
@@ -318,6 +391,11 @@ def held_parameters(model: nn.Module) -> tuple[int, int]:
         for p in model.parameters()
     )
     return held, sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+
+def persistent_parameters(model: nn.Module) -> int:
+    """Elements of the tensors ZeRO-3 keeps whole on every rank (under ``stage3_param_persistence_threshold``)."""
+    return sum(p.ds_numel for p in model.parameters() if getattr(p, "ds_persist", False))
 
 
 @dataclass(eq=False)
@@ -399,6 +477,16 @@ class Engine:
         self.optimizer_steps += 1
         return norm
 
+    def optimizer_elements(self) -> int:
+        """Trainable elements whose fp32 master copy and Adam states this rank holds: a 1/N share under ZeRO."""
+        zero = getattr(self.ds_engine, "optimizer", None)  # DeepSpeed's ZeRO optimizer around ours
+        flat = getattr(zero, "fp32_partitioned_groups_flat", None)  # ZeRO-3
+        if flat is None:
+            flat = getattr(zero, "single_partition_of_fp32_groups", None)  # ZeRO-1/2
+        if flat is not None:
+            return sum(t.numel() for t in flat)
+        return sum(p.numel() for g in self.optimizer.param_groups for p in g["params"])
+
     def lrs(self) -> dict[str, float]:
         """The learning rate of each group, by name."""
         return {
@@ -460,6 +548,36 @@ class Engine:
             finally:
                 for p in params:
                     p.ds_active_sub_modules.discard(_GENERATION_HOLDER)
+
+    def gathered_parameters_in_chunks(
+        self, select: Callable[[str, nn.Parameter], bool] | None = None
+    ) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """The unwrapped model's parameters, one module at a time: ``[(name, full tensor), ...]``; every rank.
+
+        For pushing weights into another engine (vLLM) after an optimizer step. A chunk is the parameters one
+        module owns directly (a linear layer's weight and bias), named as in ``model.named_parameters()``;
+        modules none of whose parameters ``select`` keeps are skipped (under ZeRO-3: not even gathered).
+        Under ZeRO-3 each chunk is gathered with ``GatheredParameters`` while it is yielded and released
+        before the next, so no rank ever holds more than one module whole beyond its shard; the tensors are
+        views valid only until the next chunk: copy what must outlive it. Other strategies yield the live
+        parameters (detached).
+        """
+        zero3 = self.strategy == "zero3"
+        if zero3:
+            import deepspeed
+        for prefix, mod in self.model.named_modules():
+            named = [
+                (f"{prefix}.{n}" if prefix else n, p)
+                for n, p in mod.named_parameters(recurse=False)
+                if select is None or select(f"{prefix}.{n}" if prefix else n, p)
+            ]
+            if not named:
+                continue
+            if not zero3:
+                yield [(n, p.detach()) for n, p in named]
+                continue
+            with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+                yield [(n, p.detach()) for n, p in named]
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The whole model's state dict on CPU on rank 0 (``None`` on other ranks); call on every rank.

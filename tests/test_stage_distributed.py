@@ -227,6 +227,12 @@ def test_two_processes_match_one_process(
     summary = json.loads((got / "summary.json").read_text())
     assert (summary["world_size"], summary["strategy"], summary["steps"]) == (2, strategy, STEPS)
     assert (got / "recipe.resolved.yaml").is_file() and (got / "model" / "config.json").is_file()
+    # what rank 0 held after set-up is align plan's accounting (ZeRO pads partitions by a few elements)
+    mem = summary["memory_elements"]
+    for part in ("weights", "optimizer"):
+        assert 0 <= mem[f"{part}_held"] - mem[f"{part}_plan"] <= 0.01 * mem[f"{part}_plan"] + 256, mem
+    if strategy == "zero3":  # the plan's share is half the model (adapters included): each rank holds half
+        assert mem["weights_held"] < 0.51 * 2 * mem["weights_plan"], mem
     rows, ref_rows = metrics(got), metrics(ref)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in ref_rows], abs=1e-4, rel=0)

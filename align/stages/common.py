@@ -27,11 +27,12 @@ from typing import Literal
 import torch
 
 from align.config import MAX_SEED, RecipeError, ranged
-from align.engine import ParamGroup
+from align.engine import ParamGroup, gathered, held_parameters, persistent_parameters
 from align.errors import AlignError
 from align.feature_cache import tower_features
 from align.lora import ALL_LINEAR
-from align.model import COMPONENTS, component_parameters
+from align.model import COMPONENTS, component_parameters, parameter_table
+from align.plan import memory_per_gpu
 
 
 @dataclass
@@ -127,8 +128,8 @@ def param_groups(model, optim: OptimSpec) -> list[ParamGroup]:
     groups = []
     for component in COMPONENTS:
         params = [p for _, p in component_parameters(model, component) if p.requires_grad]
-        decayed = [p for p in params if p.ndim >= 2 or optim.weight_decay == 0]
-        flat = [p for p in params if p.ndim < 2 and optim.weight_decay > 0]
+        decayed = [p for p in params if _ndim(p) >= 2 or optim.weight_decay == 0]
+        flat = [p for p in params if _ndim(p) < 2 and optim.weight_decay > 0]
         if decayed:
             groups.append(ParamGroup(component, decayed, lr=lrs[component], weight_decay=optim.weight_decay))
         if flat:
@@ -136,6 +137,10 @@ def param_groups(model, optim: OptimSpec) -> list[ParamGroup]:
     if not groups:  # e.g. only the vision tower is trainable and none of its layers feeds an image feature
         raise AlignError("trainable: no parameter of the model would train (see the parameter table above)")
     return groups
+
+
+def _ndim(param) -> int:
+    return len(getattr(param, "ds_shape", param.shape))  # loaded ZeRO-3 partitioned: a 1-D placeholder
 
 
 def lr_at(step: int, total_steps: int, base_lr: float, schedule: str, warmup_steps: int) -> float:
@@ -231,14 +236,47 @@ def freeze_unreachable_vision(llava) -> list[str]:
     size = cfg.vision_config.image_size
     p0 = params[0][1]
     blank = torch.zeros(1, 3, size, size, device=p0.device, dtype=p0.dtype)
-    feats = tower_features(tower, blank, cfg.vision_feature_layer, cfg.vision_feature_select_strategy)
-    grads = torch.autograd.grad(feats.float().sum(), [p for _, p in params], allow_unused=True)
+    with gathered(tower.parameters()):  # loaded ZeRO-3 partitioned: the tower whole for this one pass
+        feats = tower_features(tower, blank, cfg.vision_feature_layer, cfg.vision_feature_select_strategy)
+        grads = torch.autograd.grad(feats.float().sum(), [p for _, p in params], allow_unused=True)
     frozen = []
     for (name, param), grad in zip(params, grads, strict=True):
         if grad is None:
             param.requires_grad_(False)
             frozen.append(f"vision_tower.{name}")
     return frozen
+
+
+def memory_vs_plan(model, engine, strategy: str, world_size: int) -> tuple[str, dict[str, int]]:
+    """What this rank holds after the engine set up, beside what ``align plan``'s accounting predicts for it.
+
+    Compared in elements (the plan's bytes assume bf16; a CPU run holds fp32): the weights (a 1/N share under
+    ZeRO-3) and the trainable elements whose fp32 master + Adam states live here (1/N under ZeRO-2/3).
+    ZeRO-3 keeps small tensors whole on every rank; they are counted on their own.
+    """
+    rows = parameter_table(model)
+    total, trainable = sum(r[1] for r in rows), sum(r[2] for r in rows)
+    weight_shard = world_size if strategy == "zero3" else 1
+    state_shard = world_size if strategy.startswith("zero") else 1
+    persistent = persistent_parameters(model)
+    counts = {
+        "weights_plan": -(-total // weight_shard),
+        "weights_held": held_parameters(model)[0],
+        "weights_persistent": persistent,
+        "optimizer_plan": -(-trainable // state_shard),
+        "optimizer_held": engine.optimizer_elements(),
+    }
+    plan = memory_per_gpu(
+        trainable, total - trainable, world_size, "ddp" if strategy == "single" else strategy
+    )
+    whole = f", of which {persistent:,} in small tensors kept whole on every rank" if persistent else ""
+    text = (
+        f"memory per rank ({strategy}, {world_size} rank(s)), `align plan` vs this rank: "
+        f"weights {counts['weights_plan']:,} vs {counts['weights_held']:,} elements{whole}; "
+        f"fp32 master + Adam states {counts['optimizer_plan']:,} vs {counts['optimizer_held']:,} elements; "
+        f"plan in bf16: {plan['total'] / 2**30:.2f} GiB per GPU before activations"
+    )
+    return text, counts
 
 
 def peak_memory_mb() -> float:

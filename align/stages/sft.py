@@ -37,7 +37,7 @@ from align.data.check import checked_mix, stage_row_check
 from align.data.config import DataConfig
 from align.data.encode import IGNORE_INDEX, encode_sft, fit_all
 from align.data.images import load_image
-from align.engine import init_distributed, setup
+from align.engine import gathered, init_distributed, partitioned_loading, setup
 from align.errors import AlignError
 from align.feature_cache import FeatureCache, cache_fingerprint, tower_features
 from align.lora import apply_lora, is_lora, merge_lora_state_dict, save_adapter
@@ -54,6 +54,7 @@ from align.stages.common import (
     check_trainable,
     freeze_unreachable_vision,
     lr_at,
+    memory_vs_plan,
     param_groups,
     peak_memory_mb,
     prune_checkpoints,
@@ -247,7 +248,15 @@ def _train(recipe, dist, resume: bool) -> Path:
     # ZeRO in bf16 trains bf16 weights (fp32 masters are made from them): loading in bf16 halves host memory.
     # single/ddp keep fp32 weights and autocast.
     zero_bf16 = strategy.startswith("zero") and precision == "bf16"
-    model, processor = load_llava(model_dir, dtype=torch.bfloat16 if zero_bf16 else torch.float32)
+    engine_values = {
+        "micro_batch_size": run.micro_batch_size,
+        "grad_accum": run.grad_accum,
+        "max_grad_norm": recipe.optim.max_grad_norm,
+        "precision": precision,
+    }
+    # zero3: every rank loads only its 1/N partition of the weights, never the whole model
+    with partitioned_loading(dist, strategy, run.deepspeed_config, **engine_values):
+        model, processor = load_llava(model_dir, dtype=torch.bfloat16 if zero_bf16 else torch.float32)
     tokenizer = processor.tokenizer
     n_image_tokens = image_seq_len(processor)
     if run.gradient_checkpointing:
@@ -256,6 +265,8 @@ def _train(recipe, dist, resume: bool) -> Path:
         if run.gradient_checkpointing:
             # the embeddings are frozen: checkpointed blocks would otherwise see no input that requires grad
             model.enable_input_require_grads()
+        # the adapters' random init must not depend on what loading consumed (zero.Init draws nothing)
+        torch.manual_seed(run.seed)
         model = apply_lora(
             model, recipe.lora.r, recipe.lora.alpha, recipe.lora.dropout, recipe.lora.target_modules
         )
@@ -299,12 +310,13 @@ def _train(recipe, dist, resume: bool) -> Path:
     cache = None
     if recipe.feature_cache != "none":
         ip = processor.image_processor.to_dict()
-        fp = cache_fingerprint(
-            llava.model.vision_tower,
-            ip,
-            llava.config.vision_feature_layer,
-            llava.config.vision_feature_select_strategy,
-        )
+        with gathered(llava.model.vision_tower.parameters()):
+            fp = cache_fingerprint(
+                llava.model.vision_tower,
+                ip,
+                llava.config.vision_feature_layer,
+                llava.config.vision_feature_select_strategy,
+            )
         cache = FeatureCache(fp, recipe.feature_cache, out / "feature_cache")
 
     # --- engine ----------------------------------------------------------------------------------------------
@@ -313,13 +325,13 @@ def _train(recipe, dist, resume: bool) -> Path:
         param_groups(model, recipe.optim),
         dist=dist,
         strategy=strategy,
-        micro_batch_size=run.micro_batch_size,
-        grad_accum=run.grad_accum,
-        max_grad_norm=recipe.optim.max_grad_norm,
-        precision=precision,
         betas=tuple(recipe.optim.betas),
         deepspeed_config=run.deepspeed_config,
+        **engine_values,
     )
+    memory_text, memory = memory_vs_plan(model, engine, strategy, dist.world_size)
+    if dist.is_main:
+        print(memory_text)
     base_lrs = engine.lrs()  # before load_state, which restores the schedule's current values
     warmup = int(recipe.optim.warmup_ratio * total_steps)
     start_step = 0
@@ -427,6 +439,7 @@ def _train(recipe, dist, resume: bool) -> Path:
             "strategy": strategy,
             "precision": precision,
             "final_loss": loss,
+            "memory_elements": memory,  # rank 0's, beside align plan's accounting
         }
         if cache is not None:  # hits and misses of all ranks; the memory is this rank's
             summary.update(after, feature_cache_mb=cache.nbytes / 2**20)
