@@ -498,7 +498,6 @@ def test_fresh_run_into_old_checkpoints_is_refused(work: Path, tmp_path: Path) -
         ("grpo.reward_weights=[1.0]", "reward_weights"),
         ("grpo.reward_funcs=[format, format]", "reward_funcs"),
         ("grpo.top_p=0", "top_p"),
-        ("run.gradient_checkpointing=true", "shared_prefix"),
     ],
 )
 def test_recipe_mistakes_name_the_key(work: Path, override: str, key: str) -> None:
@@ -541,6 +540,15 @@ STRATEGIES = {  # name: (strategy, overrides); zero3 runs come from recipes/tiny
     # every step one rank draws the text-only question and the other the image question
     "ddp_mixed": ("ddp", ["data.sources.0.path={work}/synth/train/mixed.jsonl", "run.epochs=2"]),
     "zero3_mixed": ("zero3", ["data.sources.0.path={work}/synth/train/mixed.jsonl", "run.epochs=2"]),
+    # the real recipes' setting: checkpointed layers with the shared-prefix training forward
+    "zero3_mixed_checkpointed": (
+        "zero3",
+        [
+            "data.sources.0.path={work}/synth/train/mixed.jsonl",
+            "run.epochs=2",
+            "run.gradient_checkpointing=true",
+        ],
+    ),
 }
 DIST_STEPS = 2
 
@@ -632,10 +640,17 @@ def test_two_process_run_completes(work: Path, dist_runs: dict[str, tuple[Path, 
 @pytest.mark.distributed
 def test_strategies_agree_step_by_step(dist_runs: dict[str, tuple[Path, str]]) -> None:
     """Same weights, same per-rank sampling seeds: DDP, ZeRO-2 and ZeRO-3 see the same rollouts and losses,
-    also when one rank's question has no image (the tower runs on a blank there, adding exactly 0)."""
+    also when one rank's question has no image (the tower runs on a blank there, adding exactly 0), and with
+    ZeRO-3 training checkpointed layers (the shared prefix then runs each layer as one checkpointed pair)."""
     runs = {name: jsonl(out / "metrics.jsonl") for name, (out, _) in dist_runs.items()}
     keys = ("reward", "completion_length", "loss", "kl", "grad_norm")
-    for ddp, other in (("ddp", "zero2"), ("ddp", "zero3"), ("ddp_mixed", "zero3_mixed")):
+    pairs = [
+        ("ddp", "zero2"),
+        ("ddp", "zero3"),
+        ("ddp_mixed", "zero3_mixed"),
+        ("ddp_mixed", "zero3_mixed_checkpointed"),
+    ]
+    for ddp, other in pairs:
         for a, b in zip(runs[ddp], runs[other], strict=True):
             assert {k: b[k] for k in keys} == pytest.approx({k: a[k] for k in keys}, rel=1e-4, abs=1e-6), (
                 other,

@@ -7,11 +7,14 @@ This module owns the arithmetic of one GRPO step and nothing else (no models, ge
   statistics that explain a zero loss (:class:`AdvantageStats`);
 * :func:`mask_truncated`: ``mask_truncated_completions``;
 * :func:`grpo_loss`: clipped surrogate + k3 KL (``beta``, ``epsilon``, ``epsilon_high``, ``delta``,
-  ``loss_type``, ``importance_sampling_level``), returning the loss and its parts (:class:`LossParts`).
+  ``loss_type``, ``importance_sampling_level``), returning the loss and its parts (:class:`LossParts`);
+* :func:`vllm_importance_sampling`: the truncated (or masking) importance-sampling correction for rollouts a
+  different engine sampled (vLLM), TRL's ``vllm_importance_sampling_correction`` / ``_mode`` / ``_clip_min`` /
+  ``_clip_max``, with the mismatch metrics TRL logs (:class:`SamplingMismatch`).
 
 Every option means what it means in TRL 1.16's ``GRPOTrainer`` with
-``multi_objective_aggregation="sum_then_normalize"``, ``use_bias_correction_kl=False``, no vLLM
-importance-sampling correction, ``top_entropy_quantile=1.0`` and no entropy bonus. ``old_logps=None`` is TRL's
+``multi_objective_aggregation="sum_then_normalize"``, ``use_bias_correction_kl=False``,
+``top_entropy_quantile=1.0`` and no entropy bonus. ``old_logps=None`` is TRL's
 ``num_iterations=1`` shortcut.
 
 Gradient accumulation: :func:`grpo_loss` returns the loss of ONE micro-batch *before* dividing by the number
@@ -24,6 +27,7 @@ Run the parity tests against TRL: ``.venv/bin/pytest -q tests/test_grpo_loss.py`
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
@@ -36,9 +40,11 @@ from align.errors import AlignError
 ScaleRewards = Literal["group", "batch", "none"]
 LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
 ImportanceSamplingLevel = Literal["token", "sequence"]
+VLLMImportanceSamplingMode = Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"]
 SCALE_REWARDS: tuple[str, ...] = get_args(ScaleRewards)
 LOSS_TYPES: tuple[str, ...] = get_args(LossType)
 IMPORTANCE_SAMPLING_LEVELS: tuple[str, ...] = get_args(ImportanceSamplingLevel)
+VLLM_IMPORTANCE_SAMPLING_MODES: tuple[str, ...] = get_args(VLLMImportanceSamplingMode)
 
 # TRL adds this to the std so that a zero-variance group divides 0 by 1e-4 rather than by 0.
 STD_EPS = 1e-4
@@ -269,6 +275,7 @@ def grpo_loss(
     accumulation_steps: int = 1,
     delta: float | None = None,
     importance_sampling_level: ImportanceSamplingLevel = "token",
+    sampling_weights: Tensor | None = None,
 ) -> tuple[Tensor, LossParts]:
     """GRPO loss of one micro-batch (before the caller's division by ``accumulation_steps``).
 
@@ -284,6 +291,10 @@ def grpo_loss(
     ``importance_sampling_level="sequence"`` (GSPO) replaces ``r_it`` by one ratio per completion,
     ``s_i = exp(sum_t m_it (logps_it - old_logps_it) / max(1, sum_t m_it))``, broadcast over its tokens and
     clipped (and capped by ``delta``) the same way; the KL term stays per token, as in TRL.
+
+    ``sampling_weights`` (``[B, T]`` or ``[B, 1]``, no grad): :func:`vllm_importance_sampling`'s weights; they
+    multiply the clipped-surrogate term of every token (not the KL term), as TRL applies its
+    ``importance_sampling_ratio``.
 
     then, with ``m`` the mask and ``B`` the micro-batch size, ``loss_type`` aggregates:
 
@@ -316,7 +327,10 @@ def grpo_loss(
     ratio = torch.exp(log_ratio)
     unclipped = ratio if delta is None else ratio.clamp(max=delta)
     clipped = ratio.clamp(1 - epsilon, 1 + eps_high)
-    policy = aggregate(-torch.min(unclipped * adv, clipped * adv))
+    surrogate = -torch.min(unclipped * adv, clipped * adv)
+    if sampling_weights is not None:
+        surrogate = surrogate * sampling_weights
+    policy = aggregate(surrogate)
 
     if ref_logps is None:
         kl = None
@@ -343,3 +357,78 @@ def grpo_loss(
             num_tokens=mask.sum(),
         )
     return loss, parts
+
+
+@dataclass(frozen=True)
+class SamplingMismatch:
+    """How far the sampling engine's log-probs are from the trainer's, as TRL logs them (floats).
+
+    ``logp_difference_*`` is ``|trainer - sampler|`` over the completion tokens; the ratio statistics are over
+    the completion tokens (token modes) or the completions (sequence modes), after truncation or masking.
+    """
+
+    logp_difference_mean: float  # TRL sampling/sampling_logp_difference/mean
+    logp_difference_max: float  # sampling/sampling_logp_difference/max
+    ratio_min: float  # sampling/importance_sampling_ratio/min
+    ratio_mean: float  # sampling/importance_sampling_ratio/mean
+    ratio_max: float  # sampling/importance_sampling_ratio/max
+
+
+def vllm_importance_sampling(
+    trainer_logps: Tensor,
+    sampling_logps: Tensor,
+    completion_mask: Tensor,
+    *,
+    mode: VLLMImportanceSamplingMode,
+    clip_min: float | None,
+    clip_max: float | None,
+) -> tuple[Tensor, SamplingMismatch]:
+    """TRL's vLLM importance-sampling correction: weights ``pi_trainer / pi_sampler`` for :func:`grpo_loss`.
+
+    The completions were drawn by another engine (vLLM), whose log-probs ``sampling_logps`` differ from the
+    trainer's ``trainer_logps`` of the same weights (other kernels, bf16 rounding): the policy-gradient terms are
+    reweighted by ``rho`` so that the update is the trainer policy's. With ``d_it = m_it (trainer - sampler)``
+    (NaN sampler log-probs give ``d = 0``)::
+
+        token_*:     rho_it = exp(d_it)                  [B, T]
+        sequence_*:  rho_i  = exp(sum_t d_it)            [B, 1]
+        *_truncate:  rho <- clamp(rho, clip_min, clip_max)       (a None bound is open)
+        *_mask:      rho <- 0 where rho < clip_min or rho > clip_max
+
+    Everything is detached (TRL computes it under no_grad). TRL's defaults: ``sequence_mask``, ``clip_max 3``,
+    ``clip_min None``. Inputs are ``[B, T]``; the mask is 0 on padding.
+    """
+    if mode not in VLLM_IMPORTANCE_SAMPLING_MODES:
+        raise ValueError(f"mode must be one of {VLLM_IMPORTANCE_SAMPLING_MODES}, got {mode!r}")
+    if mode.endswith("_truncate") and clip_min is None and clip_max is None:
+        raise ValueError(f"mode {mode!r} needs clip_min or clip_max (both are None)")
+    shape = tuple(completion_mask.shape)
+    for name, t in (("trainer_logps", trainer_logps), ("sampling_logps", sampling_logps)):
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, completion_mask has {shape}")
+    with torch.no_grad():
+        mask = completion_mask.bool()
+        diff = torch.nan_to_num((trainer_logps.float() - sampling_logps.float()) * mask, nan=0.0)
+        sequence = mode.startswith("sequence")
+        ratio = torch.exp(diff.sum(-1, keepdim=True) if sequence else diff)
+        low = -math.inf if clip_min is None else clip_min
+        high = math.inf if clip_max is None else clip_max
+        if mode.endswith("_truncate"):
+            ratio = ratio.clamp(min=clip_min, max=clip_max)
+        else:
+            ratio = ratio.masked_fill((ratio < low) | (ratio > high), 0.0)
+        delta = (trainer_logps.float() - sampling_logps.float()).abs()
+        delta = delta[mask & ~delta.isnan()]
+        flat = ratio.flatten() if sequence else ratio[mask]
+
+        def stat(x: Tensor, reduce) -> float:
+            return float(reduce(x)) if x.numel() else 0.0
+
+        stats = SamplingMismatch(
+            logp_difference_mean=stat(delta, torch.mean),
+            logp_difference_max=stat(delta, torch.max),
+            ratio_min=stat(flat, torch.min),
+            ratio_mean=stat(flat, torch.mean),
+            ratio_max=stat(flat, torch.max),
+        )
+    return ratio, stats

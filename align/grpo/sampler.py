@@ -24,8 +24,10 @@ tokens, 64 new tokens, no early stop; best of 3): tiny Qwen2 Llava (hidden 64, 2
 The seam for other backends: a GRPO stage holds a :class:`RolloutBackend` and calls its one method
 ``generate(prompt_ids, pixel_values, images_per_prompt, *, ...) -> Rollout``. :class:`SharedPrefixSampler`
 is the in-process implementation (it wraps the training model; under ZeRO-3 the engine gathers the
-parameters around the call). A vLLM backend would be another class with the same method; pushing the
-current policy weights into its engine before each call is the engine's job, not part of this protocol.
+parameters around the call). :mod:`align.grpo.vllm_backend` holds the vLLM ones (colocated and server), which
+read the decoded ``images`` instead of ``pixel_values`` (vLLM runs the processor itself) and always return
+their sampling log-probs; pushing the current policy weights into vLLM before a rollout phase is the stage's
+call (``sync_weights``), not part of this protocol.
 
 Run the tests: ``.venv/bin/pytest -q tests/test_sampler.py``.
 """
@@ -56,7 +58,11 @@ class Rollout:
 
 
 class RolloutBackend(Protocol):
-    """Whatever produces rollouts for the GRPO stage: this module's sampler today, vLLM later."""
+    """Whatever produces rollouts for the GRPO stage: this module's sampler, or vLLM (:mod:`align.grpo.vllm_backend`).
+
+    ``images``: the decoded PIL images ``pixel_values`` was made from, in prompt order; a backend that
+    preprocesses images itself reads these, this module's sampler ignores them.
+    """
 
     def generate(
         self,
@@ -75,6 +81,7 @@ class RolloutBackend(Protocol):
         do_sample: bool = True,
         return_logps: bool = False,
         blank_pixels: Tensor | None = None,
+        images: Sequence[Any] | None = None,
     ) -> Rollout: ...
 
 
@@ -387,6 +394,7 @@ class SharedPrefixSampler:
         do_sample: bool = True,
         return_logps: bool = False,
         blank_pixels: Tensor | None = None,
+        images: Sequence[Any] | None = None,
     ) -> Rollout:
         return generate(
             self.model,

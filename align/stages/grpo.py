@@ -48,6 +48,16 @@ there). Advantages and the reward metrics are then those of the groups trained o
 ``dynamic_sampling/rounds`` the rounds used. Steps keep their number, so a run reads its data faster; the
 number of rounds drawn is saved with each checkpoint, and resuming continues the same data order and seeds.
 
+Rollouts through vLLM (``grpo.rollout.backend: vllm``, TRL's ``vllm_*`` names; :mod:`align.grpo.vllm_backend`):
+before each round that follows an optimizer step every rank walks the policy one module at a time (ZeRO-3
+gathers each module, then frees it) and vLLM gets the changed components in llava-hf names, LoRA merged
+(colocated: each rank's own engine; server: rank 0 sends). The completions then carry vLLM's log-probs; the
+trainer scores them once without gradients (TRL's old log-probs) and, with
+``vllm_importance_sampling_correction`` (on by default, as in TRL), the policy-gradient term of each token is
+weighted by the truncated or masked ratio pi_trainer / pi_vllm. Logged per step (TRL's names):
+``sampling/sampling_logp_difference/mean|max``, ``sampling/importance_sampling_ratio/min|mean|max``; and
+``time/weight_sync_s``, ``time/old_logps_s``. Tests: ``.venv/bin/pytest -q tests/test_vllm_backend.py`` (vLLM from ``.venv-vllm``).
+
 Where this differs from TRL 1.16 on purpose: micro-batches hold whole question groups (TRL shuffles
 completions across the micro-batches of a generation batch, which only changes how ``grpo``/``bnpo`` average
 within a micro-batch); reward functions get the columns ``solution``, ``box``, ``image_size``, ``family`` and
@@ -58,6 +68,7 @@ Tests: ``.venv/bin/pytest -q tests/test_grpo_stage.py`` (``-m distributed`` for 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import time
@@ -80,18 +91,20 @@ from align.config import MAX_TOKENS, RecipeError, load_any, ranged, save_resolve
 from align.data.check import checked_mix, stage_row_check
 from align.data.config import DataConfig
 from align.data.encode import encode_prompt
-from align.data.images import pixel_values
-from align.engine import held_parameters, init_distributed, setup
+from align.data.images import load_image, pixel_values
+from align.engine import held_parameters, init_distributed, partitioned_loading, setup
 from align.errors import AlignError
 from align.grpo.logps import completion_logps_and_entropy
 from align.grpo.loss import (
     IMPORTANCE_SAMPLING_LEVELS,
     LOSS_TYPES,
     SCALE_REWARDS,
+    VLLM_IMPORTANCE_SAMPLING_MODES,
     combine_rewards,
     group_advantages,
     grpo_loss,
     mask_truncated,
+    vllm_importance_sampling,
 )
 from align.grpo.rollout import (
     RolloutBatch,
@@ -109,6 +122,7 @@ from align.grpo.rollout import (
     split_groups,
 )
 from align.grpo.sampler import SharedPrefixSampler
+from align.grpo.vllm_backend import changing_parameters, open_backend, sync_weights
 from align.lora import apply_lora, is_lora, merge_lora_state_dict, save_adapter
 from align.model import (
     format_parameter_table,
@@ -128,6 +142,7 @@ from align.stages.common import (
     check_trainable,
     freeze_unreachable_vision,
     lr_at,
+    memory_vs_plan,
     param_groups,
     peak_memory_mb,
     prune_checkpoints,
@@ -135,6 +150,61 @@ from align.stages.common import (
     resume_point,
     truncate_metrics,
 )
+
+
+@dataclass
+class RolloutSpec:
+    """Who samples the rollouts (``grpo.rollout``): our sampler, or vLLM with TRL's ``vllm_*`` option names."""
+
+    backend: Literal["align", "vllm"] = (
+        "align"  # vllm: pip install -e ".[vllm]" (see align/grpo/vllm_backend.py)
+    )
+    vllm_mode: Literal["colocate", "server"] = (
+        "colocate"  # vLLM in the training processes, or a separate server
+    )
+    vllm_server_host: str = "0.0.0.0"  # server mode: where the vLLM server listens
+    vllm_server_port: int = ranged(8000, ge=1, le=65535)  # server mode: its port
+    vllm_server_timeout: float = ranged(240.0, gt=0)  # seconds to wait for the server to answer /health
+    vllm_gpu_memory_utilization: float = ranged(0.3, gt=0, le=1)  # colocate: share of each GPU vLLM takes
+    vllm_enable_sleep_mode: bool = False  # colocate: vLLM frees its weights and KV cache outside rollouts
+    vllm_max_model_length: int | None = ranged(
+        None, ge=1, le=MAX_TOKENS
+    )  # colocate: vLLM's context; None: the model's; >= data.max_length
+    vllm_importance_sampling_correction: bool = (
+        True  # reweigh the loss by pi_trainer / pi_vllm (TRL's default)
+    )
+    vllm_importance_sampling_mode: Literal[
+        "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"
+    ] = "sequence_mask"  # per token or per completion; clamp to [clip_min, clip_max] or zero outside
+    vllm_importance_sampling_clip_min: float | None = ranged(None, ge=0)  # None: no lower bound
+    vllm_importance_sampling_clip_max: float | None = ranged(3.0, gt=0)  # None: no upper bound
+
+    def check(self) -> None:
+        defaults = RolloutSpec()
+        if self.backend == "align":
+            changed = [k for k in vars(self) if k != "backend" and getattr(self, k) != getattr(defaults, k)]
+            if changed:
+                raise RecipeError.at(
+                    changed[0], "applies to backend vllm only; this recipe has backend: align"
+                )
+        if self.vllm_mode == "server":
+            for key in ("vllm_gpu_memory_utilization", "vllm_enable_sleep_mode", "vllm_max_model_length"):
+                if getattr(self, key) != getattr(defaults, key):
+                    raise RecipeError.at(
+                        key, "applies to vllm_mode colocate; a server takes it on its own command line"
+                    )
+        low, high = self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max
+        if low is not None and high is not None and low >= high:
+            raise RecipeError.at(
+                "vllm_importance_sampling_clip_min",
+                f"must be below vllm_importance_sampling_clip_max ({high:g}), got {low:g}",
+            )
+        if self.vllm_importance_sampling_mode.endswith("_truncate") and low is None and high is None:
+            raise RecipeError.at(
+                "vllm_importance_sampling_mode",
+                f"{self.vllm_importance_sampling_mode} clamps to [clip_min, clip_max]: set at least one of them",
+            )
+        assert self.vllm_importance_sampling_mode in VLLM_IMPORTANCE_SAMPLING_MODES
 
 
 @dataclass
@@ -176,6 +246,7 @@ class GRPOSpec:
         True  # training forward runs each question's image+prompt once for its G completions
     )
     log_completions: int = ranged(4, ge=0)  # completions per step written to completions.jsonl
+    rollout: RolloutSpec = field(default_factory=RolloutSpec)  # our sampler or vLLM
 
     def check(self) -> None:
         if self.epsilon_high is not None and self.epsilon_high < self.epsilon:
@@ -240,11 +311,12 @@ class GRPORecipe:
 
     def check(self) -> None:
         check_trainable(self.trainable, self.lora)
-        if self.run.gradient_checkpointing and self.grpo.shared_prefix:
+        length = self.grpo.rollout.vllm_max_model_length
+        if length is not None and length < self.data.max_length:
             raise RecipeError.at(
-                "grpo.shared_prefix",
-                "the shared-prefix training forward needs the KV cache, which gradient-checkpointed layers drop: "
-                "set grpo.shared_prefix: false with run.gradient_checkpointing: true",
+                "grpo.rollout.vllm_max_model_length",
+                f"{length} is below data.max_length ({self.data.max_length}): a prompt plus its completion may need "
+                "that many tokens",
             )
 
 
@@ -267,6 +339,67 @@ def _trim_completions(output_dir: Path, after_step: int) -> None:
             line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= after_step
         ]
         path.write_text("".join(line + "\n" for line in kept))
+
+
+def _sampling_correction(
+    engine, policy: nn.Module, batches: list[RolloutBatch], cfg: GRPOSpec, dist, blank
+) -> tuple[list, list, dict[str, float]]:
+    """Per micro-batch: the old log-probs for the loss and the vLLM importance-sampling weights; the mismatch
+    metrics under TRL's names (means over ranks, extremes over ranks).
+
+    Our sampler: its own log-probs are the old ones (``num_iterations > 1``), no weights. vLLM: its log-probs are
+    another engine's, so the trainer scores the completions once without gradients (TRL's
+    ``old_per_token_logps``) when the correction is on or ``num_iterations > 1``; with one iteration the loss keeps
+    the exact ratio-1 shortcut (the trainer's log-probs before the step are the current ones).
+    """
+    rs, n = cfg.rollout, len(batches)
+    if rs.backend == "align":
+        return [b.rollout.logps if cfg.num_iterations > 1 else None for b in batches], [None] * n, {}
+    if not rs.vllm_importance_sampling_correction and cfg.num_iterations == 1:
+        return [None] * n, [None] * n, {}
+    trainer = []
+    policy.eval()
+    with torch.no_grad(), engine.autocast():
+        for b in batches:  # every rank runs the same number of forwards (ZeRO-3 gathers in them)
+            logps, _ = engine.module(
+                prompt_ids=b.prompt_ids,
+                pixel_values=b.pixels,
+                images_per_prompt=b.images_per_prompt,
+                completion_ids=b.rollout.completion_ids,
+                completion_mask=b.rollout.completion_mask,
+                num_generations=cfg.num_generations,
+                temperature=cfg.temperature,
+                shared_prefix=cfg.shared_prefix,
+                blank_pixels=blank,
+            )
+            trainer.append(logps.float())
+    policy.train()
+    old = trainer if cfg.num_iterations > 1 else [None] * n
+    if not rs.vllm_importance_sampling_correction:
+        return old, [None] * n, {}
+    weights, stats = [], []
+    for b, logps in zip(batches, trainer, strict=True):
+        w, s = vllm_importance_sampling(
+            logps,
+            b.rollout.logps,
+            b.mask,
+            mode=rs.vllm_importance_sampling_mode,
+            clip_min=rs.vllm_importance_sampling_clip_min,
+            clip_max=rs.vllm_importance_sampling_clip_max,
+        )
+        weights.append(w)
+        stats.append(s)
+    mean = lambda values: dist.all_reduce_mean(sum(values) / len(values))  # noqa: E731
+    row = {
+        "sampling/sampling_logp_difference/mean": mean([s.logp_difference_mean for s in stats]),
+        "sampling/sampling_logp_difference/max": dist.all_reduce_max(
+            max(s.logp_difference_max for s in stats)
+        ),
+        "sampling/importance_sampling_ratio/min": -dist.all_reduce_max(-min(s.ratio_min for s in stats)),
+        "sampling/importance_sampling_ratio/mean": mean([s.ratio_mean for s in stats]),
+        "sampling/importance_sampling_ratio/max": dist.all_reduce_max(max(s.ratio_max for s in stats)),
+    }
+    return old, weights, row
 
 
 def _save_model(engine, model, processor, folder: Path, lora: LoRASpec, recipe) -> dict | None:
@@ -322,7 +455,15 @@ def _train(recipe: GRPORecipe, dist, resume: bool) -> Path:
     # ZeRO in bf16 trains bf16 weights (fp32 masters are made from them); single/ddp keep fp32 and autocast.
     # The reference takes the policy's dtype so that KL is exactly 0 before the first update.
     dtype = torch.bfloat16 if strategy.startswith("zero") and precision == "bf16" else torch.float32
-    model, processor = load_llava(model_dir, dtype=dtype)
+    engine_values = {
+        "micro_batch_size": run.micro_batch_size,
+        "grad_accum": run.grad_accum,
+        "max_grad_norm": recipe.optim.max_grad_norm,
+        "precision": precision,
+    }
+    # zero3: policy and reference load straight into each rank's 1/N partition, never a whole copy per rank
+    with partitioned_loading(dist, strategy, run.deepspeed_config, **engine_values):
+        model, processor = load_llava(model_dir, dtype=dtype)
     tokenizer = processor.tokenizer
     n_image_tokens = image_seq_len(processor)
     if run.gradient_checkpointing:
@@ -330,6 +471,8 @@ def _train(recipe: GRPORecipe, dist, resume: bool) -> Path:
     if recipe.lora.r > 0:
         if run.gradient_checkpointing:
             model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks need an input with grad
+        # the adapters' random init must not depend on what loading consumed (zero.Init draws nothing)
+        torch.manual_seed(run.seed)
         model = apply_lora(
             model, recipe.lora.r, recipe.lora.alpha, recipe.lora.dropout, recipe.lora.target_modules
         )
@@ -347,7 +490,8 @@ def _train(recipe: GRPORecipe, dist, resume: bool) -> Path:
     skip_pooling_head(llava_of(model))
     reference = None
     if cfg.beta > 0 and not is_lora(model):  # with LoRA the reference is the same model, adapters disabled
-        reference, _ = load_llava(model_dir, dtype=dtype)
+        with partitioned_loading(dist, strategy, run.deepspeed_config, **engine_values):
+            reference, _ = load_llava(model_dir, dtype=dtype)
         skip_pooling_head(reference)
     rewards = {
         name: load_reward(spec, cfg.reward_params_for(spec))
@@ -410,13 +554,13 @@ def _train(recipe: GRPORecipe, dist, resume: bool) -> Path:
         param_groups(policy, recipe.optim),
         dist=dist,
         strategy=strategy,
-        micro_batch_size=run.micro_batch_size,
-        grad_accum=run.grad_accum,
-        max_grad_norm=recipe.optim.max_grad_norm,
-        precision=precision,
         betas=tuple(recipe.optim.betas),
         deepspeed_config=run.deepspeed_config,
+        **engine_values,
     )
+    memory_text, memory = memory_vs_plan(model, engine, strategy, dist.world_size)
+    if dist.is_main:
+        print(memory_text)
     # A rank whose questions have no image still runs the tower (on this blank) in its rollout, reference and
     # training forwards: ZeRO-3 gathers collectively, and at each forward start it checks that the ranks called
     # the same modules in the same order since the last one, the rollout's prefill included (without the blank
@@ -446,6 +590,34 @@ def _train(recipe: GRPORecipe, dist, resume: bool) -> Path:
         _trim_completions(out, start_step)
         if resume_from is None:
             save_resolved(recipe, out)
+    # --- rollout backend: vLLM gets the policy's weights before each rollout phase that follows an update ------
+    rs = cfg.rollout
+    backend = None
+    if rs.backend == "vllm":
+        backend = open_backend(
+            rs.vllm_mode,
+            model_dir,
+            image_token_id=image_token_id,
+            host=rs.vllm_server_host,
+            port=rs.vllm_server_port,
+            timeout=rs.vllm_server_timeout,
+            gpu_memory_utilization=rs.vllm_gpu_memory_utilization,
+            enable_sleep_mode=rs.vllm_enable_sleep_mode,
+            max_model_len=rs.vllm_max_model_length,
+            dtype="bfloat16" if precision == "bf16" else "float32",
+            seed=run.seed + dist.rank,
+            distributed=dist.distributed,
+            max_images_per_prompt=max((len(s.images) for s, _ in kept), default=1),
+        )
+        if dist.is_main:
+            where = "in this process" if rs.vllm_mode == "colocate" else f"at {backend.base}"
+            print(f"rollouts: vLLM {rs.vllm_mode} {where}")
+    # a colocated engine starts from model_dir, which a fresh run trains from; a server may serve anything
+    synced_steps = 0 if rs.vllm_mode == "colocate" and resume_from is None else None
+    sync_select = changing_parameters(policy.named_parameters())
+    lora_scaling = recipe.lora.alpha / recipe.lora.r if is_lora(model) else None
+    pushes_weights = rs.vllm_mode == "colocate" or dist.is_main  # server mode: rank 0 sends, all gather
+    announced = False  # the first sync is printed
     metrics = MetricsWriter(out, dist.is_main, run.tensorboard, run.wandb_project, to_dict(recipe))
     samples_file = (out / "completions.jsonl").open("a") if dist.is_main else None
     progress = Progress(total_steps, start_step, dist.is_main)
@@ -464,6 +636,23 @@ def _train(recipe: GRPORecipe, dist, resume: bool) -> Path:
         flat: list[RolloutBatch] = []  # and those whose G rewards are all equal
         reward_errors = dict.fromkeys(rewards, 0)
         seconds = dict.fromkeys(("rollout", "reference", "rewards"), 0.0)
+        if backend is not None:
+            seconds["weight_sync"] = 0.0
+            if synced_steps != engine.optimizer_steps:  # every rank: ZeRO-3 gathers collectively
+                t_sync = time.perf_counter()
+                sent = sync_weights(
+                    backend if pushes_weights else None,
+                    lambda: engine.gathered_parameters_in_chunks(sync_select),
+                    lora_scaling,
+                    strip="model.",  # PolicyLogps holds the model as .model
+                )
+                seconds["weight_sync"] = time.perf_counter() - t_sync
+                if dist.is_main and not announced:
+                    announced = True
+                    print(
+                        f"vllm: synced {sent} tensors in {seconds['weight_sync']:.2f} s (after every update)"
+                    )
+                synced_steps = engine.optimizer_steps
         first_draw = draws
         for _ in range(max_draws):
             t_draw = time.perf_counter()
@@ -477,11 +666,14 @@ def _train(recipe: GRPORecipe, dist, resume: bool) -> Path:
             generator = torch.Generator().manual_seed(run.seed * 1_000_003 + draws * 1009 + dist.rank)
             draws += 1
 
-            # rollouts: one gathered phase for all micro-batches; old log-probs come from the sampler, once
+            # rollouts: one gathered phase for all micro-batches; old log-probs come from the sampler, once.
+            # vLLM holds its own weights: the policy is gathered only for the LoRA reference pass.
             batches: list[RolloutBatch] = []
             policy.eval()
-            with engine.gathered_for_generation() as gathered, engine.autocast():
-                sampler = SharedPrefixSampler(llava_of(gathered.model))
+            gather = backend is None or (cfg.beta > 0 and reference is None)
+            phase = engine.gathered_for_generation() if gather else contextlib.nullcontext(engine.model)
+            with phase as gathered, engine.autocast():
+                sampler = backend if backend is not None else SharedPrefixSampler(llava_of(gathered.model))
                 for mb in micro:
                     pixels, flat_sizes = pixel_values(
                         [im for s, _ in mb for im in s.images],
@@ -514,6 +706,11 @@ def _train(recipe: GRPORecipe, dist, resume: bool) -> Path:
                         generator=generator,
                         return_logps=cfg.num_iterations > 1,
                         blank_pixels=blank,
+                        images=None
+                        if backend is None
+                        else [
+                            load_image(im, data.max_image_pixels, s.origin) for s, _ in mb for im in s.images
+                        ],
                     )
                     batches.append(b)
                 t_rollout = time.perf_counter()
@@ -581,8 +778,16 @@ def _train(recipe: GRPORecipe, dist, resume: bool) -> Path:
             if batch_std is not None:
                 b.advantages = b.advantages / (batch_std + 1e-4)
             zero_std.append(stats.frac_reward_zero_std)
+        # vLLM's completions: the trainer's own log-probs (old log-probs) and the importance-sampling weights
+        t_old = time.perf_counter()
+        old_logps, sampling_weights, mismatch = _sampling_correction(
+            engine, policy, batches, cfg, dist, blank
+        )
+        if backend is not None:
+            seconds["old_logps"] = time.perf_counter() - t_old
         rollout_row = rollout_metrics(dist, batches, list(rewards), reward_errors, zero_std, g)
         rollout_row.update({f"time/{k}_s": v for k, v in seconds.items()})
+        rollout_row.update(mismatch)
         if cfg.dynamic_sampling:
             rollout_row["dynamic_sampling/dropped_groups"] = all_sum(dist, dropped)
             rollout_row["dynamic_sampling/rounds"] = draws - first_draw
@@ -595,7 +800,7 @@ def _train(recipe: GRPORecipe, dist, resume: bool) -> Path:
             lrs = {n: lr_at(step, total_steps, base_lrs[n], recipe.optim.schedule, warmup) for n in base_lrs}
             engine.set_lrs(lrs)
             sums: dict[str, float] = {}
-            for b in batches:
+            for b, old, sampling_weight in zip(batches, old_logps, sampling_weights, strict=True):
                 with engine.autocast():
                     logps, entropy = engine.module(
                         prompt_ids=b.prompt_ids,
@@ -610,7 +815,7 @@ def _train(recipe: GRPORecipe, dist, resume: bool) -> Path:
                     )
                 loss, parts = grpo_loss(
                     logps,
-                    b.rollout.logps if cfg.num_iterations > 1 else None,
+                    old,
                     b.ref_logps,
                     b.advantages,
                     b.mask,
@@ -623,6 +828,7 @@ def _train(recipe: GRPORecipe, dist, resume: bool) -> Path:
                     num_processes=dist.world_size,
                     accumulation_steps=run.grad_accum,
                     importance_sampling_level=cfg.importance_sampling_level,
+                    sampling_weights=sampling_weight,
                 )
                 engine.backward(loss)
                 grad_norm = engine.step()
@@ -696,6 +902,7 @@ def _train(recipe: GRPORecipe, dist, resume: bool) -> Path:
             "world_size": dist.world_size,
             "strategy": strategy,
             "precision": precision,
+            "memory_elements": memory,  # rank 0's policy, beside align plan's accounting
         }
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         samples_file.close()
