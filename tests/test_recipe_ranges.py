@@ -250,6 +250,17 @@ def _numeric_float(tp: Any) -> bool:
 MAKE_ROOM = {
     ("grpo", "grpo.epsilon_high"): ["grpo.epsilon=0"],  # epsilon_high >= epsilon
     ("distill", "teacher.max_backoff"): ["teacher.backoff=0"],  # max_backoff >= backoff
+    ("assemble", "projector.scale_factor"): ["projector.type=pixel_shuffle"],  # only pixel_shuffle takes one
+    # vllm_* keys need backend vllm; vLLM's context must hold data.max_length; clip_min < clip_max
+    **{
+        ("grpo", f"grpo.rollout.vllm_{key}"): ["grpo.rollout.backend=vllm"]
+        for key in ("server_port", "server_timeout", "gpu_memory_utilization", "importance_sampling_clip_max")
+    },
+    ("grpo", "grpo.rollout.vllm_max_model_length"): ["grpo.rollout.backend=vllm", "data.max_length=1"],
+    ("grpo", "grpo.rollout.vllm_importance_sampling_clip_min"): [
+        "grpo.rollout.backend=vllm",
+        "grpo.rollout.vllm_importance_sampling_clip_max=null",
+    ],
 }
 # Where a single-source data mix cannot hold a weight below 1: the weights of all sources sum to 1.
 TWO_SOURCES = "[{name: a, path: a.jsonl, format: %s, weight: %s}, {name: b, path: b.jsonl, format: %s}]"
