@@ -646,6 +646,9 @@ def _train(recipe: GRPORecipe, dist, resume: bool) -> Path:
                     lora_scaling,
                     strip="model.",  # PolicyLogps holds the model as .model
                 )
+                # server mode: rank 0 alone sends; another rank generating before the last chunk landed would
+                # run a half-reloaded model (vLLM: "Tensor on device meta is not on the expected device cpu")
+                dist.barrier()
                 seconds["weight_sync"] = time.perf_counter() - t_sync
                 if dist.is_main and not announced:
                     announced = True
