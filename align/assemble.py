@@ -216,6 +216,18 @@ def add_tokens(tokenizer, llm, image_token: str) -> dict[str, int]:
     return added
 
 
+def _finish(model, buffers: dict, tie_word_embeddings: bool) -> None:
+    """After ``load_state_dict(assign=True)`` into a meta-device model: its non-persistent buffers (rotary
+    ``inv_freq``, position ids; in no state dict) from the parts' own ``buffers`` by name, tied embeddings, eval."""
+    for name, buf in list(model.named_buffers()):
+        if buf.is_meta:
+            owner, _, attr = name.rpartition(".")
+            model.get_submodule(owner).register_buffer(attr, buffers[name].clone(), persistent=False)
+    if tie_word_embeddings:
+        model.tie_weights()
+    model.eval()
+
+
 def build_llava(
     vision_model,
     image_processor,
@@ -268,13 +280,7 @@ def build_llava(
         f"model.vision_tower.{k.removeprefix('vision_model.')}": v for k, v in vision_model.named_buffers()
     }
     buffers.update({"model.language_model." + k.removeprefix("model."): v for k, v in llm.named_buffers()})
-    for name, buf in list(model.named_buffers()):
-        if buf.is_meta:
-            owner, _, attr = name.rpartition(".")
-            model.get_submodule(owner).register_buffer(attr, buffers[name].clone(), persistent=False)
-    if config.tie_word_embeddings:
-        model.tie_weights()
-    model.eval()
+    _finish(model, buffers, config.tie_word_embeddings)
     processor = LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
@@ -330,13 +336,7 @@ def build_llava_next(llava, processor, *, grids: list[list[int]], seed: int):
         model = LlavaNextForConditionalGeneration(config)
     model.load_state_dict({**llava.state_dict(), "model.image_newline": newline}, strict=True, assign=True)
     buffers = dict(llava.named_buffers())
-    for name, buf in list(model.named_buffers()):
-        if buf.is_meta:
-            owner, _, attr = name.rpartition(".")
-            model.get_submodule(owner).register_buffer(attr, buffers[name].clone(), persistent=False)
-    if config.tie_word_embeddings:
-        model.tie_weights()
-    model.eval()
+    _finish(model, buffers, config.tie_word_embeddings)
     ip = processor.image_processor
     tiles = LlavaNextProcessor(
         image_processor=LlavaNextImageProcessor(
@@ -430,13 +430,7 @@ def build_idefics3(
         state[k if k.startswith("lm_head.") else "model.text_model." + k.removeprefix("model.")] = v
     model.load_state_dict(state, strict=True, assign=True)
     buffers = {"model.text_model." + k.removeprefix("model."): v for k, v in llm.named_buffers()}
-    for name, buf in list(model.named_buffers()):
-        if buf.is_meta:
-            owner, _, attr = name.rpartition(".")
-            model.get_submodule(owner).register_buffer(attr, buffers[name].clone(), persistent=False)
-    if config.tie_word_embeddings:
-        model.tie_weights()
-    model.eval()
+    _finish(model, buffers, config.tie_word_embeddings)
     size = {"longest_edge": vc.image_size}
     processor = Idefics3Processor(
         image_processor=Idefics3ImageProcessor(

@@ -73,6 +73,7 @@ from torch import Tensor
 from align.checkpoint import canonical_key
 from align.errors import AlignError
 from align.grpo.sampler import Rollout
+from align.model import component_of
 
 PEFT_PREFIX = "base_model.model."
 
@@ -481,14 +482,8 @@ def changing_parameters(named: Iterable[tuple[str, torch.nn.Parameter]]) -> Call
     language model). Whole components, not only the trainable tensors: vLLM fuses q/k/v and gate/up, and a
     fused layer is reloaded only once all its parts arrived (see :class:`align.grpo.vllm_worker.WeightSync`)."""
 
-    def component(name: str) -> str:
-        for part in ("vision_tower", "multi_modal_projector"):
-            if f".{part}." in f".{name}":
-                return part
-        return "language_model"  # lm_head included
-
-    training = {component(n) for n, p in named if p.requires_grad}
-    return lambda name, p: component(name) in training
+    training = {component_of(n) for n, p in named if p.requires_grad}
+    return lambda name, p: component_of(name) in training
 
 
 def open_backend(
