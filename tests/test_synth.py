@@ -53,6 +53,23 @@ def test_splits_never_share_a_scene(synth):
     assert not pixels[0] & pixels[1]
 
 
+def test_val_split_is_disjoint_and_leaves_the_other_splits_alone(tmp_path):
+    synthesize(tmp_path / "a", train=20, test=5, seed=1)
+    synthesize(tmp_path / "b", train=20, test=8, seed=1, val=6)
+    a, b = all_files(tmp_path / "a"), all_files(tmp_path / "b")
+    assert {k: v for k, v in b.items() if k.startswith("train/")} == {
+        k: v for k, v in a.items() if k.startswith("train/")
+    }
+    first_test = [r["objects"] for r in read_jsonl(tmp_path / "b" / "test" / "scenes.jsonl")[:5]]
+    assert first_test == [r["objects"] for r in read_jsonl(tmp_path / "a" / "test" / "scenes.jsonl")]
+    layouts = {
+        split: {json.dumps(r["objects"]) for r in read_jsonl(tmp_path / "b" / split / "scenes.jsonl")}
+        for split in ("train", "test", "val")
+    }
+    assert len(layouts["val"]) == 6 and not layouts["val"] & (layouts["train"] | layouts["test"])
+    assert len(read_jsonl(tmp_path / "b" / "val" / "rl.jsonl")) == 6
+
+
 def test_images_match_ground_truth(synth):
     for row in read_jsonl(synth / "train" / "scenes.jsonl"):
         image = Image.open(synth / "train" / row["image"]).convert("RGB")
@@ -204,7 +221,8 @@ def test_cli_prints_summary_and_refuses_to_overwrite(tmp_path, capsys):
     "args, message",
     [
         (["--image-size", "8"], "--image-size must be between 24"),
-        (["--train", "0", "--test", "0"], "not both 0"),
+        (["--train", "0", "--test", "0"], "not all 0"),
+        (["--val", "-1"], "--val must be >= 0"),
     ],
 )
 def test_cli_rejects_bad_options(tmp_path, capsys, args, message):

@@ -1,8 +1,8 @@
 """``align data synth``: a deterministic, verifiable visual task to sanity-check all three stages.
 
-Run: ``align data synth --out data/synth [--train 1000 --test 100 --image-size 64 --seed 0]``.
+Run: ``align data synth --out data/synth [--train 1000 --test 100 --val 0 --image-size 64 --seed 0]``.
 
-Writes, for each split (``train``, ``test``) under ``--out``:
+Writes, for each split (``train``, ``test`` and, with ``--val N``, ``val``) under ``--out``:
 
 * ``images/NNNNNN.png`` — one scene per image (see :mod:`align.data.synth_scenes`);
 * ``captions.jsonl`` — LLaVA format, "<image>\\nDescribe the image." -> a templated caption (stage 1);
@@ -11,7 +11,9 @@ Writes, for each split (``train``, ``test``) under ``--out``:
   with ``question_template: RL_QUESTION_TEMPLATE`` so the prompt matches the SFT rows;
 * ``scenes.jsonl`` — the ground truth: every object's shape, colour, position and box.
 
-The two splits never share a scene, and the same options give byte-identical files.
+No two splits share a scene, and the same options give byte-identical files. ``val`` is for choosing settings
+(keep ``test`` for the numbers you report); it is drawn after the other two, so asking for it (or for more test
+scenes) leaves the train split unchanged, and more test scenes keep the first ones.
 """
 
 from __future__ import annotations
@@ -149,19 +151,27 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def synthesize(
-    out: str | Path, train: int, test: int, image_size: int = 64, seed: int = 0, force: bool = False
+    out: str | Path,
+    train: int,
+    test: int,
+    image_size: int = 64,
+    seed: int = 0,
+    force: bool = False,
+    val: int = 0,
 ) -> SynthSummary:
-    """Write the train and test splits under ``out``; the same arguments give byte-identical files."""
+    """Write the train, test (and val) splits under ``out``; the same arguments give byte-identical files."""
     if not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE:
         raise AlignError(
             f"--image-size must be between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE}, got {image_size}"
         )
-    if train < 0 or test < 0 or train + test == 0:
-        raise AlignError(f"--train and --test must be >= 0 and not both 0, got {train} and {test}")
+    if min(train, test, val) < 0 or train + test + val == 0:
+        raise AlignError(
+            f"--train, --test and --val must be >= 0 and not all 0, got {train}, {test} and {val}"
+        )
     out = Path(out)
     seen: set[tuple] = set()
     splits = []
-    for split, n in (("train", train), ("test", test)):
+    for split, n in (("train", train), ("test", test), ("val", val)):
         if n == 0:
             continue
         directory = out / split
@@ -182,16 +192,17 @@ def synthesize(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, help="output folder (gets train/ and test/)")
+    parser.add_argument("--out", required=True, help="output folder (gets train/, test/ and val/)")
     parser.add_argument("--train", type=int, default=1000, help="train scenes (default 1000)")
     parser.add_argument("--test", type=int, default=100, help="test scenes (default 100)")
+    parser.add_argument("--val", type=int, default=0, help="validation scenes, for tuning (default 0)")
     parser.add_argument("--image-size", type=int, default=64, help="square image side in pixels (default 64)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="overwrite a previous synth output in --out")
 
 
 def run(args: argparse.Namespace) -> int:
-    summary = synthesize(args.out, args.train, args.test, args.image_size, args.seed, args.force)
+    summary = synthesize(args.out, args.train, args.test, args.image_size, args.seed, args.force, args.val)
     sizes = ", ".join(f"{s.scenes} {s.name}" for s in summary.splits)
     print(
         f"synth: {sizes} scenes of {summary.image_size}x{summary.image_size}, seed {summary.seed} -> {summary.out}"
