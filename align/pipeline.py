@@ -24,7 +24,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from align.config import MAX_TOKENS, RecipeError, load_any, ranged, read_yaml, save_resolved
 from align.data.config import DataSource
@@ -51,6 +51,17 @@ class EvalSpec:
     temperature: float = ranged(0.0, ge=0, note="0: greedy")
     batch_size: int = ranged(16, ge=1)  # questions per generation batch
     limit: int | None = ranged(None, ge=1, note="or null: every row")  # first rows scored
+    # "module:function" called with each stage's model folder (and probe_params as keywords), returning
+    # {metric: per-item scores}, the same items in the same order every stage; the report gives each metric's
+    # mean, SE and paired gain
+    probe: str | None = None
+    probe_params: dict[str, Any] = field(default_factory=dict)
+
+    def check(self) -> None:
+        if self.probe is not None and (self.probe.count(":") != 1 or not all(self.probe.split(":"))):
+            raise RecipeError.at("probe", f"expected 'module:function', got {self.probe!r}")
+        if self.probe_params and self.probe is None:
+            raise RecipeError.at("probe_params", "are given but no probe is")
 
 
 @dataclass
@@ -121,6 +132,50 @@ def _evaluate(spec: EvalSpec, model_dir: Path, out: Path, dist) -> dict:
     return summary or json.loads((out / "summary.json").read_text())
 
 
+def _probe(spec: EvalSpec, model_dir: Path, out: Path, dist) -> dict[str, list[float]]:
+    """The probe's per-item scores for one stage's model (rank 0), reused when already written."""
+    import importlib
+
+    path = out / "probe.json"
+    if not path.exists() and dist.is_main:
+        module, fn = spec.probe.split(":")
+        t0 = time.perf_counter()
+        scores = getattr(importlib.import_module(module), fn)(model_dir, **spec.probe_params)
+        summary = ", ".join(f"{k} {sum(v) / len(v):.3f}" for k, v in scores.items())
+        items = len(next(iter(scores.values())))
+        print(f"probe {spec.probe}: {summary} ({items} items, {time.perf_counter() - t0:.1f}s)")
+        path.write_text(json.dumps(scores))
+    dist.barrier()
+    return json.loads(path.read_text())
+
+
+def _probe_table(probes: dict[str, dict[str, list[float]]], spec: str) -> list[str]:
+    """report.md's probe table: each metric's mean ± SE per stage, and its paired gain over the stage above."""
+    from align.evaluate import mean_and_se
+
+    metrics = list(next(iter(probes.values())))
+    md = [
+        "",
+        f"Probe `{spec}` (mean ± SE per item; in brackets the paired gain over the stage above, in SE):",
+        "",
+        "| stage | " + " | ".join(metrics) + " |",
+        "|---|" + "---|" * len(metrics),
+    ]
+    previous = None
+    for name, scores in probes.items():
+        cells = []
+        for m in metrics:
+            mean, se = mean_and_se(scores[m])
+            cell = f"{mean:.3f} ± {se:.3f}"
+            if previous is not None and len(previous[m]) == len(scores[m]):
+                gain, gain_se = mean_and_se([b - a for a, b in zip(previous[m], scores[m], strict=True)])
+                cell += f" ({gain:+.3f}" + (f", {gain / gain_se:+.1f} SE)" if gain_se > 0 else ")")
+            cells.append(cell)
+        md.append(f"| {name} | " + " | ".join(cells) + " |")
+        previous = scores
+    return md
+
+
 def _predictions(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "predictions.jsonl").read_text().splitlines() if line]
 
@@ -188,7 +243,36 @@ def _report(timings: dict, evals: dict, eval_dirs: dict[str, Path]) -> tuple[lis
         ]
         for name, e in evals.items():
             md.append(f"| {name} | " + " | ".join(_pm(e["groups"].get(f, {})) for f in families) + " |")
+    md += _other_rewards(eval_dirs)
     return rows, md
+
+
+def _other_rewards(eval_dirs: dict[str, Path]) -> list[str]:
+    """Rewards besides accuracy and format (e.g. ``iou`` for grounding) per family where they apply."""
+    from align.evaluate import mean_and_se
+
+    per_stage = {}
+    for name, folder in eval_dirs.items():
+        values: dict[str, list[float]] = {}
+        for p in _predictions(folder):
+            for reward, value in p["rewards"].items():
+                if reward not in ("accuracy", "format") and value is not None:
+                    values.setdefault(f"{p['family']} {reward}", []).append(value)
+        per_stage[name] = values
+    columns = sorted({c for values in per_stage.values() for c in values})
+    if not columns:
+        return []
+    md = [
+        "",
+        "Other rewards (mean ± SE over the questions they apply to):",
+        "",
+        "| stage | " + " | ".join(columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    for name, values in per_stage.items():
+        cells = [("{:.3f} ± {:.3f}".format(*mean_and_se(values[c])) if c in values else "") for c in columns]
+        md.append(f"| {name} | " + " | ".join(cells) + " |")
+    return md
 
 
 def _curve_links(out: Path, stages: list[str]) -> list[str]:
@@ -240,10 +324,12 @@ def _run_pipeline(recipe: PipelineRecipe, recipe_file: str, dist) -> Path:
     else:
         current = source
     timings = {"assembled": time.perf_counter() - t0}
-    evals, eval_dirs = {}, {}
+    evals, eval_dirs, probes = {}, {}, {}
     if recipe.eval is not None:
         eval_dirs["assembled"] = out / "assembled-eval"
         evals["assembled"] = _evaluate(recipe.eval, current, eval_dirs["assembled"], dist)
+        if recipe.eval.probe:
+            probes["assembled"] = _probe(recipe.eval, current, eval_dirs["assembled"], dist)
 
     # stages, each reading the previous one's model
     for i, stage in enumerate(recipe.stages):
@@ -280,6 +366,8 @@ def _run_pipeline(recipe: PipelineRecipe, recipe_file: str, dist) -> Path:
         if recipe.eval is not None:
             eval_dirs[name] = stage_out / "eval"
             evals[name] = _evaluate(recipe.eval, current, eval_dirs[name], dist)
+            if recipe.eval.probe:
+                probes[name] = _probe(recipe.eval, current, eval_dirs[name], dist)
 
     # export and report
     if dist.is_main:
@@ -288,6 +376,8 @@ def _run_pipeline(recipe: PipelineRecipe, recipe_file: str, dist) -> Path:
 
             export(current, out / "export", dtype=recipe.export_dtype)
         rows, md = _report(timings, evals, eval_dirs)
+        if probes:
+            md += _probe_table(probes, recipe.eval.probe)
         md += _curve_links(out, [name for name in timings if name != "assembled"])
         table = format_table(rows[0], rows[1:])
         (out / "report.md").write_text("\n".join(md) + "\n")

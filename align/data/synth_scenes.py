@@ -7,6 +7,7 @@ image pixels, ``x2``/``y2`` exclusive. Everything is drawn from a ``random.Rando
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import random
 from collections import Counter
@@ -31,6 +32,7 @@ _POSITIONS = (
     ("left", "centre", "right"),
     ("bottom left", "bottom", "bottom right"),
 )
+ATTRIBUTES = ("colour", "shape", "position")  # what :func:`distractor` can change
 _NUMBERS = ("no", "one", "two", "three", "four", "five", "six")
 
 
@@ -148,3 +150,23 @@ def caption(scene: Scene, style: int) -> str:
     shapes = _join(_tally(Counter(o.shape for o in objs), pluralise=True))
     colours = _join(_tally(Counter(o.colour for o in objs), pluralise=False))
     return f"{number(n).capitalize()} {plural('object', n)} on a plain background: {shapes}; {colours}."
+
+
+def distractor(scene: Scene, attribute: str, rng: random.Random) -> Scene:
+    """``scene`` with one object's ``attribute`` changed (a position change moves it to an empty cell)."""
+    objects = list(scene.objects)
+    j = rng.randrange(len(objects))
+    o = objects[j]
+    if attribute == "colour":
+        objects[j] = dataclasses.replace(o, colour=rng.choice([c for c in COLOURS if c != o.colour]))
+    elif attribute == "shape":
+        objects[j] = dataclasses.replace(o, shape=rng.choice([s for s in SHAPES if s != o.shape]))
+    elif attribute == "position":
+        taken = {(x.row, x.col) for x in objects}
+        free = [divmod(c, GRID) for c in range(GRID * GRID) if divmod(c, GRID) not in taken]
+        row, col = rng.choice(free)  # a scene has at most 6 of the 9 cells
+        objects[j] = dataclasses.replace(o, row=row, col=col)
+        objects.sort(key=lambda x: (x.row, x.col))  # captions list objects in reading order
+    else:
+        raise ValueError(f"attribute must be one of {', '.join(ATTRIBUTES)}, got {attribute!r}")
+    return Scene(scene.size, tuple(objects))
