@@ -78,8 +78,11 @@ def short_pipeline(zoo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
                         "question_template": RL_QUESTION_TEMPLATE,
                     }
                 ],
+                "rewards": ["accuracy", "format", "iou"],
                 "max_new_tokens": 8,
                 "batch_size": 4,
+                "probe": "align.demo_probe:attribute_probe",
+                "probe_params": {"scenes_dir": str(synth / "test")},
             },
         },
     )
@@ -120,6 +123,13 @@ def test_short_pipeline_runs_resumes_and_skips(short_pipeline: Path, capsys) -> 
     assert _report_rows(run) == ["assembled", *STAGES]
     report = (run / "report.md").read_text()
     assert "Accuracy ± SE per question family" in report
+    # the attribute probe ran on every stage's model, its table has a row per stage with paired gains
+    for folder in ("assembled-eval", *(f"{stage}/eval" for stage in STAGES)):
+        scores = json.loads((run / folder / "probe.json").read_text())
+        assert set(scores) == {"colour", "shape", "position", "all"} and len(scores["all"]) == 4
+    probe_rows = report.split("Probe `align.demo_probe:attribute_probe`")[1].split("\n\n")[1].splitlines()[2:]
+    assert [r.split("|")[1].strip() for r in probe_rows] == ["assembled", *STAGES]
+    assert all(" SE)" in r or "(+0.000)" in r or "(-0.000)" in r for r in probe_rows[1:])
     for stage in STAGES:  # each stage's curves are linked, and the links resolve
         links = re.findall(rf"\[[^]]+\]\(({stage}/plots/[^)]+\.png)\)", report)
         assert links and all((run / link).is_file() for link in links), stage
@@ -175,7 +185,7 @@ def test_prepare_builds_once_then_reuses(tmp_path: Path, zoo: Path, capsys) -> N
     settings = DemoSettings(
         root=str(tmp_path / "cache"),
         zoo=str(zoo),
-        synth=SynthSettings(train=8, test=2),
+        synth=SynthSettings(train=8, val=2, test=2),
         clip=ClipSettings(width=32, layers=2, text_width=32, text_layers=1, epochs=1, batch_size=4),
         lm=LMSettings(
             hidden_size=32, layers=1, heads=2, kv_heads=1, intermediate_size=64, seq_len=64, batch_size=2
@@ -197,9 +207,16 @@ def test_prepare_builds_once_then_reuses(tmp_path: Path, zoo: Path, capsys) -> N
     assert {p: (p / "demo-part.json").read_text() for p in markers} == markers
 
     # changed LM settings rebuild the LLM only
-    prepare(dataclasses.replace(settings, lm=dataclasses.replace(settings.lm, lr=1e-4)))
+    settings = dataclasses.replace(settings, lm=dataclasses.replace(settings.lm, lr=1e-4))
+    prepare(settings)
     out = capsys.readouterr().out
     assert out.count("cached") == 2 and "causal-LM pre-training" in out
+
+    # more test scenes rebuild the data only: the parts learn from the train split, which stays the same
+    prepare(dataclasses.replace(settings, synth=dataclasses.replace(settings.synth, test=3)))
+    out = capsys.readouterr().out
+    assert out.count("cached") == 2 and "demo: synthetic tasks (8 train / 2 val / 3 test scenes) ->" in out
+    assert len((parts.synth / "test" / "rl.jsonl").read_text().splitlines()) == 3
 
 
 def test_stages_after_an_assembly_they_cannot_train_are_refused_before_assembling(
@@ -219,3 +236,31 @@ def test_stages_after_an_assembly_they_cannot_train_are_refused_before_assemblin
     err = capsys.readouterr().err
     assert "Idefics3ForConditionalGeneration folder, which the stages do not train" in err
     assert not (tmp_path / "run" / "assembled").exists()
+
+
+def test_report_tables_for_probes_and_other_rewards(tmp_path: Path) -> None:
+    from align.pipeline import _other_rewards, _probe_table
+
+    probes = {
+        "assembled": {"colour": [0.0, 0.0, 1.0, 0.0], "all": [0.0, 0.5, 0.5, 0.5]},
+        "projector": {"colour": [1.0, 1.0, 1.0, 0.0], "all": [0.5, 0.5, 1.0, 0.5]},
+    }
+    md = _probe_table(probes, "m:f")
+    assert md[1].startswith("Probe `m:f`") and md[3] == "| stage | colour | all |"
+    assert md[5] == "| assembled | 0.250 ± 0.250 | 0.375 ± 0.125 |"
+    # colour gains 0.5 with per-item differences [1, 1, 0, 0]: SE 0.289, 1.7 SE
+    assert md[6] == "| projector | 0.750 ± 0.250 (+0.500, +1.7 SE) | 0.625 ± 0.125 (+0.250, +1.7 SE) |"
+
+    for stage, ious in (("sft", [0.0, 1.0]), ("grpo", [1.0, 1.0])):
+        (tmp_path / stage).mkdir()
+        rows = [{"family": "grounding", "rewards": {"accuracy": 0.0, "format": 1.0, "iou": v}} for v in ious]
+        rows.append({"family": "count", "rewards": {"accuracy": 1.0, "format": 1.0, "iou": None}})
+        (tmp_path / stage / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    md = _other_rewards({"sft": tmp_path / "sft", "grpo": tmp_path / "grpo"})
+    assert md[3:] == [
+        "| stage | grounding iou |",
+        "|---|---|",
+        "| sft | 0.500 ± 0.500 |",
+        "| grpo | 1.000 ± 0.000 |",
+    ]
+    assert _other_rewards({"sft": tmp_path / "grpo"})[3] == "| stage | grounding iou |"
