@@ -19,6 +19,7 @@ in its folder records both) starts over, and so does every stage after it.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import shutil
 import time
@@ -58,10 +59,19 @@ class EvalSpec:
     probe_params: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
-        if self.probe is not None and (self.probe.count(":") != 1 or not all(self.probe.split(":"))):
-            raise RecipeError.at("probe", f"expected 'module:function', got {self.probe!r}")
         if self.probe_params and self.probe is None:
             raise RecipeError.at("probe_params", "are given but no probe is")
+        if self.probe is None:
+            return
+        if self.probe.count(":") != 1 or not all(self.probe.split(":")):
+            raise RecipeError.at("probe", f"expected 'module:function', got {self.probe!r}")
+        module, fn = self.probe.split(":")
+        try:  # a typo stops here, not after the preparation and the first evaluation
+            found = callable(getattr(importlib.import_module(module), fn, None))
+        except ImportError as err:
+            raise RecipeError.at("probe", f"cannot import {module!r}: {err}") from None
+        if not found:
+            raise RecipeError.at("probe", f"{module!r} has no function {fn!r}")
 
 
 @dataclass
@@ -134,8 +144,6 @@ def _evaluate(spec: EvalSpec, model_dir: Path, out: Path, dist) -> dict:
 
 def _probe(spec: EvalSpec, model_dir: Path, out: Path, dist) -> dict[str, list[float]]:
     """The probe's per-item scores for one stage's model (rank 0), reused when already written."""
-    import importlib
-
     path = out / "probe.json"
     if not path.exists() and dist.is_main:
         module, fn = spec.probe.split(":")
@@ -264,7 +272,7 @@ def _other_rewards(eval_dirs: dict[str, Path]) -> list[str]:
         return []
     md = [
         "",
-        "Other rewards (mean ± SE over the questions they apply to):",
+        "Other rewards (mean ± SE over the completions they apply to):",
         "",
         "| stage | " + " | ".join(columns) + " |",
         "|---|" + "---|" * len(columns),
@@ -293,8 +301,6 @@ def run_pipeline(recipe: PipelineRecipe, recipe_file: str, dist) -> Path:
 
 
 def _run_pipeline(recipe: PipelineRecipe, recipe_file: str, dist) -> Path:
-    import importlib
-
     from align.assemble import assemble
 
     base = Path(recipe_file).parent

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from align.cli import main
+from align.config import RecipeError
 from align.data.synth import RL_QUESTION_TEMPLATE, synthesize
 
 DEMO = Path(__file__).resolve().parents[1] / "recipes" / "demo"
@@ -264,3 +265,30 @@ def test_report_tables_for_probes_and_other_rewards(tmp_path: Path) -> None:
         "| grpo | 1.000 ± 0.000 |",
     ]
     assert _other_rewards({"sft": tmp_path / "grpo"})[3] == "| stage | grounding iou |"
+
+
+@pytest.mark.parametrize(
+    "eval_keys, message",
+    [
+        ({"probe": "align.demo_probe"}, "eval.probe: expected 'module:function'"),
+        ({"probe": "align.no_such_module:f"}, "eval.probe: cannot import 'align.no_such_module'"),
+        ({"probe": "align.demo_probe:no_such_probe"}, "eval.probe: 'align.demo_probe' has no function"),
+        ({"probe_params": {"scenes_dir": "x"}}, "eval.probe_params: are given but no probe is"),
+    ],
+)
+def test_a_bad_probe_is_refused_when_the_recipe_is_read(
+    tmp_path: Path, eval_keys: dict, message: str
+) -> None:
+    from align.config import load_any
+
+    pipeline = _write(
+        tmp_path / "pipeline.yaml",
+        {
+            "kind": "pipeline",
+            "output_dir": str(tmp_path / "run"),
+            "assemble": "assembled",
+            "eval": {"data": [{"name": "t", "path": "t.jsonl", "format": "rl"}], **eval_keys},
+        },
+    )
+    with pytest.raises(RecipeError, match=re.escape(message)):
+        load_any(pipeline, [], expect="pipeline")
