@@ -217,21 +217,30 @@ def _shared_prefix_logits(
     first = prefix.last_logits.repeat_interleave(num_generations, dim=0)[:, None]
     cache = prefix.cache
     cache.batch_repeat_interleave(num_generations)
-    # The last completion token predicts nothing we score, so it is not fed; but with 1-token completions
-    # the forward still runs (its logits unused), so that every rank calls the same modules (ZeRO-3).
-    width = completion_ids.shape[1]
-    inputs = completion_ids[:, : max(width - 1, 1)]
+    inputs, mask, positions = _completion_inputs(
+        completion_ids, completion_mask, prefix.attention_mask, prefix.next_position, num_generations
+    )
+    out = model(input_ids=inputs, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+    return torch.cat([first, out.logits[:, : completion_ids.shape[1] - 1]], dim=1)
+
+
+def _completion_inputs(
+    completion_ids: Tensor,
+    completion_mask: Tensor,
+    prompt_mask: Tensor,
+    next_position: Tensor,
+    num_generations: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The completion tokens fed after a shared prompt, their mask over [prompt, completion] keys, and their
+    positions. The last completion token predicts nothing we score, so it is not fed; but with 1-token
+    completions the forward still runs (its logits unused), so that every rank calls the same modules (ZeRO-3)."""
+    inputs = completion_ids[:, : max(completion_ids.shape[1] - 1, 1)]
     mask = torch.cat(
-        [
-            prefix.attention_mask.repeat_interleave(num_generations, dim=0),
-            completion_mask[:, : inputs.shape[1]],
-        ],
-        dim=1,
+        [prompt_mask.repeat_interleave(num_generations, dim=0), completion_mask[:, : inputs.shape[1]]], dim=1
     )
     steps = torch.arange(inputs.shape[1], device=inputs.device)
-    positions = prefix.next_position.repeat_interleave(num_generations)[:, None] + steps
-    out = model(input_ids=inputs, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
-    return torch.cat([first, out.logits[:, : width - 1]], dim=1)
+    positions = next_position.repeat_interleave(num_generations)[:, None] + steps
+    return inputs, mask, positions
 
 
 # Language models whose forward the checkpointed shared prefix is tested against (tests/
@@ -268,13 +277,10 @@ def _checkpointed_shared_prefix_logits(
     with _layer_inputs(layers) as prefix_calls:
         prompt_mask = prefill(model, prompt_ids, pixel_values, images_per_prompt, blank_pixels).attention_mask
     width = completion_ids.shape[1]
-    inputs = completion_ids[:, : max(width - 1, 1)]  # as in _shared_prefix_logits
-    rows, prompt_len = inputs.shape[0], prompt_mask.shape[1]
-    mask = torch.cat(
-        [prompt_mask.repeat_interleave(num_generations, dim=0), completion_mask[:, : inputs.shape[1]]], 1
+    inputs, mask, positions = _completion_inputs(
+        completion_ids, completion_mask, prompt_mask, prompt_mask.sum(-1), num_generations
     )
-    steps = torch.arange(inputs.shape[1], device=inputs.device)
-    positions = prompt_mask.sum(-1).repeat_interleave(num_generations)[:, None] + steps
+    rows, prompt_len = inputs.shape[0], prompt_mask.shape[1]
     # A cache that holds prompt_len past tokens per row, so that the completions' masks span [prompt, completion]
     # keys; full length in every layer: sliding-window layers see all prompt keys and their mask does the window.
     sizing = DynamicCache()
