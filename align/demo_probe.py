@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from align.data.config import DEFAULT_MAX_IMAGE_PIXELS
 from align.data.encode import IGNORE_INDEX, encode_sft
 from align.data.images import pixel_values
 from align.data.sample import Sample
@@ -62,10 +63,9 @@ def caption_logps(
     ids = torch.tensor([e.input_ids + [pad] * (width - len(e)) for e in encoded])
     labels = torch.tensor([e.labels + [IGNORE_INDEX] * (width - len(e)) for e in encoded])
     mask = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in encoded])
-    pixels, _ = pixel_values(
-        [image] * len(captions), processor.image_processor, 10**8, [origin] * len(captions)
-    )
-    logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels.to(model.dtype)).logits.float()
+    pixels, _ = pixel_values([image], processor.image_processor, DEFAULT_MAX_IMAGE_PIXELS, [origin])
+    pixels = pixels.to(model.dtype).expand(len(captions), *pixels.shape[1:])  # one image, decoded once
+    logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits.float()
     targets = labels[:, 1:]
     logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return (logp * (targets != IGNORE_INDEX)).sum(1).tolist()
