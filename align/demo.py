@@ -181,14 +181,15 @@ def prepare(settings: DemoSettings | None = None) -> DemoParts:
     from align.zoo import build_part
 
     tokenizer_dir = build_part("qwen2-r1", Path(s.zoo))  # the zoo's R1 tokenizer, chat template and specials
+    code = _synth_code()
     synth = _cached(
         root / "synth",
-        _hash("synth", dataclasses.asdict(s.synth), _synth_code()),
+        _hash("synth", dataclasses.asdict(s.synth), code),
         lambda out: _build_synth(out, s.synth),
         f"synthetic tasks ({s.synth.train} train / {s.synth.val} val / {s.synth.test} test scenes)",
     )
     # the parts learn from the train split only
-    train_key = _hash("synth-train", s.synth.train_split(), _synth_code())
+    train_key = _hash("synth-train", s.synth.train_split(), code)
     clip = _cached(
         root / "clip",
         _hash("clip", dataclasses.asdict(s.clip), train_key),
