@@ -56,3 +56,19 @@ def siglip_qwen2(zoo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     with contextlib.redirect_stdout(io.StringIO()):
         assemble(from_dict(AssembleRecipe, spec))
     return out
+
+
+@pytest.fixture(scope="session")
+def vllm_server(siglip_qwen2: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One vLLM CPU server for the session (``.venv-vllm``, a free loopback port), serving the assembled tiny
+    Llava; yields its port and is killed at the end. Skips without ``.venv-vllm`` (scripts/setup_vllm.sh)."""
+    import golden_runs
+
+    if not golden_runs.VLLM_PYTHON.exists():
+        pytest.skip("no .venv-vllm (run scripts/setup_vllm.sh to test the vLLM backend)")
+    log = tmp_path_factory.mktemp("vllm_server") / "server.log"
+    try:
+        with golden_runs.vllm_server(siglip_qwen2, log) as port:
+            yield port
+    except RuntimeError as err:  # it did not start: the log's end says why
+        pytest.fail(str(err))

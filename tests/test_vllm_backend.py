@@ -15,13 +15,13 @@ import contextlib
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from golden_runs import vllm_env
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -52,20 +52,6 @@ needs_vllm = pytest.mark.skipif(
 )
 MAX_NEW = 16
 REWARDS = ROOT / "tests" / "dist_scripts" / "grpo_rewards.py"
-
-
-def vllm_env() -> dict[str, str]:
-    """The environment vLLM's CPU build needs here: 1 GiB KV cache, the repository importable (worker extension)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHONHOME"))}
-    env.update(
-        PYTHONPATH=str(ROOT),
-        VLLM_CPU_KVCACHE_SPACE="1",
-        VLLM_SERVER_DEV_MODE="1",
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-    )
-    return env
 
 
 # --- pure functions: no vLLM needed ----------------------------------------------------------------------------
@@ -231,44 +217,6 @@ def test_colocated_greedy_equals_ours_before_and_after_a_weight_sync(
     assert result["before"] == before
     assert result["loaded"] == len(changed)
     assert result["after"] == after
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def vllm_server(siglip_qwen2: Path, tmp_path_factory: pytest.TempPathFactory):
-    """One vLLM server for the session (loopback, a free port), serving the assembled tiny Llava; killed after."""
-    if not VLLM_PYTHON.exists():
-        pytest.skip("no .venv-vllm (run scripts/setup_vllm.sh to test the vLLM backend)")
-    port = _free_port()
-    log = tmp_path_factory.mktemp("vllm_server") / "server.log"
-    cmd = [
-        str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(siglip_qwen2), "--host", "127.0.0.1", "--port", str(port),
-        "--dtype", "float32", "--max-model-len", "1024", "--seed", "0",
-        "--enable-scale-out", "--logprobs-mode", "processed_logprobs",
-        "--worker-extension-cls", "align.grpo.vllm_worker.WeightSync",
-    ]  # fmt: skip
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            cmd, env=vllm_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        try:
-            VLLMServer("127.0.0.1", port, image_token_id=0, timeout=300)
-        except Exception:
-            pytest.fail(f"vLLM server did not start: {log.read_text()[-3000:]}")
-        yield port
-    finally:
-        os.killpg(proc.pid, 15)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
 
 
 @pytest.fixture
