@@ -84,6 +84,21 @@ class Dist:
         tdist.all_reduce(t)
         return t.item() / self.world_size
 
+    def all_sum(self, value: float | Mapping[str, float]) -> Any:
+        """Sum over ranks of a number (returns a float) or of each value of a dict (returns a dict), in float64
+        and one collective: token counts stay exact."""
+        values = dict(value) if isinstance(value, Mapping) else {"": value}
+        t = torch.tensor([float(v) for v in values.values()], dtype=torch.float64, device=self.device)
+        if self.distributed:
+            tdist.all_reduce(t)
+        summed = dict(zip(values, t.tolist(), strict=True))
+        return summed if isinstance(value, Mapping) else summed[""]
+
+    def log(self, *parts: Any) -> None:
+        """``print`` on the main process only: the one place a stage talks to its user."""
+        if self.is_main:
+            print(*parts, flush=True)
+
     def all_reduce_max(self, value: float) -> float:
         """Maximum over ranks of a float (``-all_reduce_max(-x)`` is the minimum)."""
         if not self.distributed:
@@ -379,6 +394,16 @@ def gathered(params: Iterable[nn.Parameter]) -> Iterator[None]:
 
     with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
         yield
+
+
+def full_numel(param: nn.Parameter) -> int:
+    """Elements of ``param`` as the model defines it (a ZeRO-3 partitioned one reports 0 through ``numel``)."""
+    return getattr(param, "ds_numel", None) or param.numel()
+
+
+def full_ndim(param: nn.Parameter) -> int:
+    """Dimensions of ``param`` as the model defines it (loaded ZeRO-3 partitioned it is a 1-D placeholder)."""
+    return len(getattr(param, "ds_shape", param.shape))
 
 
 def held_parameters(model: nn.Module) -> tuple[int, int]:

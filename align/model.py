@@ -8,7 +8,7 @@ Knows nothing about distribution.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -35,8 +35,21 @@ def component_of(param_name: str) -> str:
     raise ValueError(f"parameter {param_name!r} belongs to no component of {COMPONENTS}")
 
 
+def llava_of(model: nn.Module) -> nn.Module:
+    """The Llava model inside a peft wrapper (its LoRA layers active), or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model  # per forward: no param scan
+
+
 def component_parameters(model: nn.Module, component: str) -> Iterable[tuple[str, nn.Parameter]]:
     return ((n, p) for n, p in model.named_parameters() if component_of(n) == component)
+
+
+def apply_trainability(model: nn.Module, *, vision: bool, projector: bool, llm: bool, lora: bool) -> None:
+    """The one decision of what a stage trains, by component (the recipe's ``trainable`` section).
+
+    With LoRA (``lora``) the LLM's own weights stay frozen and only its adapters train.
+    """
+    set_trainable(model, {"vision": vision, "projector": projector, "llm": llm and not lora})
 
 
 def set_trainable(model: nn.Module, trainable: dict[str, bool]) -> None:
@@ -52,15 +65,20 @@ def set_trainable(model: nn.Module, trainable: dict[str, bool]) -> None:
         param.requires_grad_(flag)
 
 
-def parameter_table(model: nn.Module) -> list[tuple[str, int, int]]:
-    """(component, parameters, trainable parameters) for each component, in COMPONENTS order."""
+def parameter_table(
+    model: nn.Module, numel: Callable[[nn.Parameter], int] = nn.Parameter.numel
+) -> list[tuple[str, int, int]]:
+    """(component, parameters, trainable parameters) for each component, in COMPONENTS order.
+
+    ``numel`` counts a parameter's elements (a stage passes the engine's, which sees through partitioning).
+    """
     totals = {c: [0, 0] for c in COMPONENTS}
     seen: set[int] = set()
     for name, param in model.named_parameters(remove_duplicate=False):
         if id(param) in seen:  # tied weights count once
             continue
         seen.add(id(param))
-        n = param.ds_numel if hasattr(param, "ds_numel") else param.numel()  # ZeRO-3 partitions report 0
+        n = numel(param)
         totals[component_of(name)][0] += n
         if param.requires_grad:
             totals[component_of(name)][1] += n

@@ -9,7 +9,7 @@ This module owns three things:
   to (``LlavaForConditionalGeneration`` for ``mlp2x_<act>`` with one or several feature layers,
   ``Idefics3ForConditionalGeneration`` for ``pixel_shuffle``; no weights are allocated, so a 70B plan runs on
   a laptop), counted per component, plus image tokens per image and the size of LoRA adapters;
-* :func:`memory_per_gpu`: the ZeRO-paper accounting of weights, gradients and optimizer states per GPU.
+* the report: that plan beside :func:`align.memory.memory_per_gpu` for each strategy.
 
 Run: ``align plan recipes/real/assemble_siglip_so400m_r1_qwen7b.yaml --gpus 8`` (``--json`` for machines).
 """
@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from align.config import RecipeError, load_any
 from align.errors import AlignError
+from align.memory import ACCOUNTING, STRATEGIES, memory_per_gpu
 
 if TYPE_CHECKING:
     from torch import nn
@@ -34,18 +35,7 @@ if TYPE_CHECKING:
 MODELS_DIR = Path(__file__).resolve().parent.parent / "recipes" / "models"
 LORA_RANK = 128
 STAGES = ("projector", "sft", "sft-lora", "grpo")
-STRATEGIES = ("ddp", "zero2", "zero3")
 STRATEGY_NAMES = {"ddp": "DDP", "zero2": "ZeRO-2", "zero3": "ZeRO-3"}
-# Mixed-precision Adam as in the ZeRO paper: bf16 weights for every parameter; for each trainable one a bf16
-# gradient plus an fp32 master copy and fp32 Adam m and v (4 + 4 + 4 bytes).
-WEIGHT_BYTES = 2
-GRAD_BYTES = 2
-OPTIMIZER_BYTES = 12
-ACCOUNTING = (
-    "bf16 weights 2 B/param (every param), bf16 grads 2 B + fp32 master/Adam m/Adam v 12 B per trainable param; "
-    "DDP replicates all, ZeRO-2 shards grads+optimizer over the GPUs, ZeRO-3 also shards weights. "
-    "Excluded: activations, temporary/communication buffers, CUDA context, fragmentation."
-)
 
 
 @dataclass(frozen=True)
@@ -81,30 +71,6 @@ class Plan:
         else:
             raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
         return trainable, self.total - trainable
-
-
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def memory_per_gpu(trainable: int, frozen: int, gpus: int, strategy: str) -> dict[str, int]:
-    """Bytes per GPU for weights, gradients, optimizer states and their total (activations excluded).
-
-    Sharded tensors are split into ``gpus`` equal parts (rounded up, as ZeRO pads its partitions).
-    """
-    if gpus < 1:
-        raise ValueError(f"gpus must be >= 1, got {gpus}")
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
-    shard = 1 if strategy == "ddp" else gpus
-    weight_shard = gpus if strategy == "zero3" else 1
-    out = {
-        "weights": WEIGHT_BYTES * _ceil_div(trainable + frozen, weight_shard),
-        "gradients": GRAD_BYTES * _ceil_div(trainable, shard),
-        "optimizer": OPTIMIZER_BYTES * _ceil_div(trainable, shard),
-    }
-    out["total"] = sum(out.values())
-    return out
 
 
 def image_tokens(vision_config: PreTrainedConfig, select_strategy: str) -> int:

@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file
 
 import align.grpo.rollout as rollout_module
+import align.stages.common as common
 import align.stages.grpo as grpo_stage
 from align.checkpoint import load_llava
 from align.cli import main
@@ -129,7 +130,7 @@ def grpo(
         *(["--resume"] if resume else []),
     ]
     counts = {"loads": 0, "sampler": [], "policy": 0, "reference": 0}
-    load, sample = grpo_stage.load_llava, grpo_stage.SharedPrefixSampler.generate
+    load, sample = common.load_llava, grpo_stage.SharedPrefixSampler.generate
     policy_forward, ref_logps = grpo_stage.PolicyLogps.forward, rollout_module.completion_logps
     update = grpo_stage.Progress.update
 
@@ -156,7 +157,7 @@ def grpo(
 
     stdout = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout):
-        mp.setattr(grpo_stage, "load_llava", counting_load)
+        mp.setattr(common, "load_llava", counting_load)
         mp.setattr(grpo_stage.SharedPrefixSampler, "generate", counting_sample)
         mp.setattr(grpo_stage.PolicyLogps, "forward", counting_forward)
         mp.setattr(rollout_module, "completion_logps", counting_ref)

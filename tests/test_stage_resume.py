@@ -14,7 +14,7 @@ from align.stages.common import (
     checkpoints,
     prune_checkpoints,
     remove_incomplete_checkpoints,
-    truncate_metrics,
+    truncate_jsonl,
 )
 
 
@@ -45,15 +45,15 @@ def test_checkpoints_lists_only_complete_step_folders(tmp_path: Path) -> None:
     assert left == ["step-0000010", "step-0000012.tmp", "step-abc"]  # folders that are not ours stay
 
 
-def test_truncate_metrics_keeps_the_steps_up_to_the_checkpoint(tmp_path: Path) -> None:
+def test_truncate_jsonl_keeps_the_steps_up_to_the_checkpoint(tmp_path: Path) -> None:
     rows = [{"step": s, "loss": 1.0 / s} for s in (1, 2, 3, 4, 5)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    truncate_metrics(tmp_path, 3)
+    truncate_jsonl(tmp_path / "metrics.jsonl", 3)
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [
         1,
         2,
         3,
     ]
-    truncate_metrics(tmp_path, 0)  # a fresh run into the same folder starts an empty log
+    truncate_jsonl(tmp_path / "metrics.jsonl", 0)  # a fresh run into the same folder starts an empty log
     assert (tmp_path / "metrics.jsonl").read_text() == ""
-    truncate_metrics(tmp_path / "none", 3)  # nothing to do
+    truncate_jsonl(tmp_path / "none" / "metrics.jsonl", 3)  # nothing to do

@@ -33,7 +33,7 @@ from align.engine import Dist, setup
 from align.errors import AlignError
 from align.feature_cache import FeatureCache, cache_fingerprint, tower_features
 from align.lora import NON_LORA_TRAINABLES, apply_lora, merge_lora_state_dict
-from align.model import set_trainable
+from align.model import apply_trainability
 from align.stages.common import OptimSpec, param_groups
 from align.stages.sft import forward_loss_sum
 
@@ -404,7 +404,7 @@ def test_each_component_gets_its_learning_rate(
     if lora:
         model = apply_lora(model, r=lora, alpha=16, dropout=0.0, target_modules=list(LORA_TARGETS))
     vision, projector, llm = trainable
-    set_trainable(model, {"vision": vision, "projector": projector, "llm": llm and not lora})
+    apply_trainability(model, vision=vision, projector=projector, llm=llm, lora=lora)
     names = {id(p): n for n, p in model.named_parameters()}
     built = param_groups(model, OptimSpec(**optim))
     assert [g.name for g in built] == list(groups)

@@ -343,9 +343,9 @@ def test_without_weight_syncs_the_mismatch_shows(
     siglip_qwen2: Path, served, vllm_server: int, questions: Path, tmp_path: Path, monkeypatch
 ) -> None:
     """The control for the test above: vLLM kept on the input weights, the metrics it checks fail."""
-    import align.stages.grpo as grpo_stage
+    import align.grpo.vllm_backend as vllm_backend
 
-    monkeypatch.setattr(grpo_stage, "sync_weights", lambda *args, **kwargs: 0)
+    monkeypatch.setattr(vllm_backend, "sync_weights", lambda *args, **kwargs: 0)
     with contextlib.redirect_stdout(io.StringIO()):
         assert main(_grpo_args(siglip_qwen2, tmp_path / "run", questions, vllm_server)) == 0
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -19,7 +19,7 @@ import pytest
 
 from align.assemble import AssembleRecipe, assemble
 from align.config import from_dict
-from align.plan import memory_per_gpu
+from align.memory import memory_per_gpu
 
 pytestmark = pytest.mark.distributed
 

@@ -19,11 +19,7 @@ from torch import nn
 from align.grpo.logps import completion_logps
 from align.grpo.sampler import Rollout
 from align.lora import is_lora
-
-
-def llava_of(model: nn.Module) -> nn.Module:
-    """The Llava model inside a peft wrapper (its LoRA layers active), or the model itself."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model  # per forward: no param scan
+from align.model import llava_of
 
 
 def skip_pooling_head(llava: nn.Module) -> bool:
@@ -40,10 +36,6 @@ def skip_pooling_head(llava: nn.Module) -> bool:
         return False
     inner.use_head = False
     return True
-
-
-def all_sum(dist, value: float) -> float:
-    return float(dist.all_reduce_mean(float(value))) * dist.world_size
 
 
 def reward_columns(samples, sizes, g: int, rollout: Rollout) -> dict[str, list]:
@@ -117,9 +109,10 @@ def reference_logps(
 
 def global_std(dist, rewards: torch.Tensor) -> float:
     finite = rewards[~rewards.isnan()]
-    n = all_sum(dist, finite.numel())
-    mean = all_sum(dist, float(finite.sum())) / max(n, 1)
-    return (all_sum(dist, float(((finite - mean) ** 2).sum())) / max(n - 1, 1)) ** 0.5
+    counted = dist.all_sum({"n": finite.numel(), "sum": float(finite.sum())})
+    n = counted["n"]
+    mean = counted["sum"] / max(n, 1)
+    return (dist.all_sum(float(((finite - mean) ** 2).sum())) / max(n - 1, 1)) ** 0.5
 
 
 def group_std(rewards: torch.Tensor, g: int) -> torch.Tensor:
@@ -225,7 +218,7 @@ def rollout_metrics(
     for j, name in enumerate(names):
         row[f"reward/{name}"] = float(dist.all_reduce_mean(mean(per_func[:, j])))
         row[f"reward_std/{name}"] = global_std(dist, per_func[:, j])
-        row[f"reward_errors/{name}"] = all_sum(dist, errors[name])
+        row[f"reward_errors/{name}"] = dist.all_sum(errors[name])
     row.update(
         {
             "reward": float(dist.all_reduce_mean(mean(rewards))),
@@ -234,7 +227,7 @@ def rollout_metrics(
             "completion_length": float(dist.all_reduce_mean(float(lengths.mean()))),
             "completion_length_max": float(lengths.max()),  # this rank's (rank 0 logs)
             "truncated_share": float(dist.all_reduce_mean(float(truncated.mean()))),
-            "completion_tokens": all_sum(dist, float(lengths.sum())),
+            "completion_tokens": dist.all_sum(float(lengths.sum())),
         }
     )
     return row

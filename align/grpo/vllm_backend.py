@@ -476,6 +476,52 @@ def sync_weights(
     return backend.load_weights(converted)
 
 
+class PolicyWeightSync:
+    """Keeps the backend's weights those of the policy being trained.
+
+    Called before every rollout phase: when an optimizer step happened since the last sync, every rank walks
+    the policy one module at a time (ZeRO-3 gathers each module collectively, then frees it) and the changed
+    components go to vLLM in llava-hf names, LoRA merged. Colocated, each rank sends to its own engine; server
+    mode, rank 0 alone sends (``sends`` false elsewhere) and every rank waits at a barrier until it is done.
+    """
+
+    def __init__(
+        self,
+        backend: Any,
+        named_parameters: Iterable[tuple[str, torch.nn.Parameter]],
+        lora_scaling: float | None,
+        *,
+        sends: bool,
+        synced_at: int | None,
+        strip: str = "",
+    ):
+        self.backend = backend if sends else None
+        self.select = changing_parameters(named_parameters)
+        self.lora_scaling = lora_scaling
+        self.synced_at = (
+            synced_at  # the optimizer steps the backend's weights reflect; None: unknown (a server)
+        )
+        self.strip = strip  # what the engine's module adds in front of the model's names
+        self.announced = False  # the first sync is printed
+
+    def __call__(self, engine: Any, dist: Any) -> float:
+        """Sync if the policy changed since the last sync (every rank calls it); returns the seconds taken."""
+        if self.synced_at == engine.optimizer_steps:
+            return 0.0
+        t0 = time.perf_counter()
+        chunks = lambda: engine.gathered_parameters_in_chunks(self.select)  # noqa: E731
+        sent = sync_weights(self.backend, chunks, self.lora_scaling, strip=self.strip)
+        # server mode: another rank generating before the last chunk landed would run a half-reloaded model
+        # (vLLM: "Tensor on device meta is not on the expected device cpu")
+        dist.barrier()
+        seconds = time.perf_counter() - t0
+        if not self.announced:
+            self.announced = True
+            dist.log(f"vllm: synced {sent} tensors in {seconds:.2f} s (after every update)")
+        self.synced_at = engine.optimizer_steps
+        return seconds
+
+
 def changing_parameters(named: Iterable[tuple[str, torch.nn.Parameter]]) -> Callable[[str, Any], bool]:
     """A ``select`` for ``Engine.gathered_parameters_in_chunks``: every parameter of each Llava component
     (vision tower, projector, language model) that has a trainable parameter (LoRA adapters count for the

@@ -1,6 +1,9 @@
-"""What the stage programs share: recipe sections, the LR schedule, run-folder layout, metrics, progress.
+"""What the stage programs share: recipe sections, model loading and trainability, the engine set-up, the LR
+schedule, run-folder layout, saving, metrics, progress.
 
-The loops themselves stay in each stage's file. A stage's output folder (``output_dir``) holds::
+The loops themselves stay in each stage's file (SFT and projector: ``align/stages/sft.py``; GRPO:
+``align/stages/grpo.py``); everything both do before their first step and after their last lives here once.
+A stage's output folder (``output_dir``) holds::
 
     model/                 the final standard Llava folder (+ recipe.resolved.yaml)
     adapter/               the LoRA adapter, when LoRA was used (the model/ folder has it merged)
@@ -26,13 +29,31 @@ from typing import Literal
 
 import torch
 
-from align.config import MAX_SEED, RecipeError, ranged
-from align.engine import ParamGroup, gathered, held_parameters, persistent_parameters
+from align.checkpoint import atomic_folder, load_llava, save_llava
+from align.config import MAX_SEED, RecipeError, ranged, save_resolved
+from align.engine import (
+    ParamGroup,
+    full_ndim,
+    full_numel,
+    gathered,
+    held_parameters,
+    partitioned_loading,
+    persistent_parameters,
+    setup,
+)
 from align.errors import AlignError
 from align.feature_cache import tower_features
-from align.lora import ALL_LINEAR
-from align.model import COMPONENTS, component_parameters, parameter_table
-from align.plan import memory_per_gpu
+from align.lora import ALL_LINEAR, apply_lora, is_lora, merge_lora_state_dict, save_adapter
+from align.memory import memory_per_gpu
+from align.model import (
+    COMPONENTS,
+    apply_trainability,
+    component_parameters,
+    format_parameter_table,
+    llava_of,
+    parameter_table,
+)
+from align.plot import plot_run
 
 
 @dataclass
@@ -128,8 +149,8 @@ def param_groups(model, optim: OptimSpec) -> list[ParamGroup]:
     groups = []
     for component in COMPONENTS:
         params = [p for _, p in component_parameters(model, component) if p.requires_grad]
-        decayed = [p for p in params if _ndim(p) >= 2 or optim.weight_decay == 0]
-        flat = [p for p in params if _ndim(p) < 2 and optim.weight_decay > 0]
+        decayed = [p for p in params if full_ndim(p) >= 2 or optim.weight_decay == 0]
+        flat = [p for p in params if full_ndim(p) < 2 and optim.weight_decay > 0]
         if decayed:
             groups.append(ParamGroup(component, decayed, lr=lrs[component], weight_decay=optim.weight_decay))
         if flat:
@@ -137,10 +158,6 @@ def param_groups(model, optim: OptimSpec) -> list[ParamGroup]:
     if not groups:  # e.g. only the vision tower is trainable and none of its layers feeds an image feature
         raise AlignError("trainable: no parameter of the model would train (see the parameter table above)")
     return groups
-
-
-def _ndim(param) -> int:
-    return len(getattr(param, "ds_shape", param.shape))  # loaded ZeRO-3 partitioned: a 1-D placeholder
 
 
 def lr_at(step: int, total_steps: int, base_lr: float, schedule: str, warmup_steps: int) -> float:
@@ -154,6 +171,17 @@ def lr_at(step: int, total_steps: int, base_lr: float, schedule: str, warmup_ste
     if schedule == "linear":
         return base_lr * (1.0 - progress)
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def step_lrs(
+    engine, step: int, total_steps: int, base_lrs: dict[str, float], optim: OptimSpec, warmup_steps: int
+):
+    """Set every optimizer group's learning rate for optimizer step ``step`` (0-based); returns them."""
+    lrs = {
+        name: lr_at(step, total_steps, base, optim.schedule, warmup_steps) for name, base in base_lrs.items()
+    }
+    engine.set_lrs(lrs)
+    return lrs
 
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -211,9 +239,9 @@ def resume_point(output_dir: str | Path, resume: bool) -> Path | None:
     return None
 
 
-def truncate_metrics(output_dir: str | Path, after_step: int) -> None:
-    """Drop metrics.jsonl rows of steps after ``after_step`` (0: all): a resumed run logs them again."""
-    path = Path(output_dir) / "metrics.jsonl"
+def truncate_jsonl(path: Path, after_step: int) -> None:
+    """Drop the rows of a per-step log (metrics.jsonl, completions.jsonl) of steps after ``after_step`` (0: all):
+    a resumed run logs them again."""
     if not path.exists():
         return
     kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= after_step]
@@ -254,7 +282,7 @@ def memory_vs_plan(model, engine, strategy: str, world_size: int) -> tuple[str, 
     ZeRO-3) and the trainable elements whose fp32 master + Adam states live here (1/N under ZeRO-2/3).
     ZeRO-3 keeps small tensors whole on every rank; they are counted on their own.
     """
-    rows = parameter_table(model)
+    rows = parameter_table(model, full_numel)
     total, trainable = sum(r[1] for r in rows), sum(r[2] for r in rows)
     weight_shard = world_size if strategy == "zero3" else 1
     state_shard = world_size if strategy.startswith("zero") else 1
@@ -353,3 +381,183 @@ class Progress:
             f"{k}={v:.4g}" for k, v in metrics.items() if k in ("loss", "lr", "tokens_per_s", "reward", "kl")
         )
         print(f"step {step + 1}/{self.total} {shown} eta={eta:.0f}s", flush=True)
+
+
+# --- what SFT and GRPO do before their first step and after their last ------------------------------------------
+
+
+@dataclass(frozen=True)
+class Training:
+    """How this process trains, resolved once from the recipe and the launch: precision, strategy, and the
+    values the engine is built with."""
+
+    precision: str  # fp32 | bf16
+    strategy: str  # single | ddp | zero2 | zero3
+    engine_values: dict  # micro_batch_size, grad_accum, max_grad_norm, precision
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Weights' dtype when loaded: ZeRO in bf16 trains bf16 weights (fp32 masters are made from them), which
+        halves host memory; single/ddp keep fp32 weights and autocast."""
+        return (
+            torch.bfloat16 if self.strategy.startswith("zero") and self.precision == "bf16" else torch.float32
+        )
+
+
+def training_of(recipe, dist) -> Training:
+    """``run.precision`` auto: bf16 on GPU, fp32 on CPU; ``run.strategy`` auto: ddp when launched with N > 1."""
+    run = recipe.run
+    precision = (
+        run.precision if run.precision != "auto" else ("bf16" if dist.device.type == "cuda" else "fp32")
+    )
+    strategy = run.strategy if run.strategy != "auto" else ("ddp" if dist.world_size > 1 else "single")
+    values = {
+        "micro_batch_size": run.micro_batch_size,
+        "grad_accum": run.grad_accum,
+        "max_grad_norm": recipe.optim.max_grad_norm,
+        "precision": precision,
+    }
+    return Training(precision, strategy, values)
+
+
+def load_model(model_dir: Path, dist, training: Training, deepspeed_config: str | None):
+    """``(model, processor)`` of a Llava folder; under ZeRO-3 straight into this rank's 1/N partition."""
+    with partitioned_loading(dist, training.strategy, deepspeed_config, **training.engine_values):
+        return load_llava(model_dir, dtype=training.dtype)
+
+
+def load_trainable(recipe, dist, training: Training, model_dir: Path):
+    """``(model, processor)`` as the stage trains it: loaded, layers checkpointed, LoRA applied, trainability set
+    by component, tower parameters that feed no image feature frozen; the parameter table printed."""
+    run, lora = recipe.run, recipe.lora
+    model, processor = load_model(model_dir, dist, training, run.deepspeed_config)
+    if run.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if lora.r > 0:
+        if run.gradient_checkpointing:
+            model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks need an input with grad
+        # the adapters' random init must not depend on what loading consumed (zero.Init draws nothing)
+        torch.manual_seed(run.seed)
+        model = apply_lora(model, lora.r, lora.alpha, lora.dropout, lora.target_modules)
+    t = recipe.trainable
+    apply_trainability(model, vision=t.vision, projector=t.projector, llm=t.llm, lora=lora.r > 0)
+    unreachable = freeze_unreachable_vision(
+        llava_of(model)
+    )  # DDP stops on trainable parameters without grads
+    dist.log(format_parameter_table(parameter_table(model, full_numel), f"{recipe.kind}: {model_dir}"))
+    if unreachable:
+        dist.log(
+            f"vision: {len(unreachable)} tensors feed no image feature (layer "
+            f"{llava_of(model).config.vision_feature_layer}) and stay frozen, e.g. {', '.join(unreachable[:3])}"
+        )
+    return model, processor
+
+
+def build_engine(module, model, recipe, dist, training: Training):
+    """``(engine, memory)``: the engine around ``module`` (the model, or a wrapper whose forward is the
+    training pass) with one optimizer group per component, and the memory line printed beside the plan."""
+    engine = setup(
+        module,
+        param_groups(module, recipe.optim),
+        dist=dist,
+        strategy=training.strategy,
+        betas=tuple(recipe.optim.betas),
+        deepspeed_config=recipe.run.deepspeed_config,
+        **training.engine_values,
+    )
+    text, memory = memory_vs_plan(model, engine, training.strategy, dist.world_size)
+    dist.log(text)
+    return engine, memory
+
+
+def resume_from_checkpoint(engine, resume_from: Path | None, recipe, resume: bool, dist) -> dict:
+    """The state saved with the checkpoint a resumed run continues from; ``{}`` for a fresh run."""
+    if resume_from is None:
+        if resume:
+            where = Path(recipe.output_dir) / "checkpoints"
+            dist.log(f"--resume: no complete checkpoint under {where}; starting at step 0")
+        return {}
+    saved = engine.load_state(resume_from / "state")
+    dist.log(f"resumed from {resume_from} at step {saved.get('step', '?')}")
+    return saved
+
+
+def begin_outputs(recipe, dist, resumed: bool, start_step: int) -> None:
+    """Tidy the output folder for the first step: half-written saves removed, the per-step logs cut back to the
+    checkpoint (a resumed run logs those steps again), the resolved recipe written on a fresh run."""
+    if not dist.is_main:
+        return
+    out = Path(recipe.output_dir)
+    for stale in remove_incomplete_checkpoints(out):
+        print(f"removed {stale}: an interrupted save")
+    for log in ("metrics.jsonl", "completions.jsonl"):
+        truncate_jsonl(out / log, start_step)
+    if not resumed:
+        save_resolved(recipe, out)
+
+
+def save_model(engine, model, processor, folder: Path, recipe, key_prefix: str = "") -> dict | None:
+    """Consolidate (every rank takes part), merge LoRA, write a plain Llava folder and the resolved recipe from
+    rank 0. Returns the consolidated, unmerged state dict on rank 0 (for the adapter), ``None`` elsewhere.
+
+    ``key_prefix``: what the engine's module adds in front of the model's parameter names (GRPO's wrapper).
+    """
+    state = engine.full_state_dict()
+    if state is None:
+        return None
+    state = {k.removeprefix(key_prefix): v for k, v in state.items()} if key_prefix else state
+    merged = merge_lora_state_dict(state, recipe.lora.alpha / recipe.lora.r) if is_lora(model) else state
+    base = llava_of(model)
+    save_llava(
+        folder,
+        config=base.config,
+        state_dict=merged,
+        processor=processor,
+        generation_config=base.generation_config,
+    )
+    save_resolved(recipe, folder)
+    return state
+
+
+def save_checkpoint(
+    engine, model, processor, recipe, dist, step: int, state: dict, key_prefix: str = ""
+) -> None:
+    """``checkpoints/step-N/{model,state}``; ``state`` (with ``step``) is what a resume continues from."""
+    folder = Path(recipe.output_dir) / "checkpoints" / f"step-{step:07d}"
+    save_model(engine, model, processor, folder / "model", recipe, key_prefix)
+    engine.save_state(folder / "state", extra={"step": step, **state})  # written last: marks it complete
+    if dist.is_main:
+        prune_checkpoints(recipe.output_dir, recipe.run.keep_last)
+    dist.barrier()
+
+
+def finish(
+    engine, model, processor, recipe, dist, training: Training, t_start: float, summary: dict, key_prefix=""
+):
+    """The final model (and LoRA adapter), ``summary.json`` (``summary`` plus wall time, throughput of each
+    ``<name>_seen`` count, memory and the launch), the ``done`` line and the plots. Returns the output folder.
+
+    Close the stage's own log files first: the plots read metrics.jsonl.
+    """
+    out = Path(recipe.output_dir)
+    state = save_model(engine, model, processor, out / "model", recipe, key_prefix)
+    if dist.is_main:
+        if is_lora(model):
+            with atomic_folder(out / "adapter") as tmp:
+                save_adapter(model, tmp, state)
+        wall = time.perf_counter() - t_start
+        rates = {
+            f"{k.removesuffix('_seen')}_per_s": v / max(wall, 1e-9)
+            for k, v in summary.items()
+            if k.endswith("_seen")
+        }
+        summary = {k: v for k, v in summary.items() if not k.endswith("_seen")}
+        summary.update(rates, wall_time_s=wall, peak_memory_mb=peak_memory_mb(), world_size=dist.world_size)
+        summary.update(strategy=training.strategy, precision=training.precision)
+        (out / "summary.json").write_text(json.dumps({"stage": recipe.kind, **summary}, indent=2))
+        shown = "".join(f" | {v:.0f} {k.replace('_per_s', '')}/s" for k, v in rates.items())
+        print(
+            f"done: {out / 'model'} | wall {wall:.1f}s{shown} | peak memory {summary['peak_memory_mb']:.0f} MB"
+        )
+        print(f"plots: {len(plot_run(out))} PNG charts in {out / 'plots'}")
+    return out

@@ -79,20 +79,13 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from align.checkpoint import (
-    atomic_folder,
-    eos_token_ids,
-    image_seq_len,
-    load_llava,
-    resolve_model_folder,
-    save_llava,
-)
-from align.config import MAX_TOKENS, RecipeError, load_any, ranged, save_resolved, to_dict
+from align.checkpoint import eos_token_ids, image_seq_len, resolve_model_folder
+from align.config import MAX_TOKENS, RecipeError, load_any, ranged, to_dict
 from align.data.check import checked_mix, stage_row_check
 from align.data.config import DataConfig
-from align.data.encode import encode_prompt
-from align.data.images import load_image, pixel_values
-from align.engine import held_parameters, init_distributed, partitioned_loading, setup
+from align.data.encode import encode_prompt, generation_prefill
+from align.data.images import load_image
+from align.engine import held_parameters, init_distributed
 from align.errors import AlignError
 from align.grpo.logps import completion_logps_and_entropy
 from align.grpo.loss import (
@@ -108,11 +101,9 @@ from align.grpo.loss import (
 )
 from align.grpo.rollout import (
     RolloutBatch,
-    all_sum,
     fill_groups,
     global_std,
     has_signal,
-    llava_of,
     merge_groups,
     reference_logps,
     reward_columns,
@@ -122,15 +113,10 @@ from align.grpo.rollout import (
     split_groups,
 )
 from align.grpo.sampler import SharedPrefixSampler
-from align.grpo.vllm_backend import changing_parameters, open_backend, sync_weights
-from align.lora import apply_lora, is_lora, merge_lora_state_dict, save_adapter
-from align.model import (
-    format_parameter_table,
-    parameter_table,
-    set_trainable,
-)
-from align.plot import plot_run
-from align.rewards import R1_PREFILL, load_reward, score_all, warm_up, with_prefill
+from align.grpo.vllm_backend import PolicyWeightSync, open_backend
+from align.lora import is_lora
+from align.model import llava_of
+from align.rewards import load_reward, score_all, warm_up, with_prefill
 from align.runfolder import hold_output_dir
 from align.stages.common import (
     LoRASpec,
@@ -139,16 +125,18 @@ from align.stages.common import (
     Progress,
     RunSpec,
     TrainableSpec,
+    Training,
+    begin_outputs,
+    build_engine,
     check_trainable,
-    freeze_unreachable_vision,
-    lr_at,
-    memory_vs_plan,
-    param_groups,
-    peak_memory_mb,
-    prune_checkpoints,
-    remove_incomplete_checkpoints,
+    finish,
+    load_model,
+    load_trainable,
+    resume_from_checkpoint,
     resume_point,
-    truncate_metrics,
+    save_checkpoint,
+    step_lrs,
+    training_of,
 )
 
 
@@ -331,18 +319,287 @@ class PolicyLogps(nn.Module):
         return completion_logps_and_entropy(llava_of(self.model), **kwargs)
 
 
-def _trim_completions(output_dir: Path, after_step: int) -> None:
-    """Drop completions.jsonl records of steps after ``after_step`` (0: all): a resumed run writes them again."""
-    path = output_dir / "completions.jsonl"
-    if path.exists():
-        kept = [
-            line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= after_step
-        ]
-        path.write_text("".join(line + "\n" for line in kept))
+KEY_PREFIX = "model."  # what PolicyLogps adds in front of the model's parameter names
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How the usable questions become rounds and optimizer steps on this launch."""
+
+    questions_per_round: int  # micro_batch_size x grad_accum x ranks
+    per_rank: int  # question groups each rank trains on per step
+    rounds_per_epoch: int
+    total_steps: int
+    total_rounds: int  # the last round may stop before num_iterations
+    warmup_steps: int
+
+
+@dataclass
+class GRPORun:
+    """What the phases of a round share: built once by :func:`_set_up`; the rounds advance ``draws``."""
+
+    recipe: GRPORecipe
+    dist: Any
+    training: Training
+    model: nn.Module  # the policy (peft-wrapped with LoRA)
+    policy: PolicyLogps  # the module the engine wraps
+    processor: Any
+    engine: Any
+    reference: nn.Module | None  # the frozen copy; None with beta 0 or LoRA (adapters disabled instead)
+    rewards: dict[str, Any]  # metric name -> reward function
+    reward_weights: list[float]
+    questions: list[tuple[Any, Any]]  # (sample, encoded prompt) whose prompt + completion fit max_length
+    schedule: Schedule
+    base_lrs: dict[str, float]
+    prefill: str  # what the chat template writes after the assistant opening (R1: "<think>\n")
+    eos_ids: list[int]
+    blank: torch.Tensor | None  # see _blank_image
+    backend: Any  # None: our sampler; else the vLLM backend
+    weight_sync: PolicyWeightSync | None
+    metrics: MetricsWriter
+    progress: Progress
+    samples_file: Any  # completions.jsonl on rank 0
+    memory: dict[str, int]
+    data_seed: int
+    draws: int = 0  # question draws so far (one per round; more with dynamic sampling)
+    order: dict[int, list[int]] = field(default_factory=dict)  # the current epoch's question order
+
+    @property
+    def cfg(self) -> GRPOSpec:
+        return self.recipe.grpo
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.processor.tokenizer
+
+
+@dataclass
+class GroupPool:
+    """Dynamic sampling's question groups of one step on this rank, by whether their G rewards vary."""
+
+    varied: list[RolloutBatch] = field(default_factory=list)
+    flat: list[RolloutBatch] = field(default_factory=list)
+
+
+def train(recipe: GRPORecipe, dist, resume: bool) -> Path:
+    """The whole stage on this process (``dist`` from ``init_distributed()``), holding its output_dir."""
+    with hold_output_dir(recipe.output_dir, dist):
+        s, start_round = _set_up(recipe, dist, resume)
+        t_start = time.perf_counter()
+        for rnd in range(start_round, s.schedule.total_rounds):
+            _round(s, rnd)
+        s.metrics.close()
+        if s.samples_file is not None:
+            s.samples_file.close()
+        summary = {
+            "steps": s.schedule.total_steps,
+            "resumed_from_round": start_round,
+            "memory_elements": s.memory,
+        }
+        return finish(s.engine, s.model, s.processor, recipe, dist, s.training, t_start, summary, KEY_PREFIX)
+
+
+def _round(s: GRPORun, rnd: int) -> None:
+    """One round, its phases in the order they run: rollouts of this step's questions, their rewards (with
+    dynamic sampling, more draws until every rank has groups with signal), advantages, then ``num_iterations``
+    optimizer steps on those completions, each logged."""
+    cfg = s.cfg
+    t_round = time.perf_counter()
+    torch.manual_seed(s.recipe.run.seed * 1_000_003 + rnd)  # dropout depends on the round only: exact resume
+    seconds = dict.fromkeys(("rollout", "reference", "rewards"), 0.0)
+    if s.weight_sync is not None:  # vLLM generates with the weights of the last optimizer step
+        seconds["weight_sync"] = s.weight_sync(s.engine, s.dist)
+    errors = dict.fromkeys(s.rewards, 0)
+    pool = GroupPool() if cfg.dynamic_sampling else None
+    first_draw = s.draws
+    for _ in range(cfg.dynamic_sampling_max_rounds if cfg.dynamic_sampling else 1):
+        batches = _rollout(s, seconds)
+        _score(s, batches, errors, seconds)
+        if pool is None or _dynamic_sampling_round(s, batches, pool):
+            break
+    dropped = None
+    if pool is not None:
+        batches, dropped = _keep_groups(s, pool)
+    zero_std = _advantages(s, batches)
+    old_logps, is_weights, mismatch = _sampling_correction(s, batches, seconds)
+    row = _rollout_row(s, batches, errors, zero_std, seconds, mismatch)
+    if dropped is not None:
+        row["dynamic_sampling/dropped_groups"] = s.dist.all_sum(dropped)
+        row["dynamic_sampling/rounds"] = s.draws - first_draw
+    done = _update(s, batches, old_logps, is_weights, row, rnd, t_round)
+    _log_completions(s, batches, done)
+    run = s.recipe.run
+    crossed = run.save_every and done // run.save_every > rnd * cfg.num_iterations // run.save_every
+    if crossed and rnd + 1 < s.schedule.total_rounds:
+        state = {"round": rnd + 1, "draws": s.draws}
+        save_checkpoint(s.engine, s.model, s.processor, s.recipe, s.dist, done, state, KEY_PREFIX)
+
+
+# --- phases of a round ------------------------------------------------------------------------------------------
+
+
+def _draw(s: GRPORun) -> tuple[list[list[tuple[Any, Any]]], torch.Generator]:
+    """This rank's micro-batches of the next step's worth of questions in the data order, and the generator
+    that samples them (seeded by the draw's number and the rank: exact resume)."""
+    sch, run, dist = s.schedule, s.recipe.run, s.dist
+    epoch, index = divmod(s.draws, sch.rounds_per_epoch)
+    if epoch not in s.order:
+        n = len(s.questions)
+        s.order = {epoch: random.Random(f"grpo-order:{s.data_seed}:{epoch}").sample(range(n), n)}
+    ids = s.order[epoch][index * sch.questions_per_round : (index + 1) * sch.questions_per_round]
+    mine = [s.questions[i] for i in ids[dist.rank * sch.per_rank : (dist.rank + 1) * sch.per_rank]]
+    generator = torch.Generator().manual_seed(run.seed * 1_000_003 + s.draws * 1009 + dist.rank)
+    s.draws += 1
+    return [
+        mine[i : i + run.micro_batch_size] for i in range(0, sch.per_rank, run.micro_batch_size)
+    ], generator
+
+
+def _micro_batch(s: GRPORun, questions: list[tuple[Any, Any]]) -> tuple[RolloutBatch, list[Any]]:
+    """One micro-batch of questions and its images, each decoded once (pixels for our forwards, the decoded
+    images for vLLM)."""
+    max_pixels = s.recipe.data.max_image_pixels
+    images = [load_image(im, max_pixels, sample.origin) for sample, _ in questions for im in sample.images]
+    processed = s.processor.image_processor(images=images, return_tensors="pt") if images else None
+    sizes, at = [], 0  # per row: its images' sizes
+    for sample, _ in questions:
+        sizes.append([im.size for im in images[at : at + len(sample.images)]])
+        at += len(sample.images)
+    batch = RolloutBatch(
+        [sample for sample, _ in questions],
+        [enc.input_ids for _, enc in questions],
+        None if processed is None else processed["pixel_values"],
+        [len(sample.images) for sample, _ in questions],
+        sizes,
+    )
+    return batch, images
+
+
+def _rollout(s: GRPORun, seconds: dict[str, float]) -> list[RolloutBatch]:
+    """G completions for each question of the next draw (one vision pass and prefill per micro-batch, shared by
+    its G completions), and the reference's log-probs of them. The policy is gathered once for the phase."""
+    cfg, g, t_draw = s.cfg, s.cfg.num_generations, time.perf_counter()
+    micro, generator = _draw(s)
+    batches: list[RolloutBatch] = []
+    s.policy.eval()
+    # vLLM holds its own weights: the policy is gathered only for the LoRA reference pass
+    gather = s.backend is None or (cfg.beta > 0 and s.reference is None)
+    phase = s.engine.gathered_for_generation() if gather else contextlib.nullcontext(s.engine.model)
+    with phase as gathered, s.engine.autocast():
+        sampler = s.backend if s.backend is not None else SharedPrefixSampler(llava_of(gathered.model))
+        for questions in micro:
+            b, images = _micro_batch(s, questions)
+            b.rollout = sampler.generate(
+                b.prompt_ids,
+                b.pixels,
+                b.images_per_prompt,
+                num_generations=g,
+                max_new_tokens=cfg.max_completion_length,
+                temperature=cfg.temperature,
+                top_p=cfg.top_p,
+                top_k=cfg.top_k,
+                eos_token_ids=s.eos_ids,
+                pad_token_id=s.tokenizer.pad_token_id,
+                generator=generator,
+                return_logps=cfg.num_iterations > 1,  # the old log-probs of every iteration
+                blank_pixels=s.blank,
+                images=None if s.backend is None else images,
+            )
+            batches.append(b)
+        t_rollout = time.perf_counter()
+        if cfg.beta > 0 and s.reference is None:  # LoRA: the policy's gathered weights, adapters off
+            for b in batches:
+                b.ref_logps = reference_logps(
+                    None, gathered.model, b, g, cfg.temperature, cfg.shared_prefix, s.blank
+                )
+    s.policy.train()
+    if s.reference is not None:  # the frozen copy: after the block, so the gathered policy is released first
+        with s.engine.autocast():
+            for b in batches:
+                b.ref_logps = reference_logps(
+                    s.reference, s.model, b, g, cfg.temperature, cfg.shared_prefix, s.blank
+                )
+    seconds["rollout"] += t_rollout - t_draw
+    seconds["reference"] += time.perf_counter() - t_rollout
+    return batches
+
+
+def _score(
+    s: GRPORun, batches: list[RolloutBatch], errors: dict[str, int], seconds: dict[str, float]
+) -> None:
+    """Every completion's rewards (the prefill put back in front: rewards see the full reasoning), their weighted
+    sum, and the loss mask (with mask_truncated_completions, DAPO's overlong filtering)."""
+    cfg, t0 = s.cfg, time.perf_counter()
+    for b in batches:
+        texts = s.tokenizer.batch_decode(b.rollout.completion_ids, skip_special_tokens=True)
+        b.texts = with_prefill(texts, s.prefill) if s.prefill else texts
+        columns = reward_columns(b.samples, b.sizes, cfg.num_generations, b.rollout)
+        b.scores, failed = score_all(s.rewards, b.texts, columns, on_error=cfg.reward_errors)
+        for name, n in failed.items():
+            errors[name] += n
+        b.per_func = torch.tensor([[float("nan") if v is None else v for v in row] for row in b.scores])
+        b.rewards = combine_rewards(b.per_func, s.reward_weights)
+        b.mask = b.rollout.completion_mask
+        if cfg.mask_truncated_completions:
+            b.mask = mask_truncated(b.mask, b.rollout.is_truncated)
+    seconds["rewards"] += time.perf_counter() - t0
+
+
+def _dynamic_sampling_round(s: GRPORun, batches: list[RolloutBatch], pool: GroupPool) -> bool:
+    """DAPO: this draw's question groups sorted into those whose rewards vary and those that do not. True when
+    every rank holds enough varied groups: one decision, on the shortfall summed over ranks, so all ranks draw
+    the same number of times."""
+    g = s.cfg.num_generations
+    for b in batches:
+        for piece, signal in zip(split_groups(b, g), has_signal(b.rewards, g).tolist(), strict=True):
+            (pool.varied if signal else pool.flat).append(piece)
+    return s.dist.all_sum(max(0, s.schedule.per_rank - len(pool.varied))) == 0
+
+
+def _keep_groups(s: GRPORun, pool: GroupPool) -> tuple[list[RolloutBatch], int]:
+    """The micro-batches the update trains on: groups with signal, filled with zero-variance ones only at the
+    round limit; and how many zero-variance groups were left out."""
+    chosen, dropped = fill_groups(pool.varied, pool.flat, s.schedule.per_rank)
+    size = s.recipe.run.micro_batch_size
+    pad = s.tokenizer.pad_token_id
+    return [merge_groups(chosen[i : i + size], pad) for i in range(0, len(chosen), size)], dropped
+
+
+def _advantages(s: GRPORun, batches: list[RolloutBatch]) -> list[float]:
+    """Advantages per group of G; ``scale_rewards: batch`` divides by the std of the whole global batch instead
+    (TRL's). Returns each micro-batch's share of groups whose rewards do not vary."""
+    cfg = s.cfg
+    batch_std = None
+    if cfg.scale_rewards == "batch":
+        batch_std = global_std(s.dist, torch.cat([b.rewards for b in batches]))
+    zero_std = []
+    for b in batches:
+        scaling = "none" if batch_std is not None else cfg.scale_rewards
+        b.advantages, stats = group_advantages(b.rewards, cfg.num_generations, scaling)
+        if batch_std is not None:
+            b.advantages = b.advantages / (batch_std + 1e-4)
+        zero_std.append(stats.frac_reward_zero_std)
+    return zero_std
+
+
+def _forward_inputs(s: GRPORun, b: RolloutBatch) -> dict[str, Any]:
+    """The training forward's inputs for one micro-batch: its completions scored at the sampling temperature."""
+    cfg = s.cfg
+    return {
+        "prompt_ids": b.prompt_ids,
+        "pixel_values": b.pixels,
+        "images_per_prompt": b.images_per_prompt,
+        "completion_ids": b.rollout.completion_ids,
+        "completion_mask": b.rollout.completion_mask,  # attention; the loss masks with b.mask
+        "num_generations": cfg.num_generations,
+        "temperature": cfg.temperature,
+        "shared_prefix": cfg.shared_prefix,
+        "blank_pixels": s.blank,
+    }
 
 
 def _sampling_correction(
-    engine, policy: nn.Module, batches: list[RolloutBatch], cfg: GRPOSpec, dist, blank
+    s: GRPORun, batches: list[RolloutBatch], seconds: dict[str, float]
 ) -> tuple[list, list, dict[str, float]]:
     """Per micro-batch: the old log-probs for the loss and the vLLM importance-sampling weights; the mismatch
     metrics under TRL's names (means over ranks, extremes over ranks).
@@ -352,34 +609,24 @@ def _sampling_correction(
     ``old_per_token_logps``) when the correction is on or ``num_iterations > 1``; with one iteration the loss keeps
     the exact ratio-1 shortcut (the trainer's log-probs before the step are the current ones).
     """
-    rs, n = cfg.rollout, len(batches)
+    cfg, n, t0 = s.cfg, len(batches), time.perf_counter()
+    rs = cfg.rollout
     if rs.backend == "align":
         return [b.rollout.logps if cfg.num_iterations > 1 else None for b in batches], [None] * n, {}
     if not rs.vllm_importance_sampling_correction and cfg.num_iterations == 1:
+        seconds["old_logps"] = time.perf_counter() - t0
         return [None] * n, [None] * n, {}
-    trainer = []
-    policy.eval()
-    with torch.no_grad(), engine.autocast():
-        for b in batches:  # every rank runs the same number of forwards (ZeRO-3 gathers in them)
-            logps, _ = engine.module(
-                prompt_ids=b.prompt_ids,
-                pixel_values=b.pixels,
-                images_per_prompt=b.images_per_prompt,
-                completion_ids=b.rollout.completion_ids,
-                completion_mask=b.rollout.completion_mask,
-                num_generations=cfg.num_generations,
-                temperature=cfg.temperature,
-                shared_prefix=cfg.shared_prefix,
-                blank_pixels=blank,
-            )
-            trainer.append(logps.float())
-    policy.train()
+    s.policy.eval()
+    with torch.no_grad(), s.engine.autocast():  # every rank runs the same forwards (ZeRO-3 gathers in them)
+        trainer = [s.engine.module(**_forward_inputs(s, b))[0].float() for b in batches]
+    s.policy.train()
+    seconds["old_logps"] = time.perf_counter() - t0
     old = trainer if cfg.num_iterations > 1 else [None] * n
     if not rs.vllm_importance_sampling_correction:
         return old, [None] * n, {}
     weights, stats = [], []
     for b, logps in zip(batches, trainer, strict=True):
-        w, s = vllm_importance_sampling(
+        w, st = vllm_importance_sampling(
             logps,
             b.rollout.logps,
             b.mask,
@@ -388,141 +635,197 @@ def _sampling_correction(
             clip_max=rs.vllm_importance_sampling_clip_max,
         )
         weights.append(w)
-        stats.append(s)
+        stats.append(st)
+    return old, weights, _mismatch_row(s.dist, stats)
+
+
+def _mismatch_row(dist, stats: list) -> dict[str, float]:
+    """TRL's sampling mismatch metrics: means over micro-batches and ranks, extremes over both."""
     mean = lambda values: dist.all_reduce_mean(sum(values) / len(values))  # noqa: E731
-    row = {
-        "sampling/sampling_logp_difference/mean": mean([s.logp_difference_mean for s in stats]),
+    return {
+        "sampling/sampling_logp_difference/mean": mean([st.logp_difference_mean for st in stats]),
         "sampling/sampling_logp_difference/max": dist.all_reduce_max(
-            max(s.logp_difference_max for s in stats)
+            max(st.logp_difference_max for st in stats)
         ),
-        "sampling/importance_sampling_ratio/min": -dist.all_reduce_max(-min(s.ratio_min for s in stats)),
-        "sampling/importance_sampling_ratio/mean": mean([s.ratio_mean for s in stats]),
-        "sampling/importance_sampling_ratio/max": dist.all_reduce_max(max(s.ratio_max for s in stats)),
+        "sampling/importance_sampling_ratio/min": -dist.all_reduce_max(-min(st.ratio_min for st in stats)),
+        "sampling/importance_sampling_ratio/mean": mean([st.ratio_mean for st in stats]),
+        "sampling/importance_sampling_ratio/max": dist.all_reduce_max(max(st.ratio_max for st in stats)),
     }
-    return old, weights, row
 
 
-def _save_model(engine, model, processor, folder: Path, lora: LoRASpec, recipe) -> dict | None:
-    """Consolidate (every rank), merge LoRA, write a plain Llava folder from rank 0.
-
-    Returns the consolidated, unmerged peft-model state dict on rank 0 (for the adapter), ``None`` elsewhere.
-    """
-    state = engine.full_state_dict()  # every rank takes part; rank 0 gets the weights
-    if state is None:
-        return None
-    state = {k.removeprefix("model."): v for k, v in state.items()}  # PolicyLogps wraps the model as .model
-    merged = merge_lora_state_dict(state, lora.alpha / lora.r) if is_lora(model) else state
-    base = llava_of(model)
-    save_llava(
-        folder,
-        config=base.config,
-        state_dict=merged,
-        processor=processor,
-        generation_config=base.generation_config,
-    )
-    save_resolved(recipe, folder)
-    return state
+def _rollout_row(s, batches, errors, zero_std, seconds, mismatch) -> dict[str, float]:
+    """The round's rollout metrics (rewards, zero-variance groups, lengths; all ranks), timings and mismatch."""
+    row = rollout_metrics(s.dist, batches, list(s.rewards), errors, zero_std, s.cfg.num_generations)
+    row.update({f"time/{k}_s": v for k, v in seconds.items()})
+    row.update(mismatch)
+    return row
 
 
-def train(recipe: GRPORecipe, dist, resume: bool) -> Path:
-    """The whole stage on this process (``dist`` from ``init_distributed()``), holding its output_dir."""
-    with hold_output_dir(recipe.output_dir, dist):
-        return _train(recipe, dist, resume)
-
-
-def _train(recipe: GRPORecipe, dist, resume: bool) -> Path:
-    run, cfg = recipe.run, recipe.grpo
-    out = Path(recipe.output_dir)
-    torch.manual_seed(run.seed)
-    precision = (
-        run.precision if run.precision != "auto" else ("bf16" if dist.device.type == "cuda" else "fp32")
-    )
-    strategy = run.strategy if run.strategy != "auto" else ("ddp" if dist.world_size > 1 else "single")
-    g = cfg.num_generations
-    # before any heavy work: a fresh run into a folder with old checkpoints stops here
-    resume_from = resume_point(out, resume)
-    # the model folder's config.json before the data: a wrong folder fails in a second, not after the rows
-    model_dir = resolve_model_folder(recipe.model)
-
-    # every row checked (images decoded, boxes, a gold answer the rewards can score) and data.strict applied
-    # before any model loads
-    data = recipe.data
-    seed = data.seed if data.seed is not None else run.seed
-    row_check = stage_row_check("grpo", cfg.reward_funcs)
-    samples, mix = checked_mix(data, seed, row_check, log=print if dist.is_main else None)
-
-    # --- policy, reference, rewards --------------------------------------------------------------------------
-    # ZeRO in bf16 trains bf16 weights (fp32 masters are made from them); single/ddp keep fp32 and autocast.
-    # The reference takes the policy's dtype so that KL is exactly 0 before the first update.
-    dtype = torch.bfloat16 if strategy.startswith("zero") and precision == "bf16" else torch.float32
-    engine_values = {
-        "micro_batch_size": run.micro_batch_size,
-        "grad_accum": run.grad_accum,
-        "max_grad_norm": recipe.optim.max_grad_norm,
-        "precision": precision,
-    }
-    # zero3: policy and reference load straight into each rank's 1/N partition, never a whole copy per rank
-    with partitioned_loading(dist, strategy, run.deepspeed_config, **engine_values):
-        model, processor = load_llava(model_dir, dtype=dtype)
-    tokenizer = processor.tokenizer
-    n_image_tokens = image_seq_len(processor)
-    if run.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if recipe.lora.r > 0:
-        if run.gradient_checkpointing:
-            model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks need an input with grad
-        # the adapters' random init must not depend on what loading consumed (zero.Init draws nothing)
-        torch.manual_seed(run.seed)
-        model = apply_lora(
-            model, recipe.lora.r, recipe.lora.alpha, recipe.lora.dropout, recipe.lora.target_modules
+def _update(s: GRPORun, batches, old_logps, is_weights, rollout_row, rnd: int, t_round: float) -> int:
+    """``num_iterations`` optimizer steps on this round's completions (the last round may stop early), each one
+    logged. Returns the number of optimizer steps done so far."""
+    cfg, sch, dist = s.cfg, s.schedule, s.dist
+    n_tokens = dist.all_sum(sum(float(b.mask.sum()) for b in batches))  # the loss's token count, all ranks
+    t_step, first = t_round, rnd * cfg.num_iterations
+    for step in range(first, min(first + cfg.num_iterations, sch.total_steps)):
+        t_update = time.perf_counter()
+        lrs = step_lrs(s.engine, step, sch.total_steps, s.base_lrs, s.recipe.optim, sch.warmup_steps)
+        sums, grad_norm = _policy_step(s, batches, old_logps, is_weights, n_tokens)
+        now = time.perf_counter()
+        row = {k: float(dist.all_reduce_mean(v)) for k, v in sums.items()}
+        row.update(rollout_row)
+        row.update(
+            {
+                "lr": lrs.get("llm", next(iter(lrs.values()))),
+                "grad_norm": grad_norm,
+                "time/update_s": now - t_update,
+                "step_time_s": now - t_step,  # the round's first step also carries its rollout phase
+                "completion_tokens_per_s": rollout_row["completion_tokens"] / (now - t_round),
+            }
         )
-    set_trainable(
-        model,
-        {
-            "vision": recipe.trainable.vision,
-            "projector": recipe.trainable.projector,
-            "llm": recipe.trainable.llm and recipe.lora.r == 0,
-        },
-    )
-    unreachable = freeze_unreachable_vision(
-        llava_of(model)
-    )  # DDP stops on trainable parameters without grads
+        t_step = now
+        if (step + 1) % s.recipe.run.log_every == 0 or step + 1 == sch.total_steps:
+            s.metrics.log(step + 1, row)
+            s.progress.update(step, row)
+    return step + 1
+
+
+def _policy_step(s: GRPORun, batches, old_logps, is_weights, n_tokens: float) -> tuple[dict[str, float], Any]:
+    """One optimizer step over this rank's micro-batches: training forward, GRPO's loss, backward. Returns the
+    micro-batch means of the loss and its parts, and the gradient norm."""
+    cfg, sums = s.cfg, {}
+    for b, old, weight in zip(batches, old_logps, is_weights, strict=True):
+        with s.engine.autocast():
+            logps, entropy = s.engine.module(**_forward_inputs(s, b))
+        loss, parts = grpo_loss(
+            logps,
+            old,
+            b.ref_logps,
+            b.advantages,
+            b.mask,
+            beta=cfg.beta,
+            epsilon=cfg.epsilon,
+            epsilon_high=cfg.epsilon_high or cfg.epsilon,
+            loss_type=cfg.loss_type,
+            max_completion_length=cfg.max_completion_length,
+            num_items_in_batch=n_tokens,
+            num_processes=s.dist.world_size,
+            accumulation_steps=s.recipe.run.grad_accum,
+            importance_sampling_level=cfg.importance_sampling_level,
+            sampling_weights=weight,
+        )
+        s.engine.backward(loss)
+        grad_norm = s.engine.step()
+        values = {
+            "loss": loss.detach(),
+            "loss/policy": parts.policy,
+            "loss/kl": parts.kl_penalty,
+            "kl": parts.kl,
+            "ratio": parts.ratio_mean,
+            "clip_ratio/low": parts.clip_ratio_low,
+            "clip_ratio/high": parts.clip_ratio_high,
+            "clip_ratio/region": parts.clip_ratio_region,
+            "entropy": (entropy.detach() * b.mask).sum() / b.mask.sum().clamp(min=1),
+        }
+        for key, value in values.items():
+            if value is not None:
+                sums[key] = sums.get(key, 0.0) + float(value) / len(batches)
+    return sums, grad_norm
+
+
+def _log_completions(s: GRPORun, batches: list[RolloutBatch], done: int) -> None:
+    """The first ``log_completions`` completions of the step, with their rewards, to completions.jsonl."""
+    if s.samples_file is None:
+        return
+    b, g = batches[0], s.cfg.num_generations
+    for i in range(min(s.cfg.log_completions, len(b.texts))):
+        sample = b.samples[i // g]
+        record = {
+            "step": done,
+            "origin": sample.origin,
+            "gold": sample.answer,
+            "completion": b.texts[i],
+            "rewards": dict(zip(s.rewards, b.scores[i], strict=True)),
+        }
+        s.samples_file.write(json.dumps(record) + "\n")
+    s.samples_file.flush()
+
+
+# --- set-up -----------------------------------------------------------------------------------------------------
+
+
+def _set_up(recipe: GRPORecipe, dist, resume: bool) -> tuple[GRPORun, int]:
+    """Everything before the first round, cheapest checks first: the resume point and the model folder, every
+    row, the policy and reference, the questions, the engine, the checkpoint, the rollout backend, the logs."""
+    run, cfg = recipe.run, recipe.grpo
+    torch.manual_seed(run.seed)
+    training = training_of(recipe, dist)
+    resume_from = resume_point(recipe.output_dir, resume)  # a fresh run into old checkpoints stops here
+    model_dir = resolve_model_folder(recipe.model)  # a wrong folder fails in a second, not after the rows
+    # every row checked (images decoded, boxes, a gold answer the rewards can score), data.strict applied
+    data_seed = recipe.data.seed if recipe.data.seed is not None else run.seed
+    row_check = stage_row_check("grpo", cfg.reward_funcs)
+    samples, mix = checked_mix(recipe.data, data_seed, row_check, log=dist.log)
+    model, processor = load_trainable(recipe, dist, training, model_dir)
     skip_pooling_head(llava_of(model))
     reference = None
     if cfg.beta > 0 and not is_lora(model):  # with LoRA the reference is the same model, adapters disabled
-        with partitioned_loading(dist, strategy, run.deepspeed_config, **engine_values):
-            reference, _ = load_llava(model_dir, dtype=dtype)
+        reference, _ = load_model(model_dir, dist, training, run.deepspeed_config)
         skip_pooling_head(reference)
     rewards = {
         name: load_reward(spec, cfg.reward_params_for(spec))
         for name, spec in zip(reward_names(cfg.reward_funcs), cfg.reward_funcs, strict=True)
     }
     weights = cfg.reward_weights or [1.0] * len(rewards)
-    eos_ids = eos_token_ids(tokenizer, llava_of(model).generation_config)
-    if dist.is_main:
-        print(format_parameter_table(parameter_table(model), f"grpo: {model_dir}"))
-        if unreachable:
-            print(f"vision: {len(unreachable)} tensors feed no image feature and stay frozen")
-        print(
-            f"rewards: {', '.join(f'{n} x{w}' for n, w in zip(rewards, weights, strict=True))}; reference model: "
-            f"{'none (beta 0)' if cfg.beta == 0 else 'adapters disabled' if is_lora(model) else 'frozen copy'}"
-        )
+    kind = "none (beta 0)" if cfg.beta == 0 else "adapters disabled" if is_lora(model) else "frozen copy"
+    dist.log(
+        f"rewards: {', '.join(f'{n} x{w}' for n, w in zip(rewards, weights, strict=True))}; reference model: {kind}"
+    )
+    questions, schedule = _questions(recipe, dist, samples, processor.tokenizer, llava_of(model), processor)
+    dist.log(mix.table())
+    policy = PolicyLogps(model)
+    engine, memory = build_engine(policy, model, recipe, dist, training)
+    if reference is not None:
+        reference = engine.frozen(reference)  # zero3: partitioned like the policy, not a full copy per rank
+        held, total = held_parameters(reference)
+        dist.log(f"reference model: this rank holds {held:,} of its {total:,} parameters")
+    base_lrs = engine.lrs()  # before load_state, which restores the schedule's current values
+    saved = resume_from_checkpoint(engine, resume_from, recipe, resume, dist)
+    start_round = saved.get("round", 0)
+    begin_outputs(recipe, dist, resume_from is not None, start_round * cfg.num_iterations)
+    backend, weight_sync = _rollout_backend(recipe, dist, training, model_dir, policy, questions, resume_from)
+    s = GRPORun(
+        recipe, dist, training, model, policy, processor, engine, reference, rewards, weights, questions, schedule,
+        base_lrs, generation_prefill(processor.tokenizer), eos_token_ids(processor.tokenizer, llava_of(model).generation_config),
+        _blank_image(llava_of(model), dist), backend, weight_sync,
+        MetricsWriter(Path(recipe.output_dir), dist.is_main, run.tensorboard, run.wandb_project, to_dict(recipe)),
+        Progress(schedule.total_steps, start_round * cfg.num_iterations, dist.is_main),
+        (Path(recipe.output_dir) / "completions.jsonl").open("a") if dist.is_main else None,
+        memory, data_seed,
+        draws=saved.get("draws", start_round),  # states written before dynamic sampling: a draw per round
+    )  # fmt: skip
+    return s, start_round
 
-    # --- data ------------------------------------------------------------------------------------------------
+
+def _questions(recipe: GRPORecipe, dist, samples, tokenizer, llava, processor) -> tuple[list, Schedule]:
+    """The encoded questions whose prompt + max_completion_length fit ``data.max_length`` (with ``overlong:
+    error`` one that does not stops the run), and how they become rounds and steps."""
+    cfg, run, data = recipe.grpo, recipe.run, recipe.data
     if "accuracy" in cfg.reward_funcs:
         warm_up()  # math_verify's grammar loads once here, not inside the first timed reward call
+    n_image_tokens = image_seq_len(processor)
     prompts = []
-    image_token_id = llava_of(model).config.image_token_id
-    for s in samples:
-        enc = encode_prompt(s, tokenizer, image_token_id, n_image_tokens)
+    for sample in samples:
+        enc = encode_prompt(sample, tokenizer, llava.config.image_token_id, n_image_tokens)
         if len(enc) + cfg.max_completion_length > data.max_length and data.overlong == "error":
             raise AlignError(
-                f"{s.origin}: prompt {len(enc)} + max_completion_length {cfg.max_completion_length} "
+                f"{sample.origin}: prompt {len(enc)} + max_completion_length {cfg.max_completion_length} "
                 f"tokens exceed max_length {data.max_length}"
             )
-        prompts.append((s, enc))
+        prompts.append((sample, enc))
     kept = [p for p in prompts if len(p[1]) + cfg.max_completion_length <= data.max_length]
-    questions_per_round = run.micro_batch_size * run.grad_accum * dist.world_size
+    per_rank = run.micro_batch_size * run.grad_accum
+    questions_per_round = per_rank * dist.world_size
     if len(kept) < questions_per_round:
         raise AlignError(
             f"{len(kept)} usable questions (of {len(prompts)}; prompt + max_completion_length must fit "
@@ -532,388 +835,61 @@ def _train(recipe: GRPORecipe, dist, resume: bool) -> Path:
     total_steps = run.epochs * rounds_per_epoch * cfg.num_iterations
     if run.max_steps:
         total_steps = min(total_steps, run.max_steps)
-    total_rounds = -(-total_steps // cfg.num_iterations)  # the last round may stop before num_iterations
-    prefill = (
-        R1_PREFILL
-        if tokenizer.apply_chat_template(
-            [{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True
-        ).endswith(R1_PREFILL)
-        else ""
-    )
-    if dist.is_main:
-        print(mix.table())
-        print(
-            f"{len(kept)} questions ({len(prompts) - len(kept)} too long), {questions_per_round} per step x {g} "
-            f"completions, {total_rounds} rounds x {cfg.num_iterations} iterations -> {total_steps} steps"
-        )
-
-    # --- engine ----------------------------------------------------------------------------------------------
-    policy = PolicyLogps(model)
-    engine = setup(
-        policy,
-        param_groups(policy, recipe.optim),
-        dist=dist,
-        strategy=strategy,
-        betas=tuple(recipe.optim.betas),
-        deepspeed_config=run.deepspeed_config,
-        **engine_values,
-    )
-    memory_text, memory = memory_vs_plan(model, engine, strategy, dist.world_size)
-    if dist.is_main:
-        print(memory_text)
-    # A rank whose questions have no image still runs the tower (on this blank) in its rollout, reference and
-    # training forwards: ZeRO-3 gathers collectively, and at each forward start it checks that the ranks called
-    # the same modules in the same order since the last one, the rollout's prefill included (without the blank
-    # there: "disagreement on list length between rank0 and rank1" at step 2); DDP wants a gradient for every
-    # trainable parameter.
-    size = llava_of(model).config.vision_config.image_size
-    blank = torch.zeros(1, 3, size, size) if dist.distributed else None
-    if reference is not None:
-        reference = engine.frozen(reference)  # zero3: partitioned like the policy, not a full copy per rank
-        if dist.is_main:
-            held, total = held_parameters(reference)
-            print(f"reference model: this rank holds {held:,} of its {total:,} parameters")
-    base_lrs = engine.lrs()  # before load_state, which restores the schedule's current values
+    total_rounds = -(-total_steps // cfg.num_iterations)
     warmup = int(recipe.optim.warmup_ratio * total_steps)
-    start_round = draws = 0
-    if resume_from is not None:
-        saved = engine.load_state(resume_from / "state")
-        start_round = saved["round"]
-        draws = saved.get("draws", start_round)  # states written before dynamic sampling: a draw per round
-        if dist.is_main:
-            print(f"resumed from {resume_from} at round {start_round}")
-    start_step = start_round * cfg.num_iterations
-    if dist.is_main:
-        for stale in remove_incomplete_checkpoints(out):
-            print(f"removed {stale}: an interrupted save")
-        truncate_metrics(out, start_step)  # steps after the checkpoint are logged again
-        _trim_completions(out, start_step)
-        if resume_from is None:
-            save_resolved(recipe, out)
-    # --- rollout backend: vLLM gets the policy's weights before each rollout phase that follows an update ------
-    rs = cfg.rollout
-    backend = None
-    if rs.backend == "vllm":
-        backend = open_backend(
-            rs.vllm_mode,
-            model_dir,
-            image_token_id=image_token_id,
-            host=rs.vllm_server_host,
-            port=rs.vllm_server_port,
-            timeout=rs.vllm_server_timeout,
-            gpu_memory_utilization=rs.vllm_gpu_memory_utilization,
-            enable_sleep_mode=rs.vllm_enable_sleep_mode,
-            max_model_len=rs.vllm_max_model_length,
-            dtype="bfloat16" if precision == "bf16" else "float32",
-            seed=run.seed + dist.rank,
-            distributed=dist.distributed,
-            max_images_per_prompt=max((len(s.images) for s, _ in kept), default=1),
-        )
-        if dist.is_main:
-            where = "in this process" if rs.vllm_mode == "colocate" else f"at {backend.base}"
-            print(f"rollouts: vLLM {rs.vllm_mode} {where}")
-    # a colocated engine starts from model_dir, which a fresh run trains from; a server may serve anything
-    synced_steps = 0 if rs.vllm_mode == "colocate" and resume_from is None else None
-    sync_select = changing_parameters(policy.named_parameters())
-    lora_scaling = recipe.lora.alpha / recipe.lora.r if is_lora(model) else None
-    pushes_weights = rs.vllm_mode == "colocate" or dist.is_main  # server mode: rank 0 sends, all gather
-    announced = False  # the first sync is printed
-    metrics = MetricsWriter(out, dist.is_main, run.tensorboard, run.wandb_project, to_dict(recipe))
-    samples_file = (out / "completions.jsonl").open("a") if dist.is_main else None
-    progress = Progress(total_steps, start_step, dist.is_main)
-    t_start = time.perf_counter()
-    order: dict[int, list[int]] = {}
-    per_rank = run.micro_batch_size * run.grad_accum
-    max_draws = cfg.dynamic_sampling_max_rounds if cfg.dynamic_sampling else 1
+    dist.log(
+        f"{len(kept)} questions ({len(prompts) - len(kept)} too long), {questions_per_round} per step x "
+        f"{cfg.num_generations} completions, {total_rounds} rounds x {cfg.num_iterations} iterations -> "
+        f"{total_steps} steps"
+    )
+    return kept, Schedule(questions_per_round, per_rank, rounds_per_epoch, total_steps, total_rounds, warmup)
 
-    # --- the loop: one round = rollouts for this step's questions, then num_iterations updates ---------------
-    for rnd in range(start_round, total_rounds):
-        t_round = time.perf_counter()
-        torch.manual_seed(run.seed * 1_000_003 + rnd)  # dropout depends on the round only: exact resume
-        # A draw reads the next step's worth of questions in the data order (and seeds sampling by its number):
-        # one per round, or with dynamic sampling more until every rank holds per_rank groups with signal.
-        varied: list[RolloutBatch] = []  # dynamic sampling: this rank's question groups whose rewards vary
-        flat: list[RolloutBatch] = []  # and those whose G rewards are all equal
-        reward_errors = dict.fromkeys(rewards, 0)
-        seconds = dict.fromkeys(("rollout", "reference", "rewards"), 0.0)
-        if backend is not None:
-            seconds["weight_sync"] = 0.0
-            if synced_steps != engine.optimizer_steps:  # every rank: ZeRO-3 gathers collectively
-                t_sync = time.perf_counter()
-                sent = sync_weights(
-                    backend if pushes_weights else None,
-                    lambda: engine.gathered_parameters_in_chunks(sync_select),
-                    lora_scaling,
-                    strip="model.",  # PolicyLogps holds the model as .model
-                )
-                # server mode: rank 0 alone sends; another rank generating before the last chunk landed would
-                # run a half-reloaded model (vLLM: "Tensor on device meta is not on the expected device cpu")
-                dist.barrier()
-                seconds["weight_sync"] = time.perf_counter() - t_sync
-                if dist.is_main and not announced:
-                    announced = True
-                    print(
-                        f"vllm: synced {sent} tensors in {seconds['weight_sync']:.2f} s (after every update)"
-                    )
-                synced_steps = engine.optimizer_steps
-        first_draw = draws
-        for _ in range(max_draws):
-            t_draw = time.perf_counter()
-            epoch, index = divmod(draws, rounds_per_epoch)
-            if epoch not in order:
-                shuffled = random.Random(f"grpo-order:{seed}:{epoch}").sample(range(len(kept)), len(kept))
-                order = {epoch: shuffled}
-            round_ids = order[epoch][index * questions_per_round : (index + 1) * questions_per_round]
-            mine = [kept[i] for i in round_ids[dist.rank * per_rank : (dist.rank + 1) * per_rank]]
-            micro = [mine[i : i + run.micro_batch_size] for i in range(0, per_rank, run.micro_batch_size)]
-            generator = torch.Generator().manual_seed(run.seed * 1_000_003 + draws * 1009 + dist.rank)
-            draws += 1
 
-            # rollouts: one gathered phase for all micro-batches; old log-probs come from the sampler, once.
-            # vLLM holds its own weights: the policy is gathered only for the LoRA reference pass.
-            batches: list[RolloutBatch] = []
-            policy.eval()
-            gather = backend is None or (cfg.beta > 0 and reference is None)
-            phase = engine.gathered_for_generation() if gather else contextlib.nullcontext(engine.model)
-            with phase as gathered, engine.autocast():
-                sampler = backend if backend is not None else SharedPrefixSampler(llava_of(gathered.model))
-                for mb in micro:
-                    pixels, flat_sizes = pixel_values(
-                        [im for s, _ in mb for im in s.images],
-                        processor.image_processor,
-                        data.max_image_pixels,
-                        [s.origin for s, _ in mb for _ in s.images],
-                    )
-                    sizes, at = [], 0  # per row: its images' sizes
-                    for s, _ in mb:
-                        sizes.append(flat_sizes[at : at + len(s.images)])
-                        at += len(s.images)
-                    b = RolloutBatch(
-                        [s for s, _ in mb],
-                        [enc.input_ids for _, enc in mb],
-                        pixels,
-                        [len(s.images) for s, _ in mb],
-                        sizes,
-                    )
-                    b.rollout = sampler.generate(
-                        b.prompt_ids,
-                        b.pixels,
-                        b.images_per_prompt,
-                        num_generations=g,
-                        max_new_tokens=cfg.max_completion_length,
-                        temperature=cfg.temperature,
-                        top_p=cfg.top_p,
-                        top_k=cfg.top_k,
-                        eos_token_ids=eos_ids,
-                        pad_token_id=tokenizer.pad_token_id,
-                        generator=generator,
-                        return_logps=cfg.num_iterations > 1,
-                        blank_pixels=blank,
-                        images=None
-                        if backend is None
-                        else [
-                            load_image(im, data.max_image_pixels, s.origin) for s, _ in mb for im in s.images
-                        ],
-                    )
-                    batches.append(b)
-                t_rollout = time.perf_counter()
-                if cfg.beta > 0 and reference is None:  # LoRA: the policy's gathered weights, adapters off
-                    for b in batches:
-                        b.ref_logps = reference_logps(
-                            None, gathered.model, b, g, cfg.temperature, cfg.shared_prefix, blank
-                        )
-            policy.train()
-            # the frozen copy: after the block, so the gathered policy is released first
-            if reference is not None:
-                with engine.autocast():
-                    for b in batches:
-                        b.ref_logps = reference_logps(
-                            reference, model, b, g, cfg.temperature, cfg.shared_prefix, blank
-                        )
-            t_reference = time.perf_counter()
+def _blank_image(llava: nn.Module, dist) -> torch.Tensor | None:
+    """On several ranks, a blank image: a rank whose questions have no image still runs the tower on it in its
+    rollout, reference and training forwards. ZeRO-3 gathers collectively and checks at each forward that the
+    ranks called the same modules in the same order since the last one, the rollout's prefill included
+    (without it: "disagreement on list length between rank0 and rank1" at step 2); DDP wants a gradient for
+    every trainable parameter."""
+    size = llava.config.vision_config.image_size
+    return torch.zeros(1, 3, size, size) if dist.distributed else None
 
-            for b in batches:
-                texts = tokenizer.batch_decode(b.rollout.completion_ids, skip_special_tokens=True)
-                b.texts = with_prefill(texts, prefill) if prefill else texts  # rewards see the full reasoning
-                b.scores, errors = score_all(
-                    rewards,
-                    b.texts,
-                    reward_columns(b.samples, b.sizes, g, b.rollout),
-                    on_error=cfg.reward_errors,
-                )
-                for name, n in errors.items():
-                    reward_errors[name] += n
-                b.per_func = torch.tensor(
-                    [[float("nan") if v is None else v for v in row] for row in b.scores]
-                )
-                b.rewards = combine_rewards(b.per_func, weights)
-                b.mask = b.rollout.completion_mask
-                if cfg.mask_truncated_completions:
-                    b.mask = mask_truncated(b.mask, b.rollout.is_truncated)
-            t_rewards = time.perf_counter()
-            seconds["rollout"] += t_rollout - t_draw
-            seconds["reference"] += t_reference - t_rollout
-            seconds["rewards"] += t_rewards - t_reference
-            if not cfg.dynamic_sampling:
-                break
-            for b in batches:
-                for piece, signal in zip(split_groups(b, g), has_signal(b.rewards, g).tolist(), strict=True):
-                    (varied if signal else flat).append(piece)
-            # all ranks draw again while any one lacks groups with signal: one decision, on the summed shortfall
-            if all_sum(dist, max(0, per_rank - len(varied))) == 0:
-                break
 
-        if cfg.dynamic_sampling:  # the update sees per_rank groups: with signal, or filled at the round limit
-            chosen, dropped = fill_groups(varied, flat, per_rank)
-            batches = [
-                merge_groups(chosen[i : i + run.micro_batch_size], tokenizer.pad_token_id)
-                for i in range(0, per_rank, run.micro_batch_size)
-            ]
-
-        # advantages: per group of G; "batch" scales by the std of the whole global batch, as TRL does
-        all_rewards = torch.cat([b.rewards for b in batches])
-        batch_std = global_std(dist, all_rewards) if cfg.scale_rewards == "batch" else None
-        zero_std = []
-        for b in batches:
-            b.advantages, stats = group_advantages(
-                b.rewards, g, "none" if batch_std is not None else cfg.scale_rewards
-            )
-            if batch_std is not None:
-                b.advantages = b.advantages / (batch_std + 1e-4)
-            zero_std.append(stats.frac_reward_zero_std)
-        # vLLM's completions: the trainer's own log-probs (old log-probs) and the importance-sampling weights
-        t_old = time.perf_counter()
-        old_logps, sampling_weights, mismatch = _sampling_correction(
-            engine, policy, batches, cfg, dist, blank
-        )
-        if backend is not None:
-            seconds["old_logps"] = time.perf_counter() - t_old
-        rollout_row = rollout_metrics(dist, batches, list(rewards), reward_errors, zero_std, g)
-        rollout_row.update({f"time/{k}_s": v for k, v in seconds.items()})
-        rollout_row.update(mismatch)
-        if cfg.dynamic_sampling:
-            rollout_row["dynamic_sampling/dropped_groups"] = all_sum(dist, dropped)
-            rollout_row["dynamic_sampling/rounds"] = draws - first_draw
-
-        # updates: num_iterations optimizer steps on the same completions
-        n_tokens = all_sum(dist, sum(float(b.mask.sum()) for b in batches))
-        t_step = t_round
-        for step in range(rnd * cfg.num_iterations, min((rnd + 1) * cfg.num_iterations, total_steps)):
-            t_update = time.perf_counter()
-            lrs = {n: lr_at(step, total_steps, base_lrs[n], recipe.optim.schedule, warmup) for n in base_lrs}
-            engine.set_lrs(lrs)
-            sums: dict[str, float] = {}
-            for b, old, sampling_weight in zip(batches, old_logps, sampling_weights, strict=True):
-                with engine.autocast():
-                    logps, entropy = engine.module(
-                        prompt_ids=b.prompt_ids,
-                        pixel_values=b.pixels,
-                        images_per_prompt=b.images_per_prompt,
-                        completion_ids=b.rollout.completion_ids,
-                        completion_mask=b.rollout.completion_mask,  # attention; the loss masks with b.mask
-                        num_generations=g,
-                        temperature=cfg.temperature,
-                        shared_prefix=cfg.shared_prefix,
-                        blank_pixels=blank,
-                    )
-                loss, parts = grpo_loss(
-                    logps,
-                    old,
-                    b.ref_logps,
-                    b.advantages,
-                    b.mask,
-                    beta=cfg.beta,
-                    epsilon=cfg.epsilon,
-                    epsilon_high=cfg.epsilon_high or cfg.epsilon,
-                    loss_type=cfg.loss_type,
-                    max_completion_length=cfg.max_completion_length,
-                    num_items_in_batch=n_tokens,
-                    num_processes=dist.world_size,
-                    accumulation_steps=run.grad_accum,
-                    importance_sampling_level=cfg.importance_sampling_level,
-                    sampling_weights=sampling_weight,
-                )
-                engine.backward(loss)
-                grad_norm = engine.step()
-                values = {
-                    "loss": loss.detach(),
-                    "loss/policy": parts.policy,
-                    "loss/kl": parts.kl_penalty,
-                    "kl": parts.kl,
-                    "ratio": parts.ratio_mean,
-                    "clip_ratio/low": parts.clip_ratio_low,
-                    "clip_ratio/high": parts.clip_ratio_high,
-                    "clip_ratio/region": parts.clip_ratio_region,
-                    "entropy": (entropy.detach() * b.mask).sum() / b.mask.sum().clamp(min=1),
-                }
-                for key, value in values.items():
-                    if value is not None:
-                        sums[key] = sums.get(key, 0.0) + float(value) / len(batches)
-            now = time.perf_counter()
-            row = {k: float(dist.all_reduce_mean(v)) for k, v in sums.items()}
-            row.update(rollout_row)
-            row.update(
-                {
-                    "lr": lrs.get("llm", next(iter(lrs.values()))),
-                    "grad_norm": grad_norm,
-                    "time/update_s": now - t_update,
-                    "step_time_s": now - t_step,  # the round's first step also carries its rollout phase
-                    "completion_tokens_per_s": rollout_row["completion_tokens"] / (now - t_round),
-                }
-            )
-            t_step = now
-            if (step + 1) % run.log_every == 0 or step + 1 == total_steps:
-                metrics.log(step + 1, row)
-                progress.update(step, row)
-        done = step + 1
-        if samples_file is not None:
-            b = batches[0]
-            for i in range(min(cfg.log_completions, len(b.texts))):
-                s = b.samples[i // g]
-                record = {
-                    "step": done,
-                    "origin": s.origin,
-                    "gold": s.answer,
-                    "completion": b.texts[i],
-                    "rewards": dict(zip(rewards, b.scores[i], strict=True)),
-                }
-                samples_file.write(json.dumps(record) + "\n")
-            samples_file.flush()
-
-        crossed = run.save_every and done // run.save_every > rnd * cfg.num_iterations // run.save_every
-        if crossed and rnd + 1 < total_rounds:
-            step_dir = out / "checkpoints" / f"step-{done:07d}"
-            _save_model(engine, model, processor, step_dir / "model", recipe.lora, recipe)
-            engine.save_state(step_dir / "state", extra={"round": rnd + 1, "draws": draws})
-            if dist.is_main:
-                prune_checkpoints(out, run.keep_last)
-            dist.barrier()
-
-    # --- save ------------------------------------------------------------------------------------------------
-    state = _save_model(engine, model, processor, out / "model", recipe.lora, recipe)
-    if dist.is_main:
-        if is_lora(model):
-            with atomic_folder(out / "adapter") as tmp:
-                save_adapter(model, tmp, state)
-        wall = time.perf_counter() - t_start
-        summary = {
-            "stage": "grpo",
-            "steps": total_steps,
-            "resumed_from_round": start_round,
-            "wall_time_s": wall,
-            "peak_memory_mb": peak_memory_mb(),
-            "world_size": dist.world_size,
-            "strategy": strategy,
-            "precision": precision,
-            "memory_elements": memory,  # rank 0's policy, beside align plan's accounting
-        }
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        samples_file.close()
-        print(f"done: {out / 'model'} | wall {wall:.1f}s | peak memory {summary['peak_memory_mb']:.0f} MB")
-    metrics.close()
-    if dist.is_main:
-        print(f"plots: {len(plot_run(out))} PNG charts in {out / 'plots'}")
-    return out
+def _rollout_backend(recipe, dist, training, model_dir, policy, questions, resume_from):
+    """``(backend, weight sync)`` for ``grpo.rollout.backend: vllm``; ``(None, None)`` for our sampler."""
+    rs = recipe.grpo.rollout
+    if rs.backend != "vllm":
+        return None, None
+    llava = llava_of(policy.model)
+    backend = open_backend(
+        rs.vllm_mode,
+        model_dir,
+        image_token_id=llava.config.image_token_id,
+        host=rs.vllm_server_host,
+        port=rs.vllm_server_port,
+        timeout=rs.vllm_server_timeout,
+        gpu_memory_utilization=rs.vllm_gpu_memory_utilization,
+        enable_sleep_mode=rs.vllm_enable_sleep_mode,
+        max_model_len=rs.vllm_max_model_length,
+        dtype="bfloat16" if training.precision == "bf16" else "float32",
+        seed=recipe.run.seed + dist.rank,
+        distributed=dist.distributed,
+        max_images_per_prompt=max((len(sample.images) for sample, _ in questions), default=1),
+    )
+    dist.log(
+        f"rollouts: vLLM {rs.vllm_mode} {'in this process' if rs.vllm_mode == 'colocate' else f'at {backend.base}'}"
+    )
+    lora = recipe.lora
+    sync = PolicyWeightSync(
+        backend,
+        policy.named_parameters(),
+        lora.alpha / lora.r if is_lora(policy.model) else None,
+        sends=rs.vllm_mode == "colocate" or dist.is_main,  # server mode: rank 0 sends, all gather
+        # a colocated engine starts from model_dir, which a fresh run trains from; a server may serve anything
+        synced_at=0 if rs.vllm_mode == "colocate" and resume_from is None else None,
+        strip=KEY_PREFIX,
+    )
+    return backend, sync
 
 
 def add_arguments(parser) -> None:

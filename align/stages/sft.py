@@ -20,29 +20,27 @@ Tests: ``tests/test_stages.py`` (what trains, outputs, LoRA, packing), ``tests/t
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from align.checkpoint import atomic_folder, image_seq_len, load_llava, resolve_model_folder, save_llava
-from align.config import RecipeError, load_any, save_resolved, to_dict
+from align.checkpoint import image_seq_len, resolve_model_folder
+from align.config import RecipeError, load_any, to_dict
 from align.data.batching import image_origins, length_grouped_batches, pack, packed_collate, pad_collate
 from align.data.check import checked_mix, stage_row_check
 from align.data.config import DataConfig
 from align.data.encode import IGNORE_INDEX, encode_sft, fit_all
 from align.data.images import load_image
-from align.engine import gathered, init_distributed, partitioned_loading, setup
+from align.engine import gathered, init_distributed
 from align.errors import AlignError
 from align.feature_cache import FeatureCache, cache_fingerprint, tower_features
-from align.lora import apply_lora, is_lora, merge_lora_state_dict, save_adapter
-from align.model import format_parameter_table, parameter_table, set_trainable
-from align.plot import plot_run
+from align.model import llava_of
 from align.runfolder import hold_output_dir
 from align.stages.common import (
     LoRASpec,
@@ -51,16 +49,17 @@ from align.stages.common import (
     Progress,
     RunSpec,
     TrainableSpec,
+    Training,
+    begin_outputs,
+    build_engine,
     check_trainable,
-    freeze_unreachable_vision,
-    lr_at,
-    memory_vs_plan,
-    param_groups,
-    peak_memory_mb,
-    prune_checkpoints,
-    remove_incomplete_checkpoints,
+    finish,
+    load_trainable,
+    resume_from_checkpoint,
     resume_point,
-    truncate_metrics,
+    save_checkpoint,
+    step_lrs,
+    training_of,
 )
 
 
@@ -88,11 +87,6 @@ class SFTRecipe:
                     "feature_cache",
                     "ZeRO-3 partitions the tower, so every rank must run it every step; use 'none'",
                 )
-
-
-def _units(items, packing: bool, max_length: int):
-    """Training units: encoded rows, or packed rows of several encoded rows."""
-    return pack(items, max_length) if packing else list(items)
 
 
 def _supervised(unit) -> int:
@@ -193,105 +187,158 @@ def forward_loss_sum(module, model, batch, processor, cache, max_pixels, device)
     return loss_sum, int((shift_labels != IGNORE_INDEX).sum())
 
 
-def _all_sum(dist, counts: dict[str, float]) -> dict[str, float]:
-    """Sums over ranks of this rank's numbers, in one collective (float64: token counts stay exact)."""
-    mean = dist.all_reduce_mean(torch.tensor(list(counts.values()), dtype=torch.float64))
-    return dict(zip(counts, (mean * dist.world_size).tolist(), strict=True))
+@dataclass
+class SFTRun:
+    """What the phases of a step share: built once by :func:`_set_up`."""
 
+    recipe: SFTRecipe
+    dist: Any
+    training: Training
+    model: nn.Module  # what trains (peft-wrapped with LoRA); the engine wraps it
+    processor: Any
+    engine: Any
+    cache: FeatureCache | None
+    units: list  # encoded rows, or packed rows
+    global_batch: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    base_lrs: dict[str, float]
+    metrics: MetricsWriter
+    progress: Progress
+    memory: dict[str, int]
+    data_seed: int
+    epoch_batches: dict[int, list[list[int]]] = field(default_factory=dict)
+    tokens_seen: float = 0.0
+    loss: float = float("nan")  # the last step's
+    cache_counts: dict[str, float] = field(default_factory=dict)  # feature-cache hits and misses, all ranks
 
-def _save_model(engine, model, processor, folder: Path, lora: LoRASpec, recipe) -> dict | None:
-    """Consolidate (every rank), merge LoRA, and write a plain Llava folder from rank 0.
-
-    Returns the consolidated (unmerged) state dict on rank 0, ``None`` elsewhere.
-    """
-    state = engine.full_state_dict()
-    if state is None:
-        return None
-    merged = merge_lora_state_dict(state, lora.alpha / lora.r) if is_lora(model) else state
-    base = model.get_base_model() if is_lora(model) else model
-    save_llava(
-        folder,
-        config=base.config,
-        state_dict=merged,
-        processor=processor,
-        generation_config=base.generation_config,
-    )
-    save_resolved(recipe, folder)
-    return state
+    @property
+    def llava(self) -> nn.Module:
+        return llava_of(self.model)
 
 
 def train(recipe, dist, resume: bool) -> Path:
     """The whole stage on this process (``dist`` from ``init_distributed()``), holding its output_dir."""
     with hold_output_dir(recipe.output_dir, dist):
-        return _train(recipe, dist, resume)
+        s, start_step = _set_up(recipe, dist, resume)
+        t_start = time.perf_counter()
+        s.engine.module.train()
+        for step in range(start_step, s.total_steps):
+            _step(s, step)
+        s.metrics.close()
+        summary = {
+            "steps": s.total_steps,
+            "resumed_from": start_step,
+            "tokens_seen": s.tokens_seen,
+            "final_loss": s.loss,
+            "memory_elements": s.memory,  # rank 0's, beside align plan's accounting
+        }
+        if s.cache is not None:  # hits and misses of all ranks; the memory is this rank's
+            summary.update(s.cache_counts, feature_cache_mb=s.cache.nbytes / 2**20)
+        return finish(s.engine, s.model, s.processor, recipe, dist, s.training, t_start, summary)
 
 
-def _train(recipe, dist, resume: bool) -> Path:
-    run = recipe.run
-    out = Path(recipe.output_dir)
-    torch.manual_seed(run.seed)
-    precision = (
-        run.precision if run.precision != "auto" else ("bf16" if dist.device.type == "cuda" else "fp32")
-    )
-    strategy = run.strategy if run.strategy != "auto" else ("ddp" if dist.world_size > 1 else "single")
-    # before any heavy work: a fresh run into a folder with old checkpoints stops here
-    resume_from = resume_point(out, resume)
-    # the model folder's config.json before the data: a wrong folder fails in a second, not after the rows
-    model_dir = resolve_model_folder(recipe.model)
-    # every row checked (images decoded, placeholders, answers, boxes, a target to learn) and data.strict
-    # applied before the model loads
-    data = recipe.data
-    seed = data.seed if data.seed is not None else run.seed
-    samples, mix = checked_mix(data, seed, stage_row_check(recipe.kind), log=print if dist.is_main else None)
-
-    # --- model -----------------------------------------------------------------------------------------------
-    # ZeRO in bf16 trains bf16 weights (fp32 masters are made from them): loading in bf16 halves host memory.
-    # single/ddp keep fp32 weights and autocast.
-    zero_bf16 = strategy.startswith("zero") and precision == "bf16"
-    engine_values = {
-        "micro_batch_size": run.micro_batch_size,
-        "grad_accum": run.grad_accum,
-        "max_grad_norm": recipe.optim.max_grad_norm,
-        "precision": precision,
-    }
-    # zero3: every rank loads only its 1/N partition of the weights, never the whole model
-    with partitioned_loading(dist, strategy, run.deepspeed_config, **engine_values):
-        model, processor = load_llava(model_dir, dtype=torch.bfloat16 if zero_bf16 else torch.float32)
-    tokenizer = processor.tokenizer
-    n_image_tokens = image_seq_len(processor)
-    if run.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if recipe.lora.r > 0:
-        if run.gradient_checkpointing:
-            # the embeddings are frozen: checkpointed blocks would otherwise see no input that requires grad
-            model.enable_input_require_grads()
-        # the adapters' random init must not depend on what loading consumed (zero.Init draws nothing)
-        torch.manual_seed(run.seed)
-        model = apply_lora(
-            model, recipe.lora.r, recipe.lora.alpha, recipe.lora.dropout, recipe.lora.target_modules
-        )
-    set_trainable(
-        model,
+def _step(s: SFTRun, step: int) -> None:
+    """One optimizer step, its phases in the order they run: this rank's micro-batches of the step's global
+    batch, their counts over all ranks, the learning rates, forward/backward of each micro-batch, the log row,
+    a checkpoint when one is due."""
+    run, t0 = s.recipe.run, time.perf_counter()
+    micro, epoch = _micro_batches(s, step)
+    counts = s.dist.all_sum(
         {
-            "vision": recipe.trainable.vision,
-            "projector": recipe.trainable.projector,
-            "llm": recipe.trainable.llm and recipe.lora.r == 0,
-        },
+            "supervised": sum(_supervised(u) for mb in micro for u in mb),
+            "tokens": sum(len(u) for mb in micro for u in mb),
+            "images": sum(u.n_images for mb in micro for u in mb),
+            "text_only_micro_batches": sum(all(u.n_images == 0 for u in mb) for mb in micro),
+        }
     )
-    llava = model.get_base_model() if is_lora(model) else model
-    unreachable = freeze_unreachable_vision(llava)
-    if dist.is_main:
-        print(format_parameter_table(parameter_table(model), f"{recipe.kind}: {model_dir}"))
-        if unreachable:
-            print(
-                f"vision: {len(unreachable)} tensors feed no image feature (layer "
-                f"{llava.config.vision_feature_layer}) and stay frozen, e.g. {', '.join(unreachable[:3])}"
-            )
+    torch.manual_seed(run.seed * 1_000_003 + step)  # dropout etc. depend on the step only: exact resume
+    lrs = step_lrs(s.engine, step, s.total_steps, s.base_lrs, s.recipe.optim, s.warmup_steps)
+    grad_norm = _optimizer_step(s, micro, max(1.0, counts["supervised"]))
+    s.tokens_seen += counts["tokens"]
+    dt = time.perf_counter() - t0
+    if (step + 1) % run.log_every == 0 or step + 1 == s.total_steps:
+        row = {
+            "loss": s.loss,
+            "lr": lrs.get("llm", next(iter(lrs.values()))),
+            **{f"lr_{name}": value for name, value in lrs.items()},
+            "grad_norm": grad_norm,
+            "tokens_per_s": counts["tokens"] / dt,
+            "epoch": epoch,
+            "step_time_s": dt,
+            "supervised_tokens": counts["supervised"],
+            "images": counts["images"],
+            "text_only_micro_batches": counts["text_only_micro_batches"],
+            **s.cache_counts,  # feature-cache hits and misses so far, all ranks
+        }
+        s.metrics.log(step + 1, row)
+        s.progress.update(step, row)
+    if run.save_every and (step + 1) % run.save_every == 0 and step + 1 < s.total_steps:
+        save_checkpoint(s.engine, s.model, s.processor, s.recipe, s.dist, step + 1, {})
 
-    # --- data ------------------------------------------------------------------------------------------------
-    encoded = [encode_sft(s, tokenizer, llava.config.image_token_id, n_image_tokens) for s in samples]
+
+def _micro_batches(s: SFTRun, step: int) -> tuple[list[list], int]:
+    """This rank's micro-batches of step ``step``: a contiguous slice of the global batch, in grad_accum pieces;
+    and the epoch the step is in."""
+    run, dist = s.recipe.run, s.dist
+    epoch, index = divmod(step, s.steps_per_epoch)
+    if epoch not in s.epoch_batches:
+        batches = _global_batches(s.units, s.global_batch, s.data_seed, epoch, s.recipe.data.group_by_length)
+        s.epoch_batches = {epoch: batches}
+    step_units = [s.units[i] for i in s.epoch_batches[epoch][index]]
+    per_rank = run.micro_batch_size * run.grad_accum
+    mine = step_units[dist.rank * per_rank : (dist.rank + 1) * per_rank]
+    return [mine[i : i + run.micro_batch_size] for i in range(0, per_rank, run.micro_batch_size)], epoch
+
+
+def _optimizer_step(s: SFTRun, micro: list[list], n_tokens: float) -> Any:
+    """Forward and backward of each micro-batch, the optimizer stepping after the last; sets ``s.loss`` (the
+    global batch's mean token loss) and returns the gradient norm.
+
+    Each micro-batch's summed token loss is scaled by ``ranks x grad_accum / n_tokens`` (``n_tokens``: the
+    global batch's supervised tokens): the engine averages gradients over ranks and accumulation steps, so
+    the update is that of the mean over every supervised token of the global batch, however it is split.
+    """
+    run, dist, data = s.recipe.run, s.dist, s.recipe.data
+    step_loss = 0.0
+    for mb in micro:
+        batch = _collate(mb, data.packing, s.processor.tokenizer.pad_token_id)
+        with s.engine.autocast():
+            loss_sum, _ = forward_loss_sum(
+                s.engine.module, s.llava, batch, s.processor, s.cache, data.max_image_pixels, dist.device
+            )
+        s.engine.backward(loss_sum * (dist.world_size * run.grad_accum) / n_tokens)
+        grad_norm = s.engine.step()
+        step_loss += float(loss_sum.detach())
+    after = dist.all_sum({"loss": step_loss, **(s.cache.counts() if s.cache is not None else {})})
+    s.loss = after.pop("loss") / n_tokens
+    s.cache_counts = after
+    return grad_norm
+
+
+# --- set-up -----------------------------------------------------------------------------------------------------
+
+
+def _set_up(recipe, dist, resume: bool) -> tuple[SFTRun, int]:
+    """Everything before the first step, cheapest checks first: the resume point and the model folder, every
+    row, the model, the training units, the feature cache, the engine, the checkpoint, the logs."""
+    run, data = recipe.run, recipe.data
+    torch.manual_seed(run.seed)
+    training = training_of(recipe, dist)
+    resume_from = resume_point(recipe.output_dir, resume)  # a fresh run into old checkpoints stops here
+    model_dir = resolve_model_folder(recipe.model)  # a wrong folder fails in a second, not after the rows
+    # every row checked (images decoded, placeholders, answers, boxes, a target to learn), data.strict applied
+    data_seed = data.seed if data.seed is not None else run.seed
+    samples, mix = checked_mix(data, data_seed, stage_row_check(recipe.kind), log=dist.log)
+    model, processor = load_trainable(recipe, dist, training, model_dir)
+    llava = llava_of(model)
+    encoded = [
+        encode_sft(sample, processor.tokenizer, llava.config.image_token_id, image_seq_len(processor))
+        for sample in samples
+    ]
     encoded, fit = fit_all(encoded, data.max_length, data.overlong)
-    units = _units(encoded, data.packing, data.max_length)
+    units = pack(encoded, data.max_length) if data.packing else list(encoded)
     global_batch = run.micro_batch_size * run.grad_accum * dist.world_size
     if len(units) < global_batch:
         raise AlignError(
@@ -300,158 +347,39 @@ def _train(recipe, dist, resume: bool) -> Path:
         )
     steps_per_epoch = len(units) // global_batch
     total_steps = min(run.max_steps or 10**12, run.epochs * steps_per_epoch)
-    if dist.is_main:
-        print(mix.table())
-        print(fit)
-        print(
-            f"{len(units)} units, global batch {global_batch}, {steps_per_epoch} steps/epoch, {total_steps} steps"
-        )
-
-    cache = None
-    if recipe.feature_cache != "none":
-        ip = processor.image_processor.to_dict()
-        with gathered(llava.model.vision_tower.parameters()):
-            fp = cache_fingerprint(
-                llava.model.vision_tower,
-                ip,
-                llava.config.vision_feature_layer,
-                llava.config.vision_feature_select_strategy,
-            )
-        cache = FeatureCache(fp, recipe.feature_cache, out / "feature_cache")
-
-    # --- engine ----------------------------------------------------------------------------------------------
-    engine = setup(
-        model,
-        param_groups(model, recipe.optim),
-        dist=dist,
-        strategy=strategy,
-        betas=tuple(recipe.optim.betas),
-        deepspeed_config=run.deepspeed_config,
-        **engine_values,
+    dist.log(mix.table())
+    dist.log(fit)
+    dist.log(
+        f"{len(units)} units, global batch {global_batch}, {steps_per_epoch} steps/epoch, {total_steps} steps"
     )
-    memory_text, memory = memory_vs_plan(model, engine, strategy, dist.world_size)
-    if dist.is_main:
-        print(memory_text)
+    cache = _feature_cache(recipe, llava, processor)
+    engine, memory = build_engine(model, model, recipe, dist, training)
     base_lrs = engine.lrs()  # before load_state, which restores the schedule's current values
-    warmup = int(recipe.optim.warmup_ratio * total_steps)
-    start_step = 0
-    if resume_from is not None:
-        start_step = engine.load_state(resume_from / "state")["step"]
-        if dist.is_main:
-            print(f"resumed from {resume_from} at step {start_step}")
-    elif resume and dist.is_main:
-        print(f"--resume: no complete checkpoint under {out / 'checkpoints'}; starting at step 0")
-    if dist.is_main:
-        for stale in remove_incomplete_checkpoints(out):
-            print(f"removed {stale}: an interrupted save")
-        truncate_metrics(out, start_step)  # steps after the checkpoint are logged again
-        if resume_from is None:
-            save_resolved(recipe, out)
+    start_step = resume_from_checkpoint(engine, resume_from, recipe, resume, dist).get("step", 0)
+    begin_outputs(recipe, dist, resume_from is not None, start_step)
+    s = SFTRun(
+        recipe, dist, training, model, processor, engine, cache, units, global_batch, steps_per_epoch, total_steps,
+        int(recipe.optim.warmup_ratio * total_steps), base_lrs,
+        MetricsWriter(Path(recipe.output_dir), dist.is_main, run.tensorboard, run.wandb_project, to_dict(recipe)),
+        Progress(total_steps, start_step, dist.is_main), memory, data_seed,
+    )  # fmt: skip
+    return s, start_step
 
-    metrics = MetricsWriter(out, dist.is_main, run.tensorboard, run.wandb_project, to_dict(recipe))
-    progress = Progress(total_steps, start_step, dist.is_main)
-    device = dist.device
-    t_start = time.perf_counter()
-    tokens_seen = 0
-    loss = float("nan")
-    after: dict[str, float] = {}
-    epoch_batches: dict[int, list[list[int]]] = {}
-    engine.module.train()
 
-    # --- the loop --------------------------------------------------------------------------------------------
-    for step in range(start_step, total_steps):
-        t0 = time.perf_counter()
-        epoch, index = divmod(step, steps_per_epoch)
-        if epoch not in epoch_batches:
-            epoch_batches = {epoch: _global_batches(units, global_batch, seed, epoch, data.group_by_length)}
-        step_units = [units[i] for i in epoch_batches[epoch][index]]
-        # this rank's micro-batches: a contiguous slice of the global batch, split into grad_accum pieces
-        per_rank = run.micro_batch_size * run.grad_accum
-        mine = step_units[dist.rank * per_rank : (dist.rank + 1) * per_rank]
-        micro = [mine[i : i + run.micro_batch_size] for i in range(0, per_rank, run.micro_batch_size)]
-        counts = _all_sum(
-            dist,
-            {
-                "supervised": sum(_supervised(u) for u in mine),
-                "tokens": sum(len(u) for u in mine),
-                "images": sum(u.n_images for u in mine),
-                "text_only_micro_batches": sum(all(u.n_images == 0 for u in mb) for mb in micro),
-            },
+def _feature_cache(recipe, llava, processor) -> FeatureCache | None:
+    """The frozen tower's features per image (``feature_cache: memory | disk``), keyed by the tower's weights,
+    its image processor and the feature layer it is read from."""
+    if recipe.feature_cache == "none":
+        return None
+    tower = llava.model.vision_tower
+    with gathered(tower.parameters()):
+        fingerprint = cache_fingerprint(
+            tower,
+            processor.image_processor.to_dict(),
+            llava.config.vision_feature_layer,
+            llava.config.vision_feature_select_strategy,
         )
-        n_tokens = max(1.0, counts["supervised"])
-        torch.manual_seed(run.seed * 1_000_003 + step)  # dropout etc. depend on the step only: exact resume
-        lrs = {n: lr_at(step, total_steps, base_lrs[n], recipe.optim.schedule, warmup) for n in base_lrs}
-        engine.set_lrs(lrs)
-        step_loss = 0.0
-        for mb in micro:
-            batch = _collate(mb, data.packing, tokenizer.pad_token_id)
-            with engine.autocast():
-                loss_sum, _ = forward_loss_sum(
-                    engine.module, llava, batch, processor, cache, data.max_image_pixels, device
-                )
-            engine.backward(loss_sum * (dist.world_size * run.grad_accum) / n_tokens)
-            grad_norm = engine.step()
-            step_loss += float(loss_sum.detach())
-        after = _all_sum(dist, {"loss": step_loss, **(cache.counts() if cache is not None else {})})
-        loss = after.pop("loss") / n_tokens
-        tokens_seen += counts["tokens"]
-        dt = time.perf_counter() - t0
-        if (step + 1) % run.log_every == 0 or step + 1 == total_steps:
-            row = {
-                "loss": loss,
-                "lr": lrs.get("llm", next(iter(lrs.values()))),
-                **{f"lr_{name}": value for name, value in lrs.items()},
-                "grad_norm": grad_norm,
-                "tokens_per_s": counts["tokens"] / dt,
-                "epoch": epoch,
-                "step_time_s": dt,
-                "supervised_tokens": counts["supervised"],
-                "images": counts["images"],
-                "text_only_micro_batches": counts["text_only_micro_batches"],
-            }
-            if cache is not None:
-                row.update(after)  # feature-cache hits and misses so far, all ranks
-            metrics.log(step + 1, row)
-            progress.update(step, row)
-        if run.save_every and (step + 1) % run.save_every == 0 and step + 1 < total_steps:
-            ckpt = out / "checkpoints" / f"step-{step + 1:07d}"
-            _save_model(engine, model, processor, ckpt / "model", recipe.lora, recipe)
-            engine.save_state(ckpt / "state", extra={"step": step + 1})  # written last: marks it complete
-            if dist.is_main:
-                prune_checkpoints(out, run.keep_last)
-            dist.barrier()
-
-    # --- save ------------------------------------------------------------------------------------------------
-    state = _save_model(engine, model, processor, out / "model", recipe.lora, recipe)
-    if dist.is_main:
-        if is_lora(model):
-            with atomic_folder(out / "adapter") as tmp:
-                save_adapter(model, tmp, state)
-        wall = time.perf_counter() - t_start
-        summary = {
-            "stage": recipe.kind,
-            "steps": total_steps,
-            "resumed_from": start_step,
-            "wall_time_s": wall,
-            "tokens_per_s": tokens_seen / max(wall, 1e-9),
-            "peak_memory_mb": peak_memory_mb(),
-            "world_size": dist.world_size,
-            "strategy": strategy,
-            "precision": precision,
-            "final_loss": loss,
-            "memory_elements": memory,  # rank 0's, beside align plan's accounting
-        }
-        if cache is not None:  # hits and misses of all ranks; the memory is this rank's
-            summary.update(after, feature_cache_mb=cache.nbytes / 2**20)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-        print(
-            f"done: {out / 'model'} | wall {wall:.1f}s | {summary['tokens_per_s']:.0f} tokens/s | "
-            f"peak memory {summary['peak_memory_mb']:.0f} MB"
-        )
-    metrics.close()
-    if dist.is_main:
-        print(f"plots: {len(plot_run(out))} PNG charts in {out / 'plots'}")
-    return out
+    return FeatureCache(fingerprint, recipe.feature_cache, Path(recipe.output_dir) / "feature_cache")
 
 
 def add_arguments(parser) -> None:
