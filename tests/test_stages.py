@@ -571,12 +571,12 @@ def test_real_recipes_have_the_llava_1_5_hyper_parameters(name: str) -> None:
 def test_stage_refuses_broken_rows_before_loading_the_model(
     world: World, tmp_path, capsys, monkeypatch
 ) -> None:
-    import align.stages.sft as sft_stage
+    import align.stages.common as common_stage
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the rows were checked")
 
-    monkeypatch.setattr(sft_stage, "load_llava", no_loading)
+    monkeypatch.setattr(common_stage, "load_llava", no_loading)
     rows = tmp_path / "rows.jsonl"
     good = {
         "messages": [{"role": "user", "content": "<image>\nhi"}, {"role": "assistant", "content": "ok"}],
