@@ -34,7 +34,7 @@ from align.data.encode import encode_prompt, generation_prefill
 from align.data.images import pixel_values
 from align.data.mixing import build_mix, format_table
 from align.errors import AlignError
-from align.grpo.sampler import generate
+from align.grpo.sampler import SamplingSettings, generate
 from align.rewards import extract_answer, load_reward, score_all, unscorable_gold, warm_up, with_prefill
 
 DEFAULT_REWARDS = ("accuracy", "format")
@@ -157,7 +157,6 @@ def evaluate(
         model, processor = load_llava(resolve_model_folder(model_dir))
     model.eval()
     tokenizer = processor.tokenizer
-    n_image_tokens = image_seq_len(processor)
     prefill = generation_prefill(tokenizer)
     funcs = {name: load_reward(name) for name in rewards}
     warm_up()
@@ -165,66 +164,82 @@ def evaluate(
     rows = _scorable(rows, rewards, strict, {src.name: src.path for src in sources})[:limit]
     if not rows:
         raise AlignError(f"no rows with a gold answer in {', '.join(s.path for s in sources)}")
-    eos_ids = eos_token_ids(tokenizer, model.generation_config)
+    sampling = SamplingSettings(
+        num_generations=samples,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        eos_token_ids=eos_token_ids(tokenizer, model.generation_config),
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=temperature > 0,
+    )
     generator = torch.Generator().manual_seed(seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     predictions = []
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
-        prompts = [encode_prompt(s, tokenizer, model.config.image_token_id, n_image_tokens) for s in batch]
-        pixels, sizes = pixel_values(
-            [im for s in batch for im in s.images],
-            processor.image_processor,
-            max_pixels,
-            [s.origin for s in batch for _ in s.images],
-        )
-        first_size = []  # each row's first image size: the frame grounding boxes are in
-        for s in batch:
-            first_size.append(sizes[0] if s.images else None)
-            sizes = sizes[len(s.images) :]
-        rollout = generate(
-            model,
-            [p.input_ids for p in prompts],
-            pixels,
-            [len(s.images) for s in batch],
-            num_generations=samples,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=None,
-            eos_token_ids=eos_ids,
-            pad_token_id=tokenizer.pad_token_id,
-            generator=generator,
-            do_sample=temperature > 0,
-        )
-        texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
-        texts = with_prefill(texts, prefill) if prefill else texts
-        rep = lambda values: [v for v in values for _ in range(samples)]  # noqa: E731
-        columns = {
-            "solution": rep([gold_answer(s) for s in batch]),
-            "box": rep([s.meta.get("box") for s in batch]),
-            "image_size": rep(first_size),
-        }
-        matrix, _ = score_all(funcs, texts, columns, on_error="skip")
-        for i, text in enumerate(texts):
-            s = batch[i // samples]
-            predictions.append(
-                {
-                    "origin": s.origin,
-                    "source": s.source,
-                    "family": s.meta.get("family", "-"),
-                    "gold": gold_answer(s),
-                    "prediction": extract_answer(text),
-                    "completion": text,
-                    "length": int(rollout.lengths[i]),
-                    "truncated": bool(rollout.is_truncated[i]),
-                    "rewards": dict(zip(funcs, matrix[i], strict=True)),
-                }
-            )
+        predictions += _predict(model, processor, batch, sampling, generator, funcs, prefill, max_pixels)
     with (out_dir / "predictions.jsonl").open("w") as f:
         for p in predictions:
             f.write(json.dumps(p) + "\n")
+    summary = {
+        "model": str(model_dir),
+        "samples": samples,
+        "temperature": temperature,
+        "questions": len(rows),
+    }
+    return _summarize(predictions, list(rewards), summary, out_dir)
+
+
+def _predict(
+    model, processor, batch, sampling: SamplingSettings, generator, funcs, prefill, max_pixels
+) -> list[dict]:
+    """One generation batch: each row's completions, the answer each extracts, and their rewards."""
+    tokenizer, samples = processor.tokenizer, sampling.num_generations
+    n_image_tokens = image_seq_len(processor)
+    prompts = [encode_prompt(s, tokenizer, model.config.image_token_id, n_image_tokens) for s in batch]
+    pixels, sizes = pixel_values(
+        [im for s in batch for im in s.images],
+        processor.image_processor,
+        max_pixels,
+        [s.origin for s in batch for _ in s.images],
+    )
+    first_size = []  # each row's first image size: the frame grounding boxes are in
+    for s in batch:
+        first_size.append(sizes[0] if s.images else None)
+        sizes = sizes[len(s.images) :]
+    per_prompt = [len(s.images) for s in batch]
+    rollout = generate(model, [p.input_ids for p in prompts], pixels, per_prompt, sampling, generator)
+    texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+    texts = with_prefill(texts, prefill) if prefill else texts
+    rep = lambda values: [v for v in values for _ in range(samples)]  # noqa: E731
+    columns = {
+        "solution": rep([gold_answer(s) for s in batch]),
+        "box": rep([s.meta.get("box") for s in batch]),
+        "image_size": rep(first_size),
+    }
+    matrix, _ = score_all(funcs, texts, columns, on_error="skip")
+    return [
+        {
+            "origin": batch[i // samples].origin,
+            "source": batch[i // samples].source,
+            "family": batch[i // samples].meta.get("family", "-"),
+            "gold": gold_answer(batch[i // samples]),
+            "prediction": extract_answer(text),
+            "completion": text,
+            "length": int(rollout.lengths[i]),
+            "truncated": bool(rollout.is_truncated[i]),
+            "rewards": dict(zip(funcs, matrix[i], strict=True)),
+        }
+        for i, text in enumerate(texts)
+    ]
+
+
+def _summarize(predictions: list[dict], rewards: list[str], summary: dict, out_dir: Path) -> dict:
+    """Rewards, pass@k, lengths and accuracy intervals per group (all, each source, each family), written as
+    summary.json and summary.md; returns the summary with a printable ``table``."""
+    samples = summary["samples"]
     groups: dict[str, list[dict]] = {"all": predictions}
     for key in ("source", "family"):
         for p in predictions:
@@ -233,13 +248,7 @@ def evaluate(
     if "accuracy" in rewards:
         headers += ["accuracy_se", "accuracy_ci95"]
     table = _table(groups, rewards, samples)
-    summary = {
-        "model": str(model_dir),
-        "samples": samples,
-        "temperature": temperature,
-        "questions": len(rows),
-        "groups": {row[0]: dict(zip(headers[1:], row[1:], strict=True)) for row in table},
-    }
+    summary["groups"] = {row[0]: dict(zip(headers[1:], row[1:], strict=True)) for row in table}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     md = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     md += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in table]

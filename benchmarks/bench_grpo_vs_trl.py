@@ -233,19 +233,22 @@ class RepeatedPromptSampler:
     def __init__(self, model):
         self.model = model
 
-    def generate(self, prompt_ids, pixel_values, images_per_prompt, *, num_generations, **kwargs):
+    def generate(self, prompt_ids, pixel_values, images_per_prompt, sampling, generator=None, images=None):
+        import dataclasses
+
         import torch
 
         from align.grpo.sampler import generate
 
+        g = sampling.num_generations
         groups = torch.split(pixel_values, images_per_prompt)
         return generate(
             self.model,
-            [ids for ids in prompt_ids for _ in range(num_generations)],
-            torch.cat([g for g in groups for _ in range(num_generations)]),
-            [n for n in images_per_prompt for _ in range(num_generations)],
-            num_generations=1,
-            **kwargs,
+            [ids for ids in prompt_ids for _ in range(g)],
+            torch.cat([group for group in groups for _ in range(g)]),
+            [n for n in images_per_prompt for _ in range(g)],
+            dataclasses.replace(sampling, num_generations=1),
+            generator,
         )
 
 
@@ -255,11 +258,11 @@ class HFDecodeSampler:
     def __init__(self, model):
         self.model = model
 
-    def generate(self, prompt_ids, pixel_values, images_per_prompt, **kwargs):
+    def generate(self, prompt_ids, pixel_values, images_per_prompt, sampling, generator=None, images=None):
         from align.grpo.sampler import generate
 
         return generate(
-            self.model, prompt_ids, pixel_values, images_per_prompt, plain_decoder=False, **kwargs
+            self.model, prompt_ids, pixel_values, images_per_prompt, sampling, generator, plain_decoder=False
         )
 
 
@@ -269,25 +272,28 @@ class ForwardOldLogpsSampler:
     def __init__(self, model):
         self.model = model
 
-    def generate(self, prompt_ids, pixel_values, images_per_prompt, *, return_logps=False, **kwargs):
+    def generate(self, prompt_ids, pixel_values, images_per_prompt, sampling, generator=None, images=None):
+        import dataclasses
+
         import torch
 
-        from align.grpo.logps import completion_logps
+        from align.grpo.logps import Completions, completion_logps
         from align.grpo.sampler import generate
 
-        rollout = generate(self.model, prompt_ids, pixel_values, images_per_prompt, **kwargs)
-        if return_logps:
-            with torch.no_grad():
+        plain = dataclasses.replace(sampling, return_logps=False)
+        rollout = generate(self.model, prompt_ids, pixel_values, images_per_prompt, plain, generator)
+        if sampling.return_logps:
+            batch = Completions(
+                prompt_ids,
+                pixel_values,
+                images_per_prompt,
+                rollout.completion_ids,
+                rollout.completion_mask,
+                sampling.num_generations,
+            )
+            with torch.no_grad():  # the fastest forward we have: this measures the extra pass alone
                 logps = completion_logps(
-                    self.model,
-                    prompt_ids,
-                    pixel_values,
-                    images_per_prompt,
-                    rollout.completion_ids,
-                    rollout.completion_mask,
-                    num_generations=kwargs["num_generations"],
-                    temperature=kwargs["temperature"],
-                    shared_prefix=True,  # the fastest forward we have: this measures the extra pass alone
+                    self.model, batch, temperature=sampling.temperature, shared_prefix=True
                 )
             rollout.logps = logps * rollout.completion_mask
         return rollout

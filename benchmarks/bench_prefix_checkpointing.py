@@ -65,7 +65,7 @@ def rss_mb() -> float:
 def child(config: str, threads: int, repeat: int) -> dict:
     import torch
 
-    from align.grpo.logps import completion_logps
+    from align.grpo.logps import Completions, completion_logps
 
     torch.set_num_threads(threads)
     model = build()
@@ -84,17 +84,8 @@ def child(config: str, threads: int, repeat: int) -> dict:
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
-        logps = completion_logps(
-            model,
-            prompts,
-            pixels,
-            [1] * B,
-            ids,
-            mask,
-            num_generations=G,
-            temperature=1.0,
-            shared_prefix=shared,
-        )
+        batch = Completions(prompts, pixels, [1] * B, ids, mask, G)
+        logps = completion_logps(model, batch, temperature=1.0, shared_prefix=shared)
         ((logps * mask).sum() / mask.sum()).backward()
 
     model.zero_grad(set_to_none=True)

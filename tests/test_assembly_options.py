@@ -28,7 +28,7 @@ from align.config import RecipeError, from_dict, load_any
 from align.errors import AlignError
 from align.feature_cache import FeatureCache, cache_fingerprint, tower_features
 from align.grpo.decoder import unsupported_reason
-from align.grpo.sampler import generate, prefill
+from align.grpo.sampler import SamplingSettings, generate, prefill
 from align.plan import plan_model, resolve_config
 from align.stages.common import freeze_unreachable_vision
 from align.stages.sft import _image_features
@@ -261,20 +261,16 @@ def test_grpo_sampler_prefill_and_decoder_equal_the_hf_forward(folders, name):
     assert (prefix.last_logits[0] - hf).abs().max().item() < 1e-5
     assert unsupported_reason(model) is None, "the plain decoder must be the path under test"
     tok = processor.tokenizer
-    common = dict(max_new_tokens=6, eos_token_ids=[], pad_token_id=tok.pad_token_id, generator=None)
-    ours = generate(
-        model,
-        [ids],
-        inputs["pixel_values"],
-        [1],
+    sampling = SamplingSettings(
         num_generations=2,
+        max_new_tokens=6,
         temperature=0,
-        top_p=None,
-        top_k=None,
+        eos_token_ids=[],
+        pad_token_id=tok.pad_token_id,
         do_sample=False,
         return_logps=True,
-        **common,
     )
+    ours = generate(model, [ids], inputs["pixel_values"], [1], sampling)
     with torch.no_grad():
         theirs = model.generate(
             **inputs,

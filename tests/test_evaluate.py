@@ -40,7 +40,8 @@ def scripted(tokenizer, replies: list[str]):
     """A stand-in for the sampler that 'generates' the given replies in order, as token ids."""
     queue = list(replies)
 
-    def fake_generate(model, prompt_ids, pixel_values, images_per_prompt, *, num_generations, **kwargs):
+    def fake_generate(model, prompt_ids, pixel_values, images_per_prompt, sampling, generator=None):
+        num_generations = sampling.num_generations
         texts = [queue.pop(0) for _ in range(len(prompt_ids) * num_generations)]
         ids = [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
         width = max(len(i) for i in ids)

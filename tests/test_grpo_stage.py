@@ -33,8 +33,8 @@ import align.stages.common as common
 import align.stages.grpo as grpo_stage
 from align.checkpoint import load_llava
 from align.cli import main
-from align.grpo.logps import completion_logps
-from align.grpo.sampler import generate
+from align.grpo.logps import Completions, completion_logps
+from align.grpo.sampler import SamplingSettings, generate
 from align.lora import apply_lora
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -139,7 +139,7 @@ def grpo(
         return load(*args, **kwargs)
 
     def counting_sample(self, *args, **kwargs):
-        counts["sampler"].append(kwargs["return_logps"])
+        counts["sampler"].append(args[3].return_logps)
         return sample(self, *args, **kwargs)
 
     def counting_forward(self, **kwargs):
@@ -328,14 +328,16 @@ def _rollout_batch(work: Path, model) -> rollout_module.RolloutBatch:
         ids,
         pixels["pixel_values"],
         [1, 1],
-        num_generations=3,
-        max_new_tokens=6,
-        temperature=1.0,
-        top_p=1.0,
-        top_k=None,
-        eos_token_ids=[processor.tokenizer.eos_token_id],
-        pad_token_id=processor.tokenizer.pad_token_id,
-        generator=torch.Generator().manual_seed(0),
+        SamplingSettings(
+            num_generations=3,
+            max_new_tokens=6,
+            temperature=1.0,
+            top_p=1.0,
+            top_k=None,
+            eos_token_ids=[processor.tokenizer.eos_token_id],
+            pad_token_id=processor.tokenizer.pad_token_id,
+        ),
+        torch.Generator().manual_seed(0),
     )
     batch = rollout_module.RolloutBatch([None, None], ids, pixels["pixel_values"], [1, 1], [[], []], rollout)
     batch.mask = rollout.completion_mask
@@ -353,20 +355,20 @@ def test_lora_reference_logps_equal_the_base_models(work: Path, shared_prefix: b
             if "lora_B" in name:
                 p.normal_(0, 0.2)
     b = _rollout_batch(work, base)
-    args = (b.prompt_ids, b.pixels, b.images_per_prompt, b.rollout.completion_ids, b.mask)
-    kwargs = dict(num_generations=3, temperature=1.0, shared_prefix=shared_prefix)
+    batch = Completions(b.prompt_ids, b.pixels, b.images_per_prompt, b.rollout.completion_ids, b.mask, 3)
+    kwargs = dict(temperature=1.0, shared_prefix=shared_prefix)
     with torch.no_grad():
-        expected = completion_logps(base, *args, **kwargs)
-        adapted = completion_logps(policy.get_base_model(), *args, **kwargs)
-    reference = rollout_module.reference_logps(None, policy, b, 3, 1.0, shared_prefix)
+        expected = completion_logps(base, batch, **kwargs)
+        adapted = completion_logps(policy.get_base_model(), batch, **kwargs)
+    reference = rollout_module.reference_logps(None, policy, b, 1.0, shared_prefix)
     m = b.mask.bool()
     assert torch.allclose(reference[m], expected[m], atol=1e-5)
     assert (adapted[m] - expected[m]).abs().max() > 1e-3, (
         "the adapters must matter for this check to mean much"
     )
-    assert torch.equal(rollout_module.reference_logps(base, policy, b, 3, 1.0, shared_prefix)[m], expected[m])
+    assert torch.equal(rollout_module.reference_logps(base, policy, b, 1.0, shared_prefix)[m], expected[m])
     with pytest.raises(ValueError, match="LoRA"):
-        rollout_module.reference_logps(None, base, b, 3, 1.0, shared_prefix)
+        rollout_module.reference_logps(None, base, b, 1.0, shared_prefix)
 
 
 # ---------------------------------------------------------------- 4: num_iterations, loss types

@@ -1,4 +1,5 @@
-"""Only ``align/engine.py`` may touch ``torch.distributed``, ``deepspeed`` or ``accelerate`` (docs/ARCHITECTURE.md).
+"""Only ``align/engine.py`` may touch ``torch.distributed``, ``deepspeed`` or ``accelerate``, or read a DeepSpeed
+parameter's ``ds_*`` attributes (docs/ARCHITECTURE.md); the stages import no command module.
 
 Checked on the syntax tree, so comments and strings do not count but every way of reaching the modules does:
 ``import x``, ``from x import y``, ``from torch import distributed``, ``importlib.import_module("x")``,
@@ -93,3 +94,59 @@ def test_the_engine_is_the_one_that_does() -> None:
         "torch.distributed",
         "deepspeed",
     }
+
+
+def deepspeed_attributes(source: str) -> list[tuple[int, str]]:
+    """(line, name) for every read of a DeepSpeed parameter attribute (``ds_numel``, ``ds_shape``, ``ds_id``,
+    ...): as ``p.ds_x`` or as a string given to ``getattr``/``hasattr``/``setattr``."""
+    hits = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("ds_"):
+            hits.append((node.lineno, node.attr))
+        elif (
+            isinstance(node, ast.Call)
+            and _dotted(node.func) in ("getattr", "hasattr", "setattr")
+            and len(node.args) > 1
+            and isinstance(node.args[1], ast.Constant)
+            and str(node.args[1].value).startswith("ds_")
+        ):
+            hits.append((node.lineno, node.args[1].value))
+    return sorted(set(hits))
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("n = p.ds_numel", ["ds_numel"]),
+        ("n = getattr(p, 'ds_shape', p.shape)", ["ds_shape"]),
+        ("ok = hasattr(p, 'ds_id')", ["ds_id"]),
+        ("n = p.numel()\ns = 'ds_numel'", []),
+    ],
+)
+def test_attribute_checker_finds_every_form(source: str, expected: list[str]) -> None:
+    assert [name for _, name in deepspeed_attributes(source)] == expected
+
+
+def test_only_the_engine_reads_deepspeed_parameter_attributes() -> None:
+    """A ZeRO-3 parameter's ``ds_*`` attributes are the engine's business (``full_numel``, ``full_ndim``,
+    ``held_parameters``): model, stage and data code see plain parameters."""
+    offenders = [
+        f"{path.relative_to(ALIGN.parent)}:{line}: {name}"
+        for path in sorted(ALIGN.rglob("*.py"))
+        if path.relative_to(ALIGN).as_posix() not in ALLOWED
+        for line, name in deepspeed_attributes(path.read_text())
+    ]
+    assert offenders == [], "only align/engine.py may read DeepSpeed attributes:\n" + "\n".join(offenders)
+
+
+def test_the_stages_do_not_import_command_modules() -> None:
+    """The stages share code through align/stages/common.py and library modules, never through another
+    command's module (align plan's accounting lives in align/memory.py)."""
+    commands = {"plan", "inspect", "export", "chat", "evaluate", "pipeline", "demo", "cli"}
+    offenders = []
+    for path in sorted((ALIGN / "stages").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("align."):
+                if node.module.split(".")[1] in commands:
+                    offenders.append(f"{path.name}:{node.lineno}: {node.module}")
+    assert offenders == []

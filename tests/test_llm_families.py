@@ -32,8 +32,8 @@ from align.cli import main
 from align.config import from_dict
 from align.data.synth import synthesize
 from align.grpo.decoder import unsupported_reason
-from align.grpo.logps import completion_logps
-from align.grpo.sampler import generate
+from align.grpo.logps import Completions, completion_logps
+from align.grpo.sampler import SamplingSettings, generate
 from align.zoo import FAMILIES, WINDOW, build_families
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -156,14 +156,16 @@ def test_sampler_equals_greedy_generate_and_shared_prefix_equals_full(assembled,
         prompts,
         pixel_values,
         [1, 1],
-        num_generations=2,
-        max_new_tokens=12,
-        temperature=0.0,
-        top_p=1.0,
-        top_k=0,
-        eos_token_ids=[],
-        pad_token_id=pad,
-        generator=None,
+        SamplingSettings(
+            num_generations=2,
+            max_new_tokens=12,
+            temperature=0.0,
+            top_p=1.0,
+            top_k=0,
+            eos_token_ids=[],
+            pad_token_id=pad,
+        ),
+        None,
     )
     for i, prompt in enumerate(prompts):
         ids = torch.tensor([prompt])
@@ -177,11 +179,10 @@ def test_sampler_equals_greedy_generate_and_shared_prefix_equals_full(assembled,
         )[0, len(prompt) :]
         for g in range(2):
             assert rollout.completion_ids[2 * i + g].tolist() == expected.tolist(), (family, i, g)
-    common = dict(num_generations=2, temperature=1.0)
-    args = (model, prompts, pixel_values, [1, 1], rollout.completion_ids, rollout.completion_mask)
+    batch = Completions(prompts, pixel_values, [1, 1], rollout.completion_ids, rollout.completion_mask, 2)
     with torch.no_grad():
-        shared = completion_logps(*args, shared_prefix=True, **common)
-        full = completion_logps(*args, shared_prefix=False, **common)
+        shared = completion_logps(model, batch, temperature=1.0, shared_prefix=True)
+        full = completion_logps(model, batch, temperature=1.0, shared_prefix=False)
     assert float((shared - full).abs().max()) < 1e-4
 
 

@@ -25,8 +25,17 @@ from transformers.generation.logits_process import (
 
 from align.errors import AlignError
 from align.grpo.decoder import unsupported_reason
-from align.grpo.logps import completion_logps, completion_logps_and_entropy
-from align.grpo.sampler import Rollout, SharedPrefixSampler, draw, generate, warp_logits
+from align.grpo.logps import Completions, completion_logps, completion_logps_and_entropy
+from align.grpo.sampler import (
+    TOWER_ON_TEXT_ONLY,
+    Rollout,
+    SamplingSettings,
+    SharedPrefixSampler,
+    draw,
+    generate,
+    run_tower_on_text_only,
+    warp_logits,
+)
 
 VOCAB, IMAGE_TOKEN, TOKENS_PER_IMAGE, PAD = 300, 299, 16, 0
 
@@ -87,18 +96,12 @@ def _text_prompts() -> tuple[list[list[int]], None, list[int]]:
 PROMPTS = {"images": _image_prompts, "text": _text_prompts}
 
 
-def _sample(model, prompts, pixel_values, images, **overrides) -> Rollout:
-    kwargs = dict(
-        num_generations=1,
-        max_new_tokens=10,
-        temperature=0.0,
-        top_p=1.0,
-        top_k=0,
-        eos_token_ids=[],
-        pad_token_id=PAD,
-        generator=None,
-    )
-    return generate(model, prompts, pixel_values, images, **(kwargs | overrides))
+GREEDY = dict(num_generations=1, max_new_tokens=10, temperature=0.0, top_p=1.0, top_k=0, eos_token_ids=[])
+
+
+def _sample(model, prompts, pixel_values, images, generator=None, plain_decoder=True, **overrides) -> Rollout:
+    sampling = SamplingSettings(**(GREEDY | overrides), pad_token_id=PAD)
+    return generate(model, prompts, pixel_values, images, sampling, generator, plain_decoder=plain_decoder)
 
 
 def _hf_greedy(model, prompt: list[int], pixel_values: torch.Tensor | None, n: int) -> list[int]:
@@ -413,7 +416,7 @@ def test_image_token_count_mismatch_names_the_prompt(qwen) -> None:
 def test_backend_is_the_sampler(qwen) -> None:
     prompts, pixel_values, images = _image_prompts()
     backend = SharedPrefixSampler(qwen)
-    kwargs = dict(
+    sampling = SamplingSettings(
         num_generations=2,
         max_new_tokens=5,
         temperature=1.0,
@@ -422,8 +425,8 @@ def test_backend_is_the_sampler(qwen) -> None:
         eos_token_ids=[7],
         pad_token_id=PAD,
     )
-    a = backend.generate(prompts, pixel_values, images, generator=torch.Generator().manual_seed(5), **kwargs)
-    b = generate(qwen, prompts, pixel_values, images, generator=torch.Generator().manual_seed(5), **kwargs)
+    a = backend.generate(prompts, pixel_values, images, sampling, torch.Generator().manual_seed(5))
+    b = generate(qwen, prompts, pixel_values, images, sampling, torch.Generator().manual_seed(5))
     assert torch.equal(a.completion_ids, b.completion_ids)
 
 
@@ -445,12 +448,7 @@ def test_sampler_logps_equal_the_training_forward(qwen) -> None:
     with torch.no_grad():
         reference = completion_logps(
             qwen,
-            prompts,
-            pixel_values,
-            images,
-            rollout.completion_ids,
-            rollout.completion_mask,
-            num_generations=3,
+            Completions(prompts, pixel_values, images, rollout.completion_ids, rollout.completion_mask, 3),
             temperature=0.8,
             shared_prefix=False,
         )
@@ -478,12 +476,7 @@ def test_shared_prefix_equals_naive_values_and_gradients(model, prompt_kind: str
         model.zero_grad(set_to_none=True)
         logps, entropy = completion_logps_and_entropy(
             model,
-            prompts,
-            pixel_values,
-            images,
-            ids,
-            mask,
-            num_generations=g,
+            Completions(prompts, pixel_values, images, ids, mask, g),
             temperature=0.7,
             shared_prefix=shared,
         )
@@ -513,32 +506,17 @@ def test_shared_prefix_equals_naive_values_and_gradients(model, prompt_kind: str
     # the plain function is the gather of the same numbers
     plain = completion_logps(
         model,
-        prompts,
-        pixel_values,
-        images,
-        ids,
-        mask,
-        num_generations=g,
+        Completions(prompts, pixel_values, images, ids, mask, g),
         temperature=0.7,
         shared_prefix=True,
     )
     torch.testing.assert_close(plain.detach()[on], shared_logps[on], atol=1e-5, rtol=0)
 
 
-def _logps_and_grads(model, prompts, pixel_values, images, ids, mask, g: int, shared: bool, **kwargs):
+def _logps_and_grads(model, prompts, pixel_values, images, ids, mask, g: int, shared: bool):
     model.zero_grad(set_to_none=True)
-    logps = completion_logps(
-        model,
-        prompts,
-        pixel_values,
-        images,
-        ids,
-        mask,
-        num_generations=g,
-        temperature=1.0,
-        shared_prefix=shared,
-        **kwargs,
-    )
+    batch = Completions(prompts, pixel_values, images, ids, mask, g)
+    logps = completion_logps(model, batch, temperature=1.0, shared_prefix=shared)
     ((logps * mask).sum() / mask.sum()).backward()  # a token mean: O(1) gradients, 1e-5 is round-off
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
@@ -550,7 +528,6 @@ def test_text_only_batch_with_a_blank_image_runs_the_tower_and_changes_nothing(q
     """What keeps multi-process ranks in step: the tower and projector run forward and backward, adding 0."""
     prompts, _, images = _text_prompts()
     ids, mask = _completions(4, [3, 1, 2, 3], 3)
-    size = qwen.config.vision_config.image_size
     calls: list[str] = []
     hooks = [
         qwen.model.vision_tower.register_forward_hook(lambda *a: calls.append("tower")),
@@ -559,11 +536,11 @@ def test_text_only_batch_with_a_blank_image_runs_the_tower_and_changes_nothing(q
     try:
         plain, plain_grads = _logps_and_grads(qwen, prompts, None, images, ids, mask, 2, shared)
         assert calls == []
-        blank, blank_grads = _logps_and_grads(
-            qwen, prompts, None, images, ids, mask, 2, shared, blank_pixels=torch.zeros(1, 3, size, size)
-        )
+        run_tower_on_text_only(qwen)
+        blank, blank_grads = _logps_and_grads(qwen, prompts, None, images, ids, mask, 2, shared)
         assert calls == ["tower", "projector"]
     finally:
+        delattr(qwen, TOWER_ON_TEXT_ONLY)
         for hook in hooks:
             hook.remove()
     assert torch.equal(blank, plain)

@@ -31,7 +31,7 @@ from align.data.encode import encode_prompt
 from align.data.images import pixel_values
 from align.data.sample import Sample
 from align.engine import Dist, ParamGroup, setup
-from align.grpo.sampler import generate
+from align.grpo.sampler import SamplingSettings, generate
 from align.grpo.vllm_backend import (
     VLLMServer,
     changing_parameters,
@@ -51,6 +51,14 @@ needs_vllm = pytest.mark.skipif(
     not VLLM_PYTHON.exists(), reason="no .venv-vllm (run scripts/setup_vllm.sh to test the vLLM backend)"
 )
 MAX_NEW = 16
+
+
+def _greedy(tokenizer, model) -> SamplingSettings:
+    """One greedy completion of at most MAX_NEW tokens per prompt, ended by the model's end-of-turn tokens."""
+    eos = eos_token_ids(tokenizer, model.generation_config)
+    return SamplingSettings(1, MAX_NEW, 0.0, eos_token_ids=eos, pad_token_id=tokenizer.pad_token_id)
+
+
 REWARDS = ROOT / "tests" / "dist_scripts" / "grpo_rewards.py"
 
 
@@ -157,14 +165,8 @@ def _ours(model, prompts, images, images_per_prompt, processor) -> list[list[int
             prompts,
             pixels,
             images_per_prompt,
-            num_generations=1,
-            max_new_tokens=MAX_NEW,
-            temperature=0.0,
-            top_p=None,
-            top_k=None,
-            eos_token_ids=eos_token_ids(tok, model.generation_config),
-            pad_token_id=tok.pad_token_id,
-            generator=None,
+            _greedy(tok, model),
+            None,
         )
     return [ids[:n].tolist() for ids, n in zip(r.completion_ids, r.lengths, strict=True)]
 
@@ -241,14 +243,8 @@ def test_server_greedy_equals_ours_and_follows_a_weight_sync(
             prompts,
             None,
             per_prompt,
-            num_generations=1,
-            max_new_tokens=MAX_NEW,
-            temperature=0.0,
-            top_p=None,
-            top_k=None,
-            eos_token_ids=eos_token_ids(tok, model.generation_config),
-            pad_token_id=tok.pad_token_id,
-            generator=None,
+            _greedy(tok, model),
+            None,
             images=images,
         )
 

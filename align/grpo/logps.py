@@ -21,7 +21,7 @@ Two ways, same numbers and same gradients (the tests check both to 1e-5 in fp32)
 With gradient checkpointing (the language model's layers checkpointed and training with gradients),
 transformers drops the KV cache inside checkpointed layers, so the shared prefix runs the decoder layers
 itself: the model's own forwards run once with every layer replaced by the identity, which embeds the prompts
-(images scattered in, the blank-pixels zero added, by :func:`align.grpo.sampler.prefill`) and the completions
+(images scattered in, a blank image's zero added, by :func:`align.grpo.sampler.prefill`) and the completions
 and builds each layer's masks and rotary angles exactly as for a cached forward (eager and sdpa are tested;
 flash_attention_2 gets the 2D masks of a cached forward, as in generate, untested here without a GPU, and the
 stages load sdpa; sliding-window layers keep every prompt key, their mask does the window); then each layer is ONE ``torch.utils.checkpoint`` (non-reentrant) function of
@@ -52,6 +52,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -72,89 +73,58 @@ from align.grpo.sampler import (
 )
 
 
-def completion_logps(
-    model: Any,
-    prompt_ids: list[list[int]],
-    pixel_values: Tensor | None,
-    images_per_prompt: list[int],
-    completion_ids: Tensor,
-    completion_mask: Tensor,
-    *,
-    num_generations: int,
-    temperature: float,
-    shared_prefix: bool,
-    blank_pixels: Tensor | None = None,
-) -> Tensor:
+@dataclass(frozen=True)
+class Completions:
+    """B prompts (with their images) and the B * G completions sampled for them: rows ``q * G + g``,
+    right-padded (``completion_mask`` 1 on real tokens), as :class:`align.grpo.sampler.Rollout` holds them."""
+
+    prompt_ids: list[list[int]]
+    pixel_values: Tensor | None  # every prompt's images, in prompt order
+    images_per_prompt: list[int]
+    completion_ids: Tensor  # [B * G, L]
+    completion_mask: Tensor  # [B * G, L]
+    num_generations: int
+
+    def __post_init__(self) -> None:
+        ids, mask, expected = (
+            self.completion_ids,
+            self.completion_mask,
+            len(self.prompt_ids) * self.num_generations,
+        )
+        if ids.dim() != 2 or ids.shape != mask.shape:
+            raise ValueError(
+                f"completion_ids {tuple(ids.shape)} and completion_mask {tuple(mask.shape)} "
+                "must be the same [rows, length] shape"
+            )
+        if ids.shape[1] == 0:
+            raise ValueError("completion_ids has no columns: there is nothing to score")
+        if ids.shape[0] != expected:
+            raise ValueError(
+                f"{ids.shape[0]} completion rows for {len(self.prompt_ids)} prompts x "
+                f"num_generations={self.num_generations} (expected {expected})"
+            )
+
+
+def completion_logps(model: Any, batch: Completions, *, temperature: float, shared_prefix: bool) -> Tensor:
     """``[B * G, L]`` log-probs of the completion tokens (values on padding are not meaningful: mask them).
 
-    ``completion_ids``/``completion_mask`` are ``[B * G, L]``, rows ``q * G + g``; ``temperature`` 0 means 1
-    (greedy rollouts are scored unscaled, as the sampler's ``return_logps`` does). ``blank_pixels``: when no
-    prompt has an image, the tower still runs on it and adds an exact zero
-    (:func:`align.grpo.sampler.blank_image_term`); multi-process runs pass it.
+    ``temperature`` 0 means 1 (greedy rollouts are scored unscaled, as the sampler's ``return_logps`` does).
     """
-    logits = _completion_logits(
-        model,
-        prompt_ids,
-        pixel_values,
-        images_per_prompt,
-        completion_ids,
-        completion_mask,
-        num_generations,
-        temperature,
-        shared_prefix,
-        blank_pixels,
-    )
-    return logits.gather(-1, completion_ids[..., None]).squeeze(-1) - logits.logsumexp(-1)
+    logits = _completion_logits(model, batch, temperature, shared_prefix)
+    ids = batch.completion_ids.to(logits.device)
+    return logits.gather(-1, ids[..., None]).squeeze(-1) - logits.logsumexp(-1)
 
 
 def completion_logps_and_entropy(
-    model: Any,
-    prompt_ids: list[list[int]],
-    pixel_values: Tensor | None,
-    images_per_prompt: list[int],
-    completion_ids: Tensor,
-    completion_mask: Tensor,
-    *,
-    num_generations: int,
-    temperature: float,
-    shared_prefix: bool,
-    blank_pixels: Tensor | None = None,
+    model: Any, batch: Completions, *, temperature: float, shared_prefix: bool
 ) -> tuple[Tensor, Tensor]:
     """:func:`completion_logps` and the ``[B * G, L]`` entropy of each next-token distribution."""
-    logits = _completion_logits(
-        model,
-        prompt_ids,
-        pixel_values,
-        images_per_prompt,
-        completion_ids,
-        completion_mask,
-        num_generations,
-        temperature,
-        shared_prefix,
-        blank_pixels,
-    )
+    logits = _completion_logits(model, batch, temperature, shared_prefix)
     log_probs = logits.log_softmax(-1)
     with torch.no_grad():  # a metric: recording it for backward would keep two more [rows, L, V] tensors
         entropy = -(log_probs.exp() * log_probs).sum(-1)
-    return log_probs.gather(-1, completion_ids[..., None]).squeeze(-1), entropy
-
-
-def _check_shapes(
-    prompt_ids: list[list[int]], completion_ids: Tensor, completion_mask: Tensor, num_generations: int
-) -> None:
-    expected_rows = len(prompt_ids) * num_generations
-    if completion_ids.dim() != 2 or completion_ids.shape != completion_mask.shape:
-        raise ValueError(
-            f"completion_ids {tuple(completion_ids.shape)} and completion_mask {tuple(completion_mask.shape)} "
-            "must be the same [rows, length] shape"
-        )
-    if completion_ids.shape[1] == 0:
-        raise ValueError("completion_ids has no columns: there is nothing to score")
-    if completion_ids.shape[0] != expected_rows:
-        raise ValueError(
-            f"{completion_ids.shape[0]} completion rows for {len(prompt_ids)} prompts x "
-            f"num_generations={num_generations} (expected {expected_rows})"
-        )
+    ids = batch.completion_ids.to(logits.device)
+    return log_probs.gather(-1, ids[..., None]).squeeze(-1), entropy
 
 
 def _checkpointing_drops_cache(language_model: torch.nn.Module) -> bool:
@@ -164,30 +134,17 @@ def _checkpointing_drops_cache(language_model: torch.nn.Module) -> bool:
     )
 
 
-def _completion_logits(
-    model: Any,
-    prompt_ids: list[list[int]],
-    pixel_values: Tensor | None,
-    images_per_prompt: list[int],
-    completion_ids: Tensor,
-    completion_mask: Tensor,
-    num_generations: int,
-    temperature: float,
-    shared_prefix: bool,
-    blank_pixels: Tensor | None,
-) -> Tensor:
+def _completion_logits(model: Any, batch: Completions, temperature: float, shared_prefix: bool) -> Tensor:
     """``[B * G, L, V]`` float32 logits predicting each completion token, divided by ``temperature``."""
-    _check_shapes(prompt_ids, completion_ids, completion_mask, num_generations)
     forward = _shared_prefix_logits if shared_prefix else _full_logits
     logits = forward(
         model,
-        prompt_ids,
-        pixel_values,
-        images_per_prompt,
-        completion_ids.to(model.device),
-        completion_mask.to(model.device).long(),
-        num_generations,
-        blank_pixels,
+        batch.prompt_ids,
+        batch.pixel_values,
+        batch.images_per_prompt,
+        batch.completion_ids.to(model.device),
+        batch.completion_mask.to(model.device).long(),
+        batch.num_generations,
     )
     return logits.float() / (temperature or 1.0)
 
@@ -200,7 +157,6 @@ def _shared_prefix_logits(
     completion_ids: Tensor,
     completion_mask: Tensor,
     num_generations: int,
-    blank_pixels: Tensor | None,
 ) -> Tensor:
     if _checkpointing_drops_cache(model.model.language_model):
         return _checkpointed_shared_prefix_logits(
@@ -211,9 +167,8 @@ def _shared_prefix_logits(
             completion_ids,
             completion_mask,
             num_generations,
-            blank_pixels,
         )
-    prefix = prefill(model, prompt_ids, pixel_values, images_per_prompt, blank_pixels)
+    prefix = prefill(model, prompt_ids, pixel_values, images_per_prompt)
     first = prefix.last_logits.repeat_interleave(num_generations, dim=0)[:, None]
     cache = prefix.cache
     cache.batch_repeat_interleave(num_generations)
@@ -257,7 +212,6 @@ def _checkpointed_shared_prefix_logits(
     completion_ids: Tensor,
     completion_mask: Tensor,
     num_generations: int,
-    blank_pixels: Tensor | None,
 ) -> Tensor:
     """The shared prefix when the language model's layers are checkpointed: each layer is ONE checkpointed
     function of (prompt hidden states, completion hidden states), so that backward recomputes each prompt once
@@ -271,11 +225,11 @@ def _checkpointed_shared_prefix_logits(
         )
     lm = model.model.language_model
     layers = list(lm.layers[: text_config.num_hidden_layers])
-    # The model's own forwards run with every layer the identity: they embed (images scattered in, the blank-
-    # pixels zero added, by the sampler's prefill) and build each layer's masks and rotary angles exactly as
+    # The model's own forwards run with every layer the identity: they embed (images scattered in, a blank
+    # image's zero added, by the sampler's prefill) and build each layer's masks and rotary angles exactly as
     # for a cached forward; the layers themselves run below. The prefill's logits are of no use here.
     with _layer_inputs(layers) as prefix_calls:
-        prompt_mask = prefill(model, prompt_ids, pixel_values, images_per_prompt, blank_pixels).attention_mask
+        prompt_mask = prefill(model, prompt_ids, pixel_values, images_per_prompt).attention_mask
     width = completion_ids.shape[1]
     inputs, mask, positions = _completion_inputs(
         completion_ids, completion_mask, prompt_mask, prompt_mask.sum(-1), num_generations
@@ -377,7 +331,6 @@ def _full_logits(
     completion_ids: Tensor,
     completion_mask: Tensor,
     num_generations: int,
-    blank_pixels: Tensor | None,
 ) -> Tensor:
     check_prompts(prompt_ids, pixel_values, images_per_prompt)
     repeated = [ids for ids in prompt_ids for _ in range(num_generations)]
@@ -397,8 +350,8 @@ def _full_logits(
             [prompt == image_token_id, torch.zeros_like(completion_ids, dtype=torch.bool)], dim=1
         )
         embeds = embeds.masked_scatter(slots[..., None], torch.cat(features).to(embeds.dtype))
-    elif blank_pixels is not None:
-        embeds = embeds + blank_image_term(model, blank_pixels).to(embeds.dtype)
+    elif (zero := blank_image_term(model)) is not None:
+        embeds = embeds + zero.to(embeds.dtype)
     out = model(
         inputs_embeds=embeds,
         attention_mask=torch.cat([prompt_mask, completion_mask], dim=1),

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from align.grpo.logps import completion_logps
+from align.grpo.logps import Completions, completion_logps
 from align.grpo.sampler import Rollout
 from align.lora import is_lora
 from align.model import llava_of
@@ -77,34 +77,33 @@ class RolloutBatch:
     ref_logps: torch.Tensor | None = None
     advantages: torch.Tensor | None = None
 
+    def completions(self) -> Completions:
+        """The prompts and their sampled completions, as the log-prob forwards take them."""
+        r = self.rollout
+        g = r.completion_ids.shape[0] // len(self.prompt_ids)
+        return Completions(
+            self.prompt_ids, self.pixels, self.images_per_prompt, r.completion_ids, r.completion_mask, g
+        )
+
 
 def reference_logps(
-    reference: nn.Module | None,
-    model: nn.Module,
-    b: RolloutBatch,
-    num_generations: int,
-    temperature: float,
-    shared_prefix: bool,
-    blank_pixels: torch.Tensor | None = None,
+    reference: nn.Module | None, model: nn.Module, b: RolloutBatch, temperature: float, shared_prefix: bool
 ) -> torch.Tensor:
     """Log-probs of ``b``'s completions under the reference: the frozen copy ``reference``, or with LoRA
     (``reference=None``) the policy ``model`` itself with its adapters disabled (under ZeRO-3: call it while the
-    engine holds the weights gathered, as the stage does in its rollout phase). ``blank_pixels``: see
-    :func:`align.grpo.logps.completion_logps` (a partitioned reference gathers collectively)."""
-    kwargs = dict(
-        num_generations=num_generations,
-        temperature=temperature,
-        shared_prefix=shared_prefix,
-        blank_pixels=blank_pixels,
-    )
-    args = (b.prompt_ids, b.pixels, b.images_per_prompt, b.rollout.completion_ids, b.rollout.completion_mask)
+    engine holds the weights gathered, as the stage does in its rollout phase)."""
     with torch.no_grad():
         if reference is not None:
-            return completion_logps(reference, *args, **kwargs)
+            return completion_logps(
+                reference, b.completions(), temperature=temperature, shared_prefix=shared_prefix
+            )
         if not is_lora(model):
             raise ValueError("reference_logps: without a reference model the policy must carry LoRA adapters")
         with model.disable_adapter():
-            return completion_logps(llava_of(model), *args, **kwargs)
+            batch = b.completions()
+            return completion_logps(
+                llava_of(model), batch, temperature=temperature, shared_prefix=shared_prefix
+            )
 
 
 def global_std(dist, rewards: torch.Tensor) -> float:

@@ -22,12 +22,16 @@ tokens, 64 new tokens, no early stop; best of 3): tiny Qwen2 Llava (hidden 64, 2
 4 layers, vocab 4000: 1.42 s vs 2.69 s vs 1.86 s. Left padding costs a few masked prefix slots, nothing more.
 
 The seam for other backends: a GRPO stage holds a :class:`RolloutBackend` and calls its one method
-``generate(prompt_ids, pixel_values, images_per_prompt, *, ...) -> Rollout``. :class:`SharedPrefixSampler`
+``generate(prompt_ids, pixel_values, images_per_prompt, sampling, generator, images) -> Rollout``, the
+recipe's sampling options in one :class:`SamplingSettings`. :class:`SharedPrefixSampler`
 is the in-process implementation (it wraps the training model; under ZeRO-3 the engine gathers the
 parameters around the call). :mod:`align.grpo.vllm_backend` holds the vLLM ones (colocated and server), which
 read the decoded ``images`` instead of ``pixel_values`` (vLLM runs the processor itself) and always return
-their sampling log-probs; pushing the current policy weights into vLLM before a rollout phase is the stage's
-call (``sync_weights``), not part of this protocol.
+their sampling log-probs; keeping vLLM's weights those of the policy is
+:class:`align.grpo.vllm_backend.PolicyWeightSync`'s job, not part of this protocol.
+
+Multi-process stages make text-only prompts run the vision tower too (:func:`run_tower_on_text_only`): the
+forwards here and in :mod:`align.grpo.logps` then add 0 x a blank image's features by themselves.
 
 Run the tests: ``.venv/bin/pytest -q tests/test_sampler.py``.
 """
@@ -57,6 +61,45 @@ class Rollout:
     logps: Tensor | None = None  # [N, L] float32 log-probs of the sampled tokens (0 on padding), if asked
 
 
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How completions are drawn: the recipe's sampling options and the tokens that end or pad a completion.
+
+    ``temperature == 0`` or ``do_sample=False`` is greedy. ``return_logps`` adds the log-probs of the sampled
+    tokens (GRPO's old log-probs for ``num_iterations > 1``).
+    """
+
+    num_generations: int
+    max_new_tokens: int
+    temperature: float
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int
+    top_p: float | None = None
+    top_k: int | None = None
+    do_sample: bool = True
+    return_logps: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
+        problems = {
+            "num_generations must be >= 1": self.num_generations < 1,
+            "max_new_tokens must be >= 1": self.max_new_tokens < 1,
+            "temperature must be >= 0": self.temperature < 0,
+            "top_p must be in (0, 1]": self.top_p is not None and not 0 < self.top_p <= 1,
+            "top_k must be >= 0": self.top_k is not None and self.top_k < 0,
+        }
+        wrong = [message for message, bad in problems.items() if bad]
+        if wrong:
+            raise ValueError(
+                f"{'; '.join(wrong)} (got num_generations={self.num_generations}, max_new_tokens="
+                f"{self.max_new_tokens}, temperature={self.temperature}, top_p={self.top_p}, top_k={self.top_k})"
+            )
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or not self.do_sample
+
+
 class RolloutBackend(Protocol):
     """Whatever produces rollouts for the GRPO stage: this module's sampler, or vLLM (:mod:`align.grpo.vllm_backend`).
 
@@ -69,18 +112,8 @@ class RolloutBackend(Protocol):
         prompt_ids: list[list[int]],
         pixel_values: Tensor | None,
         images_per_prompt: list[int],
-        *,
-        num_generations: int,
-        max_new_tokens: int,
-        temperature: float,
-        top_p: float | None,
-        top_k: int | None,
-        eos_token_ids: Sequence[int],
-        pad_token_id: int,
-        generator: torch.Generator | None,
-        do_sample: bool = True,
-        return_logps: bool = False,
-        blank_pixels: Tensor | None = None,
+        sampling: SamplingSettings,
+        generator: torch.Generator | None = None,
         images: Sequence[Any] | None = None,
     ) -> Rollout: ...
 
@@ -166,15 +199,29 @@ def encode_images(
     return {"image": features}
 
 
-def blank_image_term(model: Any, blank_pixels: Tensor) -> Tensor:
-    """0 x the projected features of ``blank_pixels``: a zero that ran the vision tower and the projector.
+TOWER_ON_TEXT_ONLY = "align_tower_on_text_only"  # the attribute run_tower_on_text_only sets on a Llava module
 
-    Added to a text-only micro-batch's input embeddings it makes every rank run the same modules forward and
-    backward whatever its rows hold: ZeRO-3 gathers parameters collectively in both passes, and DDP wants a
-    gradient for every trainable parameter (the SFT stage does the same).
+
+def run_tower_on_text_only(model: Any) -> None:
+    """From now on a forward of ``model`` (a Llava module) whose prompts hold no image still runs the vision
+    tower and projector, on a blank image, and adds 0 x their output (:func:`blank_image_term`).
+
+    Multi-process stages set it on the policy and the reference: every rank then runs the same modules forward
+    and backward whatever its rows hold. ZeRO-3 gathers parameters collectively in both passes and checks at each
+    forward that the ranks called the same modules in the same order; DDP wants a gradient for every trainable
+    parameter. The SFT stage always does the same.
     """
+    setattr(model, TOWER_ON_TEXT_ONLY, True)
+
+
+def blank_image_term(model: Any) -> Tensor | None:
+    """0 x the projected features of a blank image, a zero that ran the vision tower and the projector, when
+    ``model`` runs its tower on text-only prompts (:func:`run_tower_on_text_only`); else ``None``."""
+    if not getattr(model, TOWER_ON_TEXT_ONLY, False):
+        return None
     tower = model.model.vision_tower
-    pixels = blank_pixels.to(device=model.device, dtype=next(tower.parameters()).dtype)
+    size = model.config.vision_config.image_size
+    pixels = torch.zeros(1, 3, size, size, device=model.device, dtype=next(tower.parameters()).dtype)
     features = model.model.get_image_features(pixel_values=pixels, return_dict=True).pooler_output
     return 0.0 * sum(f.sum() for f in features)
 
@@ -184,21 +231,20 @@ def prefill(
     prompt_ids: list[list[int]],
     pixel_values: Tensor | None,
     images_per_prompt: list[int],
-    blank_pixels: Tensor | None = None,
 ) -> Prefix:
     """One vision pass + one forward over the left-padded prompts; gradients flow if they are enabled.
 
-    ``blank_pixels``: run the tower on it when no prompt has an image (:func:`blank_image_term`).
+    Without images the tower still runs on a blank one where the model asks for it (:func:`blank_image_term`).
     """
     check_prompts(prompt_ids, pixel_values, images_per_prompt)
     ids, mask, positions = left_pad(prompt_ids, filler_token(model.config.image_token_id), model.device)
     images = encode_images(model, ids, pixel_values, images_per_prompt)
     hook = None
-    if images is None and blank_pixels is not None:
+    zero = blank_image_term(model) if images is None else None
+    if zero is not None:
         # Added by a hook on the embedding module rather than by passing inputs_embeds, so that the modules run in
         # an image prompt's order (tower, projector, then the model's own forward): ZeRO-3 gathers per module and
         # at the start of the top-level forward, and those collectives must line up across ranks.
-        zero = blank_image_term(model, blank_pixels)
         hook = model.get_input_embeddings().register_forward_hook(lambda m, a, out: out + zero.to(out.dtype))
     try:
         out = model(
@@ -247,45 +293,18 @@ def draw(probs: Tensor, generator: torch.Generator | None) -> Tensor:
     return torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(1)
 
 
-def _check_sampling(
-    num_generations: int, max_new_tokens: int, temperature: float, top_p: float | None, top_k: int | None
-) -> None:
-    problems = {
-        "num_generations must be >= 1": num_generations < 1,
-        "max_new_tokens must be >= 1": max_new_tokens < 1,
-        "temperature must be >= 0": temperature < 0,
-        "top_p must be in (0, 1]": top_p is not None and not 0 < top_p <= 1,
-        "top_k must be >= 0": top_k is not None and top_k < 0,
-    }
-    wrong = [message for message, bad in problems.items() if bad]
-    if wrong:
-        raise ValueError(
-            f"{'; '.join(wrong)} (got num_generations={num_generations}, max_new_tokens={max_new_tokens}, "
-            f"temperature={temperature}, top_p={top_p}, top_k={top_k})"
-        )
-
-
 @torch.no_grad()
 def generate(
     model: Any,
     prompt_ids: list[list[int]],
     pixel_values: Tensor | None,
     images_per_prompt: list[int],
+    sampling: SamplingSettings,
+    generator: torch.Generator | None = None,
     *,
-    num_generations: int,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float | None,
-    top_k: int | None,
-    eos_token_ids: Sequence[int],
-    pad_token_id: int,
-    generator: torch.Generator | None,
-    do_sample: bool = True,
-    return_logps: bool = False,
     plain_decoder: bool = True,
-    blank_pixels: Tensor | None = None,
 ) -> Rollout:
-    """Sample ``num_generations`` completions per prompt from a Llava model, sharing each prompt's prefix.
+    """Sample ``sampling.num_generations`` completions per prompt from a Llava model, sharing each prompt's prefix.
 
     ``pixel_values`` holds the images of all prompts in prompt order, ``images_per_prompt[i]`` of them for
     prompt i (0 for a text-only prompt; ``pixel_values=None`` when no prompt has one). ``return_logps``
@@ -294,41 +313,20 @@ def generate(
     uses temperature 1). ``model`` is the ``LlavaForConditionalGeneration`` itself (not a DDP/DeepSpeed/PEFT
     wrapper); its train/eval mode is left as the caller set it. ``plain_decoder`` decodes with
     :class:`~align.grpo.decoder.StaticDecoder` when the model allows it (the same logits in fp32, within
-    rounding in bf16; fewer ops), else with the model's own forward. ``blank_pixels``: see :func:`prefill` (multi-process runs pass it, so that every
-    rank calls the same modules in the same order; ZeRO-3 checks that order).
+    rounding in bf16; fewer ops), else with the model's own forward.
     """
-    _check_sampling(num_generations, max_new_tokens, temperature, top_p, top_k)
-    greedy = temperature == 0 or not do_sample
-    logp_temperature = 1.0 if temperature == 0 else temperature
-    prefix = prefill(model, prompt_ids, pixel_values, images_per_prompt, blank_pixels)
-    cache = prefix.cache
-    cache.batch_repeat_interleave(num_generations)
-    mask = prefix.attention_mask.repeat_interleave(num_generations, dim=0)
-    position = prefix.next_position.repeat_interleave(num_generations)
-    logits = prefix.last_logits.float().repeat_interleave(num_generations, dim=0)
-    decoder = None
-    if plain_decoder and unsupported_reason(model) is None:
-        decoder = StaticDecoder(model, cache, mask, max_new_tokens)
-        cache = None  # the decoder holds its own copy of the prefix K/V
-
-    device = mask.device
-    n_rows = mask.shape[0]
-    tokens = torch.full((n_rows, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
-    logps = torch.zeros((n_rows, max_new_tokens), device=device) if return_logps else None
+    prefix = prefill(model, prompt_ids, pixel_values, images_per_prompt)
+    decoder, cache, mask, position, logits = _expand(model, prefix, sampling, plain_decoder)
+    device, n_rows, width = mask.device, mask.shape[0], sampling.max_new_tokens
+    tokens = torch.full((n_rows, width), sampling.pad_token_id, dtype=torch.long, device=device)
+    logps = torch.zeros((n_rows, width), device=device) if sampling.return_logps else None
     lengths = torch.zeros(n_rows, dtype=torch.long, device=device)
     finished = torch.zeros(n_rows, dtype=torch.bool, device=device)
-    eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)
+    eos = torch.tensor(list(sampling.eos_token_ids), dtype=torch.long, device=device)
     active = torch.arange(n_rows, device=device)  # rows still decoding, in the order of the cache batch
-
-    # A sampled image token would make the next forward scatter image features onto it: never emit it.
-    image_token = torch.tensor([model.config.image_token_id], device=device)
-    for step in range(max_new_tokens):
-        allowed = logits.index_fill(-1, image_token, float("-inf"))
-        if greedy:
-            next_tokens = allowed.argmax(-1)
-        else:
-            probs = warp_logits(allowed, temperature, top_k, top_p).softmax(-1)
-            next_tokens = draw(probs, generator)
+    logp_temperature = 1.0 if sampling.temperature == 0 else sampling.temperature
+    for step in range(width):
+        next_tokens = _choose(logits, model.config.image_token_id, sampling, generator)
         tokens[active, step] = next_tokens
         lengths[active] = step + 1
         if logps is not None:
@@ -343,7 +341,7 @@ def generate(
                 cache.batch_select_indices(keep)
             else:
                 decoder.keep(keep)
-        if active.numel() == 0 or step == max_new_tokens - 1:
+        if active.numel() == 0 or step == width - 1:
             break
         if decoder is None:
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
@@ -354,21 +352,43 @@ def generate(
                 cache=cache,
                 use_cache=True,
             )
-            cache = out.cache
-            logits = out.logits[:, -1].float()
-            position = position + 1
+            cache, logits, position = out.cache, out.logits[:, -1].float(), position + 1
         else:
             logits = decoder.step(next_tokens)
-
-    width = int(lengths.max())
-    completion_mask = (torch.arange(width, device=device)[None, :] < lengths[:, None]).long()
+    used = int(lengths.max())
     return Rollout(
-        completion_ids=tokens[:, :width],
-        completion_mask=completion_mask,
+        completion_ids=tokens[:, :used],
+        completion_mask=(torch.arange(used, device=device)[None, :] < lengths[:, None]).long(),
         lengths=lengths,
         is_truncated=~finished,
-        logps=None if logps is None else logps[:, :width],
+        logps=None if logps is None else logps[:, :used],
     )
+
+
+def _expand(model: Any, prefix: Prefix, sampling: SamplingSettings, plain_decoder: bool):
+    """``(decoder, cache, mask, position, logits)`` for B * G rows: the prefix K/V, mask, next positions and
+    first-token logits repeated G times (question-major); the plain decoder holds its own copy of the K/V."""
+    num_generations = sampling.num_generations
+    cache = prefix.cache
+    cache.batch_repeat_interleave(num_generations)
+    mask = prefix.attention_mask.repeat_interleave(num_generations, dim=0)
+    position = prefix.next_position.repeat_interleave(num_generations)
+    logits = prefix.last_logits.float().repeat_interleave(num_generations, dim=0)
+    decoder = None
+    if plain_decoder and unsupported_reason(model) is None:
+        decoder = StaticDecoder(model, cache, mask, sampling.max_new_tokens)
+    return decoder, cache, mask, position, logits
+
+
+def _choose(logits: Tensor, image_token_id: int, sampling: SamplingSettings, generator) -> Tensor:
+    """The next token of every row: argmax when greedy, else drawn from the warped distribution. A sampled
+    image token would make the next forward scatter image features onto it: it is never chosen."""
+    image_token = torch.tensor([image_token_id], device=logits.device)
+    allowed = logits.index_fill(-1, image_token, float("-inf"))
+    if sampling.greedy:
+        return allowed.argmax(-1)
+    probs = warp_logits(allowed, sampling.temperature, sampling.top_k, sampling.top_p).softmax(-1)
+    return draw(probs, generator)
 
 
 class SharedPrefixSampler:
@@ -382,34 +402,8 @@ class SharedPrefixSampler:
         prompt_ids: list[list[int]],
         pixel_values: Tensor | None,
         images_per_prompt: list[int],
-        *,
-        num_generations: int,
-        max_new_tokens: int,
-        temperature: float,
-        top_p: float | None,
-        top_k: int | None,
-        eos_token_ids: Sequence[int],
-        pad_token_id: int,
-        generator: torch.Generator | None,
-        do_sample: bool = True,
-        return_logps: bool = False,
-        blank_pixels: Tensor | None = None,
+        sampling: SamplingSettings,
+        generator: torch.Generator | None = None,
         images: Sequence[Any] | None = None,
     ) -> Rollout:
-        return generate(
-            self.model,
-            prompt_ids,
-            pixel_values,
-            images_per_prompt,
-            num_generations=num_generations,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            eos_token_ids=eos_token_ids,
-            pad_token_id=pad_token_id,
-            generator=generator,
-            do_sample=do_sample,
-            return_logps=return_logps,
-            blank_pixels=blank_pixels,
-        )
+        return generate(self.model, prompt_ids, pixel_values, images_per_prompt, sampling, generator)

@@ -72,7 +72,7 @@ from torch import Tensor
 
 from align.checkpoint import canonical_key
 from align.errors import AlignError
-from align.grpo.sampler import Rollout
+from align.grpo.sampler import Rollout, SamplingSettings
 from align.model import component_of
 
 PEFT_PREFIX = "base_model.model."
@@ -247,18 +247,8 @@ class VLLMColocated:
         prompt_ids: list[list[int]],
         pixel_values: Tensor | None,
         images_per_prompt: list[int],
-        *,
-        num_generations: int,
-        max_new_tokens: int,
-        temperature: float,
-        top_p: float | None,
-        top_k: int | None,
-        eos_token_ids: Sequence[int],
-        pad_token_id: int,
-        generator: torch.Generator | None,
-        do_sample: bool = True,
-        return_logps: bool = False,
-        blank_pixels: Tensor | None = None,
+        sampling: SamplingSettings,
+        generator: torch.Generator | None = None,
         images: Sequence[Any] | None = None,
     ) -> Rollout:
         """The :class:`~align.grpo.sampler.RolloutBackend` method; ``images`` (PIL, prompt order) replace
@@ -276,20 +266,7 @@ class VLLMColocated:
             if images[i]:
                 request["multi_modal_data"] = {"image": images[i] if len(images[i]) > 1 else images[i][0]}
             requests.append(request)
-            params.append(
-                SamplingParams(
-                    **_sampling_kwargs(
-                        num_generations,
-                        max_new_tokens,
-                        temperature,
-                        top_p,
-                        top_k,
-                        eos_token_ids,
-                        do_sample,
-                        seed,
-                    )
-                )
-            )
+            params.append(SamplingParams(**_sampling_kwargs(sampling, seed)))
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         if self.enable_sleep_mode:
             self.llm.sleep(level=1)
@@ -299,7 +276,7 @@ class VLLMColocated:
             for c in out.outputs:
                 lps = [d[t].logprob for t, d in zip(c.token_ids, c.logprobs, strict=True)]
                 completions.append((list(c.token_ids), lps, c.finish_reason == "stop"))
-        return to_rollout(completions, pad_token_id, max_new_tokens)
+        return to_rollout(completions, sampling.pad_token_id, sampling.max_new_tokens)
 
 
 class VLLMServer:
@@ -372,18 +349,8 @@ class VLLMServer:
         prompt_ids: list[list[int]],
         pixel_values: Tensor | None,
         images_per_prompt: list[int],
-        *,
-        num_generations: int,
-        max_new_tokens: int,
-        temperature: float,
-        top_p: float | None,
-        top_k: int | None,
-        eos_token_ids: Sequence[int],
-        pad_token_id: int,
-        generator: torch.Generator | None,
-        do_sample: bool = True,
-        return_logps: bool = False,
-        blank_pixels: Tensor | None = None,
+        sampling: SamplingSettings,
+        generator: torch.Generator | None = None,
         images: Sequence[Any] | None = None,
     ) -> Rollout:
         """As :meth:`VLLMColocated.generate`; one request per prompt (``n`` = G), sent concurrently."""
@@ -393,16 +360,7 @@ class VLLMServer:
         def one(i: int) -> dict:
             body: dict[str, Any] = {
                 "token_ids": collapse_image_tokens(prompt_ids[i], self.image_token_id),
-                "sampling_params": _sampling_kwargs(
-                    num_generations,
-                    max_new_tokens,
-                    temperature,
-                    top_p,
-                    top_k,
-                    eos_token_ids,
-                    do_sample,
-                    seeds[i],
-                ),
+                "sampling_params": _sampling_kwargs(sampling, seeds[i]),
                 "return_token_ids": True,
             }
             if images[i]:
@@ -417,7 +375,7 @@ class VLLMServer:
             for c in sorted(reply["choices"], key=lambda c: c["index"]):
                 lps = [entry["logprob"] for entry in (c.get("logprobs") or {}).get("content") or []]
                 completions.append((list(c["token_ids"]), lps, c["finish_reason"] == "stop"))
-        return to_rollout(completions, pad_token_id, max_new_tokens)
+        return to_rollout(completions, sampling.pad_token_id, sampling.max_new_tokens)
 
 
 def _per_prompt(images: Sequence[Any] | None, images_per_prompt: list[int]) -> list[list[Any]]:
@@ -434,25 +392,15 @@ def _per_prompt(images: Sequence[Any] | None, images_per_prompt: list[int]) -> l
     return out
 
 
-def _sampling_kwargs(
-    n: int,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float | None,
-    top_k: int | None,
-    eos_token_ids: Sequence[int],
-    do_sample: bool,
-    seed: int | None,
-) -> dict[str, Any]:
+def _sampling_kwargs(sampling: SamplingSettings, seed: int | None) -> dict[str, Any]:
     """vLLM ``SamplingParams`` fields for our sampler's options (greedy: temperature 0)."""
-    greedy = temperature == 0 or not do_sample
     return {
-        "n": n,
-        "max_tokens": max_new_tokens,
-        "temperature": 0.0 if greedy else temperature,
-        "top_p": 1.0 if top_p is None else top_p,
-        "top_k": top_k if top_k else 0,
-        "stop_token_ids": list(eos_token_ids),
+        "n": sampling.num_generations,
+        "max_tokens": sampling.max_new_tokens,
+        "temperature": 0.0 if sampling.greedy else sampling.temperature,
+        "top_p": 1.0 if sampling.top_p is None else sampling.top_p,
+        "top_k": sampling.top_k if sampling.top_k else 0,
+        "stop_token_ids": list(sampling.eos_token_ids),
         "logprobs": 0,  # the sampled token's log-prob only
         "seed": seed,
         "skip_special_tokens": False,

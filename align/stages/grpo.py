@@ -112,7 +112,7 @@ from align.grpo.rollout import (
     skip_pooling_head,
     split_groups,
 )
-from align.grpo.sampler import SharedPrefixSampler
+from align.grpo.sampler import SamplingSettings, SharedPrefixSampler, run_tower_on_text_only
 from align.grpo.vllm_backend import PolicyWeightSync, open_backend
 from align.lora import is_lora
 from align.model import llava_of
@@ -352,8 +352,7 @@ class GRPORun:
     schedule: Schedule
     base_lrs: dict[str, float]
     prefill: str  # what the chat template writes after the assistant opening (R1: "<think>\n")
-    eos_ids: list[int]
-    blank: torch.Tensor | None  # see _blank_image
+    sampling: SamplingSettings  # the recipe's sampling options and the end/pad tokens
     backend: Any  # None: our sampler; else the vLLM backend
     weight_sync: PolicyWeightSync | None
     metrics: MetricsWriter
@@ -478,7 +477,7 @@ def _micro_batch(s: GRPORun, questions: list[tuple[Any, Any]]) -> tuple[RolloutB
 def _rollout(s: GRPORun, seconds: dict[str, float]) -> list[RolloutBatch]:
     """G completions for each question of the next draw (one vision pass and prefill per micro-batch, shared by
     its G completions), and the reference's log-probs of them. The policy is gathered once for the phase."""
-    cfg, g, t_draw = s.cfg, s.cfg.num_generations, time.perf_counter()
+    cfg, t_draw = s.cfg, time.perf_counter()
     micro, generator = _draw(s)
     batches: list[RolloutBatch] = []
     s.policy.eval()
@@ -493,32 +492,20 @@ def _rollout(s: GRPORun, seconds: dict[str, float]) -> list[RolloutBatch]:
                 b.prompt_ids,
                 b.pixels,
                 b.images_per_prompt,
-                num_generations=g,
-                max_new_tokens=cfg.max_completion_length,
-                temperature=cfg.temperature,
-                top_p=cfg.top_p,
-                top_k=cfg.top_k,
-                eos_token_ids=s.eos_ids,
-                pad_token_id=s.tokenizer.pad_token_id,
-                generator=generator,
-                return_logps=cfg.num_iterations > 1,  # the old log-probs of every iteration
-                blank_pixels=s.blank,
-                images=None if s.backend is None else images,
+                s.sampling,
+                generator,
+                None if s.backend is None else images,
             )
             batches.append(b)
         t_rollout = time.perf_counter()
         if cfg.beta > 0 and s.reference is None:  # LoRA: the policy's gathered weights, adapters off
             for b in batches:
-                b.ref_logps = reference_logps(
-                    None, gathered.model, b, g, cfg.temperature, cfg.shared_prefix, s.blank
-                )
+                b.ref_logps = reference_logps(None, gathered.model, b, cfg.temperature, cfg.shared_prefix)
     s.policy.train()
     if s.reference is not None:  # the frozen copy: after the block, so the gathered policy is released first
         with s.engine.autocast():
             for b in batches:
-                b.ref_logps = reference_logps(
-                    s.reference, s.model, b, g, cfg.temperature, cfg.shared_prefix, s.blank
-                )
+                b.ref_logps = reference_logps(s.reference, s.model, b, cfg.temperature, cfg.shared_prefix)
     seconds["rollout"] += t_rollout - t_draw
     seconds["reference"] += time.perf_counter() - t_rollout
     return batches
@@ -583,19 +570,9 @@ def _advantages(s: GRPORun, batches: list[RolloutBatch]) -> list[float]:
 
 
 def _forward_inputs(s: GRPORun, b: RolloutBatch) -> dict[str, Any]:
-    """The training forward's inputs for one micro-batch: its completions scored at the sampling temperature."""
-    cfg = s.cfg
-    return {
-        "prompt_ids": b.prompt_ids,
-        "pixel_values": b.pixels,
-        "images_per_prompt": b.images_per_prompt,
-        "completion_ids": b.rollout.completion_ids,
-        "completion_mask": b.rollout.completion_mask,  # attention; the loss masks with b.mask
-        "num_generations": cfg.num_generations,
-        "temperature": cfg.temperature,
-        "shared_prefix": cfg.shared_prefix,
-        "blank_pixels": s.blank,
-    }
+    """The training forward's inputs for one micro-batch: its completions scored at the sampling temperature
+    (the loss masks with ``b.mask``; the forward attends by the completion mask)."""
+    return {"batch": b.completions(), "temperature": s.cfg.temperature, "shared_prefix": s.cfg.shared_prefix}
 
 
 def _sampling_correction(
@@ -767,11 +744,13 @@ def _set_up(recipe: GRPORecipe, dist, resume: bool) -> tuple[GRPORun, int]:
     row_check = stage_row_check("grpo", cfg.reward_funcs)
     samples, mix = checked_mix(recipe.data, data_seed, row_check, log=dist.log)
     model, processor = load_trainable(recipe, dist, training, model_dir)
-    skip_pooling_head(llava_of(model))
     reference = None
     if cfg.beta > 0 and not is_lora(model):  # with LoRA the reference is the same model, adapters disabled
         reference, _ = load_model(model_dir, dist, training, run.deepspeed_config)
-        skip_pooling_head(reference)
+    for llava in (llava_of(model), reference) if reference is not None else (llava_of(model),):
+        skip_pooling_head(llava)
+        if dist.distributed:  # every rank runs the same modules, whatever its questions hold
+            run_tower_on_text_only(llava)
     rewards = {
         name: load_reward(spec, cfg.reward_params_for(spec))
         for name, spec in zip(reward_names(cfg.reward_funcs), cfg.reward_funcs, strict=True)
@@ -796,8 +775,8 @@ def _set_up(recipe: GRPORecipe, dist, resume: bool) -> tuple[GRPORun, int]:
     backend, weight_sync = _rollout_backend(recipe, dist, training, model_dir, policy, questions, resume_from)
     s = GRPORun(
         recipe, dist, training, model, policy, processor, engine, reference, rewards, weights, questions, schedule,
-        base_lrs, generation_prefill(processor.tokenizer), eos_token_ids(processor.tokenizer, llava_of(model).generation_config),
-        _blank_image(llava_of(model), dist), backend, weight_sync,
+        base_lrs, generation_prefill(processor.tokenizer), _sampling(cfg, processor.tokenizer, llava_of(model)),
+        backend, weight_sync,
         MetricsWriter(Path(recipe.output_dir), dist.is_main, run.tensorboard, run.wandb_project, to_dict(recipe)),
         Progress(schedule.total_steps, start_round * cfg.num_iterations, dist.is_main),
         (Path(recipe.output_dir) / "completions.jsonl").open("a") if dist.is_main else None,
@@ -845,14 +824,18 @@ def _questions(recipe: GRPORecipe, dist, samples, tokenizer, llava, processor) -
     return kept, Schedule(questions_per_round, per_rank, rounds_per_epoch, total_steps, total_rounds, warmup)
 
 
-def _blank_image(llava: nn.Module, dist) -> torch.Tensor | None:
-    """On several ranks, a blank image: a rank whose questions have no image still runs the tower on it in its
-    rollout, reference and training forwards. ZeRO-3 gathers collectively and checks at each forward that the
-    ranks called the same modules in the same order since the last one, the rollout's prefill included
-    (without it: "disagreement on list length between rank0 and rank1" at step 2); DDP wants a gradient for
-    every trainable parameter."""
-    size = llava.config.vision_config.image_size
-    return torch.zeros(1, 3, size, size) if dist.distributed else None
+def _sampling(cfg: GRPOSpec, tokenizer: Any, llava: nn.Module) -> SamplingSettings:
+    """The recipe's sampling options; the sampler returns its log-probs when they serve as the old ones."""
+    return SamplingSettings(
+        num_generations=cfg.num_generations,
+        max_new_tokens=cfg.max_completion_length,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        top_k=cfg.top_k,
+        eos_token_ids=eos_token_ids(tokenizer, llava.generation_config),
+        pad_token_id=tokenizer.pad_token_id,
+        return_logps=cfg.num_iterations > 1,
+    )
 
 
 def _rollout_backend(recipe, dist, training, model_dir, policy, questions, resume_from):

@@ -19,7 +19,7 @@ from align.checkpoint import WEIGHTS_NAME, load_llava
 from align.cli import main
 from align.config import from_dict
 from align.data.synth import synthesize
-from align.grpo.sampler import generate
+from align.grpo.sampler import SamplingSettings, generate
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -60,14 +60,16 @@ def test_bf16_sampler_greedy_equals_hf_generate_on_cuda(assembled: Path) -> None
         prompts,
         pixels,
         [1],
-        num_generations=1,
-        max_new_tokens=16,
-        temperature=0.0,
-        top_p=1.0,
-        top_k=0,
-        eos_token_ids=[],
-        pad_token_id=processor.tokenizer.pad_token_id,
-        generator=None,
+        SamplingSettings(
+            num_generations=1,
+            max_new_tokens=16,
+            temperature=0.0,
+            top_p=1.0,
+            top_k=0,
+            eos_token_ids=[],
+            pad_token_id=processor.tokenizer.pad_token_id,
+        ),
+        None,
     )
     ids = torch.tensor(prompts, device="cuda")
     hf = model.generate(

@@ -12,6 +12,7 @@ import sys
 from PIL import Image
 from safetensors.torch import load_file
 
+from align.grpo.sampler import SamplingSettings
 from align.grpo.vllm_backend import VLLMColocated
 
 
@@ -28,14 +29,16 @@ def main(job_path: str) -> None:
             job["prompts"],
             None,
             job["images_per_prompt"],
-            num_generations=1,
-            max_new_tokens=job["max_new_tokens"],
-            temperature=0.0,
-            top_p=None,
-            top_k=None,
-            eos_token_ids=job["eos_token_ids"],
-            pad_token_id=job["pad_token_id"],
-            generator=None,
+            SamplingSettings(
+                num_generations=1,
+                max_new_tokens=job["max_new_tokens"],
+                temperature=0.0,
+                top_p=None,
+                top_k=None,
+                eos_token_ids=job["eos_token_ids"],
+                pad_token_id=job["pad_token_id"],
+            ),
+            None,
             images=images,
         )
         return [ids[:n].tolist() for ids, n in zip(rollout.completion_ids, rollout.lengths, strict=True)]
