@@ -14,7 +14,12 @@ computes on its own:
   recipe's ``loss_type``, ``beta``, ``epsilon``/``epsilon_high``, ``importance_sampling_level``, truncation
   masking and accumulation, and every test also shows that a neighbouring option value gives another number
   (so a stage that dropped the option could not pass);
-* the learning rate of every step is :func:`align.stages.common.lr_at` of the recipe's schedule.
+* the learning rate of every step is :func:`align.stages.common.lr_at` of the recipe's schedule;
+* the optimiser: one run's two steps are replayed here (plain forward with gradients, the loss over
+  ``grad_accum``, ``max_grad_norm`` clipping, ``torch.optim.AdamW`` with ``lr``/``projector_lr``, ``betas`` and
+  ``weight_decay``) and its logged grad norms and saved weights compared with the replay's;
+* sampling: ``top_k``/``top_p`` that leave one token give the greedy decode of the input model;
+  ``shared_prefix: false`` scores the same log-probs as the plain forward.
 
 The input model is the shared tiny SigLIP + Qwen2 Llava with one change: its generation config names every 8th
 token id an end-of-turn token, so about a third of the 8-token completions are cut off and the rest end early
@@ -89,11 +94,21 @@ class Case:
     micro: int = 2  # questions per micro-batch
     accum: int = 1
     lr: float = 1e-3
+    projector_lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
     schedule: str = "constant"
     warmup_ratio: float = 0.0
+    shared_prefix: bool = True
 
     def overrides(self) -> list[str]:
         out = [
+            f"optim.projector_lr={self.projector_lr}",
+            f"optim.betas=[{self.betas[0]}, {self.betas[1]}]",
+            f"optim.weight_decay={self.weight_decay}",
+            f"optim.max_grad_norm={self.max_grad_norm}",
+            f"grpo.shared_prefix={str(self.shared_prefix).lower()}",
             f"grpo.reward_funcs=[{', '.join(self.reward_funcs)}]",
             f"grpo.num_generations={G}",
             f"grpo.max_completion_length={MAX_LEN}",
@@ -252,7 +267,7 @@ def run_grpo(work: Path, name: str, case: Case) -> Trace:
 # The runs, each 2-3 steps of 2 questions x G=4 completions of at most 8 tokens (about a second each).
 CASES = {
     # weighted rewards (one abstaining now and then), group scaling, KL at beta 0.1, temperature 0.7,
-    # 2 accumulation micro-batches of one question each
+    # 2 accumulation micro-batches of one question each; optimiser options off their defaults (replayed)
     "weighted": Case(
         reward_funcs=(VOWELS, EVEN, GATE, RECORD),
         reward_weights=(2.0, -0.5, 1.5, 3.0),
@@ -260,9 +275,13 @@ CASES = {
         temperature=0.7,
         micro=1,
         accum=2,
+        projector_lr=4e-3,
+        betas=(0.7, 0.9),
+        weight_decay=0.1,
+        max_grad_norm=0.05,
     ),
     # whole-batch std, token-mean loss per micro-batch (2 of one question: not DAPO's step-wide mean), clip-higher,
-    # two iterations (clipping), temperature 1.3, no reference
+    # two iterations (clipping), temperature 1.3, no reference, the training forward without the shared prefix
     "batch": Case(
         scale_rewards="batch",
         loss_type="bnpo",
@@ -271,6 +290,7 @@ CASES = {
         epsilon_high=0.3,
         temperature=1.3,
         num_iterations=2,
+        shared_prefix=False,
         lr=3e-2,
         micro=1,
         accum=2,
@@ -329,12 +349,12 @@ def reference_model(work: Path):
 # ------------------------------------------------------------------------------------- independent numbers
 
 
-def hf_logps(model, call: dict, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def hf_logps(model, call: dict, temperature: float, grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs and entropies of one sampler call's completions, ``[N, W]``, from a plain forward of
     each prompt + completion through ``model`` with the logits divided by ``temperature`` (0 on padding)."""
     ids, mask = call["completion_ids"], call["completion_mask"]
-    n, width = ids.shape
-    logps, entropy = torch.zeros(n, width), torch.zeros(n, width)
+    width = ids.shape[1]
+    logps, entropy = [None] * len(call["prompt_ids"]), [None] * len(call["prompt_ids"])
     image_at = 0
     for q, prompt in enumerate(call["prompt_ids"]):
         k = call["images_per_prompt"][q]
@@ -342,12 +362,12 @@ def hf_logps(model, call: dict, temperature: float) -> tuple[torch.Tensor, torch
         image_at += k
         rows = slice(q * G, (q + 1) * G)
         inputs = torch.cat([torch.tensor([prompt] * G), ids[rows]], dim=1)
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             logits = model(input_ids=inputs, pixel_values=pixels.repeat(G, 1, 1, 1)).logits
         scaled = (logits[:, len(prompt) - 1 : len(prompt) - 1 + width].float() / temperature).log_softmax(-1)
-        logps[rows] = scaled.gather(-1, ids[rows, :, None]).squeeze(-1)
-        entropy[rows] = -(scaled.exp() * scaled).sum(-1)
-    return logps * mask, entropy * mask
+        logps[q] = scaled.gather(-1, ids[rows, :, None]).squeeze(-1)
+        entropy[q] = -(scaled.exp() * scaled).sum(-1).detach()
+    return torch.cat(logps) * mask, torch.cat(entropy) * mask
 
 
 def soft_overlong_by_hand(n: int, limit: int, cache: int) -> float:
@@ -739,6 +759,82 @@ def test_dynamic_sampling_trains_on_the_groups_with_signal(traces) -> None:
         assert seen.tolist() == pytest.approx(advantages_by_hand(rewards, "group"), rel=1e-4, abs=1e-5)
     assert gated.FLAT_FAMILIES
     assert any(r["dynamic_sampling/rounds"] > 1 for r in trace.metrics()), "some step must have drawn again"
+
+
+def canonical(name: str) -> str:
+    """A transformers Llava parameter name in the llava-hf layout the stages save."""
+    if name.startswith("model.language_model."):
+        return "language_model.model." + name.removeprefix("model.language_model.")
+    if name.startswith("lm_head."):
+        return "language_model." + name
+    if name.startswith("model.vision_tower."):
+        return "vision_tower.vision_model." + name.removeprefix("model.vision_tower.")
+    return name.removeprefix("model.")
+
+
+@pytest.mark.slow
+def test_optimizer_steps_replay_with_the_recipes_rates_betas_decay_and_clipping(
+    traces, reference_model, work: Path
+) -> None:
+    """Both steps of the weighted run replayed here: a plain forward of the input model with gradients, the loss
+    of each accumulation micro-batch over ``grad_accum``, ``clip_grad_norm_(max_grad_norm)``, then
+    ``torch.optim.AdamW`` with ``lr`` for the LLM and ``projector_lr`` for the projector, the recipe's betas and
+    decay (matrices only): the logged grad norms and the saved weights are the replay's."""
+    from safetensors.torch import load_file
+    from transformers import LlavaForConditionalGeneration
+
+    trace = traces("weighted")
+    case = trace.case
+    model = LlavaForConditionalGeneration.from_pretrained(work / "base", dtype=torch.float32)
+    named = {canonical(n): p for n, p in model.named_parameters()}
+    groups = []
+    for prefix, lr in (("multi_modal_projector.", case.projector_lr), ("language_model.", case.lr)):
+        for decay in (True, False):
+            params = [p for n, p in named.items() if n.startswith(prefix) and (p.ndim >= 2) == decay]
+            groups.append({"params": params, "lr": lr, "weight_decay": case.weight_decay if decay else 0.0})
+    for n, p in named.items():
+        p.requires_grad_(not n.startswith("vision_tower."))
+    adam = torch.optim.AdamW(groups, betas=case.betas, eps=1e-8)
+    norms = []
+    for step in range(case.steps):
+        exp = expected_step(trace, step)
+        n_items = sum(float(mk.sum()) for mk in exp.masks)
+        for i, call in enumerate(exp.calls):
+            logps, _ = hf_logps(model, call, case.temperature, grad=True)
+            ref = hf_logps(reference_model, call, case.temperature)[0] if case.beta else None
+            adv = torch.tensor(exp.advantages[i * case.micro * G : (i + 1) * case.micro * G])
+            loss, _ = grpo_loss(
+                logps,
+                None,
+                ref,
+                adv,
+                exp.masks[i],
+                beta=case.beta,
+                epsilon=case.epsilon,
+                epsilon_high=case.epsilon,
+                loss_type=case.loss_type,
+                max_completion_length=MAX_LEN,
+                num_items_in_batch=n_items,
+                accumulation_steps=case.accum,
+            )
+            (loss / case.accum).backward()
+        params = [p for g in groups for p in g["params"] if p.grad is not None]
+        norms.append(float(torch.nn.utils.clip_grad_norm_(params, case.max_grad_norm)))
+        adam.step()
+        adam.zero_grad(set_to_none=True)
+    assert [r["grad_norm"] for r in trace.metrics()] == pytest.approx(norms, rel=1e-3)
+    assert min(norms) > case.max_grad_norm, "clipping must be active for this test to mean much"
+    saved = load_file(trace.out / "model" / "model.safetensors")
+    assert saved.keys() == named.keys()
+    worst = max((float((saved[k] - p.detach()).abs().max()), k) for k, p in named.items())
+    assert worst[0] < 0.02 * case.lr, worst
+    base = load_file(work / "base" / "model.safetensors")
+    moved = {
+        prefix: max(float((saved[k] - base[k]).abs().max()) for k in saved if k.startswith(prefix))
+        for prefix in ("multi_modal_projector.", "language_model.", "vision_tower.")
+    }
+    assert moved["vision_tower."] == 0.0
+    assert moved["multi_modal_projector."] > 2 * case.lr, "projector_lr, not lr, moved the projector"
 
 
 @pytest.mark.slow
