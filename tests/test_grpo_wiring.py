@@ -54,7 +54,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "tests" / "dist_scripts"
 WIRING = SCRIPTS / "wiring_rewards.py"
-VOWELS, EVEN, GATE, RECORD = (f"{WIRING}:{name}" for name in ("vowels", "even_ids", "gate", "record"))
+VOWELS, EVEN, GATE, FLAKY, RECORD = (
+    f"{WIRING}:{name}" for name in ("vowels", "even_ids", "gate", "flaky", "record")
+)
 GATED = f"{SCRIPTS / 'grpo_variant_rewards.py'}:gated_vowels"
 G = 4
 MAX_LEN = 8
@@ -307,10 +309,10 @@ CASES = {
         num_iterations=2,
         lr=5e-3,
     ),
-    # DAPO's step-wide token normaliser over 2 accumulation micro-batches, soft overlong punishment, 2 warm-up
-    # steps then cosine decay
+    # DAPO's step-wide token normaliser over 2 accumulation micro-batches, soft overlong punishment, a reward
+    # that fails on some completions (reward_errors: skip), 2 warm-up steps then cosine decay
     "dapo": Case(
-        reward_funcs=(VOWELS, "soft_overlong", RECORD),
+        reward_funcs=(VOWELS, "soft_overlong", FLAKY, RECORD),
         soft_punish_cache=4,
         loss_type="dapo",
         beta=0.0,
@@ -385,6 +387,8 @@ def scores_by_hand(case: Case, record: dict) -> list[list[float | None]]:
             columns.append([soft_overlong_by_hand(len(i), MAX_LEN, case.soft_punish_cache) for i in ids])
         elif spec == RECORD:
             columns.append([0.0] * len(texts))
+        elif spec == FLAKY:  # reward_errors: skip scores the others one by one; the failures get no score
+            columns.append([None if not i or i[0] % 5 == 0 else (i[0] % 4) / 4 for i in ids])
         elif spec == GATED:
             columns.append(None)  # the dynamic-sampling test reads its scores from its own record
         else:
@@ -526,9 +530,10 @@ def differs(a: float, b: float) -> bool:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["weighted", "dapo"])
 def test_reward_metrics_are_the_weighted_scores_of_the_recorded_completions(traces, name: str) -> None:
-    """``reward`` is the mean of ``sum_f w_f R_f`` (abstentions skipped), ``reward/<f>`` each function's mean,
-    ``reward_std`` the mean within-group std, ``frac_reward_zero_std`` the share of flat groups; the weighted
-    sum is not the plain one, so a stage that dropped ``reward_weights`` would log another ``reward``."""
+    """``reward`` is the mean of ``sum_f w_f R_f`` (abstentions and failures skipped), ``reward/<f>`` each
+    function's mean, ``reward_errors/<f>`` its failed completions, ``reward_std`` the mean within-group std,
+    ``frac_reward_zero_std`` the share of flat groups; the weighted sum is not the plain one, so a stage that
+    dropped ``reward_weights`` would log another ``reward``."""
     trace = traces(name)
     case = trace.case
     names = [spec.rpartition(":")[2] for spec in case.reward_funcs]
@@ -539,6 +544,9 @@ def test_reward_metrics_are_the_weighted_scores_of_the_recorded_completions(trac
         for j, fn in enumerate(names):
             values = [s[j] for s in exp.scores if s[j] is not None]
             assert row[f"reward/{fn}"] == approx(sum(values) / len(values) if values else 0.0)
+            assert row[f"reward_errors/{fn}"] == (
+                sum(s[j] is None for s in exp.scores) if case.reward_funcs[j] == FLAKY else 0
+            )
         groups = [exp.rewards[i : i + G] for i in range(0, len(exp.rewards), G)]
         stds = [0.0 if math.isnan(std(g)) else std(g) for g in groups]
         assert row["reward_std"] == approx(sum(stds) / len(stds))
@@ -547,6 +555,9 @@ def test_reward_metrics_are_the_weighted_scores_of_the_recorded_completions(trac
             plain = [combined(s, [1.0] * len(names)) for s in exp.scores]
             plain = [r for r in plain if not math.isnan(r)]
             assert differs(row["reward"], sum(plain) / len(plain)), "weights must change the reward here"
+    if name == "dapo":
+        errors = sum(r["reward_errors/flaky"] for r in trace.metrics())
+        assert 0 < errors < 8 * case.steps, "some completions, not all, must fail for this test to mean much"
     if name == "weighted":
         abstained = [
             s for step in range(case.steps) for s in expected_step(trace, step).scores if s[2] is None

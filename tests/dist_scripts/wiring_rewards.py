@@ -7,6 +7,8 @@ must have used. They vary within a group of completions of a random tiny model (
 * :func:`vowels`: vowels / letters of the text after the reasoning prefill (0 without letters);
 * :func:`even_ids`: the share of even token ids;
 * :func:`gate`: ``None`` (abstains) when the first token id is a multiple of 3, else ``(id % 7) / 7``;
+* :func:`flaky`: ``(id % 4) / 4`` of the first token id, but raises on any batch holding a completion whose first
+  id is a multiple of 5 (the stage then scores one by one: those get no score and count as reward errors);
 * :func:`record`: 0 for every completion; appends one JSON line per call, ``{"completions", "completion_ids"}``,
   to the file named by ``$WIRING_RECORD``.
 """
@@ -33,6 +35,12 @@ def even_ids(completions: list[str], completion_ids: list[list[int]], **columns)
 
 def gate(completions: list[str], completion_ids: list[list[int]], **columns) -> list[float | None]:
     return [None if not ids or ids[0] % 3 == 0 else (ids[0] % 7) / 7 for ids in completion_ids]
+
+
+def flaky(completions: list[str], completion_ids: list[list[int]], **columns) -> list[float]:
+    if any(not ids or ids[0] % 5 == 0 for ids in completion_ids):
+        raise ValueError("flaky: a completion starts with a multiple of 5")
+    return [(ids[0] % 4) / 4 for ids in completion_ids]
 
 
 def record(completions: list[str], completion_ids: list[list[int]], **columns) -> list[float]:
