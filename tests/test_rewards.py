@@ -870,3 +870,125 @@ def test_score_all_raises_a_missing_column_even_when_skipping() -> None:
 
     with pytest.raises(RewardSetupError, match="needs a 'solution' column"):
         score_all({"accuracy": REWARDS["accuracy"]}, ["<answer>1</answer>"], {}, on_error="skip")
+
+
+# ------------------------------------------------------------------------- edge cases: several think blocks,
+# golds compared one way only (intervals, sets, relations), empty and malformed answers
+
+# (completion, extracted answer, format score, accuracy against gold "3"): the answer is read after the LAST
+# </think>; a second think block or any repeated tag costs the format reward, never the accuracy of what follows.
+# extract_think reads the first block.
+SEVERAL_THINKS = [
+    ("<think>a</think>\n<think>b</think><answer>3</answer>", "3", 0.0, 1.0),
+    ("<think>a</think><answer>4</answer></think><answer>3</answer>", "3", 0.0, 1.0),  # the last answer counts
+    ("<think>a</think><answer>3</answer></think><answer>5</answer>", "5", 0.0, 0.0),
+    ("<think>a</think>The answer is 3.</think>", None, 0.0, 0.0),  # nothing after the last </think>
+    ("<think>a</think>b</think><answer>3</answer>", "3", 0.0, 1.0),
+    ("<think>a<answer>3</answer></think>", None, 0.0, 0.0),  # an answer inside the reasoning does not count
+    ("<think>a</think><answer>3</answer><think>wait, maybe 4", "3", 0.0, 1.0),  # a closed answer stands
+    pytest.param(
+        "<think>a</think>\n<think>\nI count 1, 2, 3",
+        None,
+        0.0,
+        0.0,
+        marks=pytest.mark.xfail(
+            strict=True,
+            reason="a second <think> cut off before </think> is read as the answer ('I count 1, 2, 3', "
+            "accuracy 1.0), although the module says reasoning that never closes has no answer",
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize(("completion", "answer", "fmt", "acc"), SEVERAL_THINKS)
+def test_several_think_blocks(completion: str, answer: str | None, fmt: float, acc: float) -> None:
+    assert extract_think(completion) == completion[len("<think>") :].split("</think>")[0]
+    assert extract_answer(completion) == answer
+    assert format_score(completion) == fmt
+    assert accuracy(completion, "3") == acc
+
+
+# (completion, gold, expected): math_verify compares an answer with a gold; both orders are listed where the
+# comparison could be one-sided
+ONE_WAY_GOLDS = [
+    # intervals: open and closed ends differ, and neither contains the other
+    (think_answer("[1, 3)"), "[1,3)", 1.0),
+    (think_answer("(1, 3]"), "[1,3)", 0.0),
+    (think_answer("(1,3)"), "[1,3]", 0.0),
+    (think_answer("[1,3]"), "(1,3)", 0.0),
+    (think_answer("(2, \\infty) \\cup (-\\infty, 1)"), "(-\\infty,1)\\cup(2,\\infty)", 1.0),
+    # an interval answer to a relation gold, and the same set as a relation inside
+    (think_answer("[2, \\infty)"), "x \\geq 2", 1.0),
+    (think_answer("(1,3)"), "1 < x < 3", 1.0),
+    (think_answer("x \\in [2, \\infty)"), "[2, \\infty)", 1.0),
+    # sets: order and repeats do not matter, a subset or superset is wrong either way round
+    (think_answer("\\{2, 1\\}"), "\\{1, 2\\}", 1.0),
+    (think_answer("\\{1,2\\}"), "\\{1,2,2\\}", 1.0),
+    (think_answer("\\{1, 2, 3\\}"), "\\{1, 2\\}", 0.0),
+    (think_answer("\\{1, 2\\}"), "\\{1, 2, 3\\}", 0.0),
+    (think_answer("1, 2"), "2, 1", 1.0),  # a bare list is a set
+    (think_answer("(1, 2)"), "(2, 1)", 0.0),  # a tuple is ordered
+    # relations: the same relation written the other way round, a strict vs non-strict one
+    (think_answer("x > 2"), "2 < x", 1.0),
+    (think_answer("2 < x"), "x > 2", 1.0),
+    (think_answer("x \\leq 2"), "2 \\geq x", 1.0),
+    (think_answer("x \\geq 2"), "x > 2", 0.0),
+    (think_answer("x > 2"), "x \\geq 2", 0.0),
+    (think_answer("x < 2"), "x > 2", 0.0),
+    (think_answer("2x + 1 = y"), "y = 2x + 1", 1.0),
+    (think_answer("x = 2"), "2", 1.0),
+    (think_answer("2"), "x = 2", 1.0),
+    # percentages are numbers of percent both ways (50% is 50, not 0.5)
+    (think_answer("0.5"), "50%", 0.0),
+    (think_answer("50%"), "0.5", 0.0),
+    pytest.param(
+        think_answer("x \\geq 2"),
+        "[2, \\infty)",
+        1.0,
+        marks=pytest.mark.xfail(
+            strict=True, reason="math_verify does not match a relation answer against an interval gold (0.0)"
+        ),
+    ),
+    pytest.param(
+        think_answer("1 < x < 3"),
+        "(1,3)",
+        1.0,
+        marks=pytest.mark.xfail(
+            strict=True, reason="math_verify does not match a relation answer against an interval gold (0.0)"
+        ),
+    ),
+]
+
+
+@pytest.mark.parametrize(("completion", "gold", "expected"), ONE_WAY_GOLDS)
+def test_golds_compared_one_way(completion: str, gold: str, expected: float) -> None:
+    assert accuracy(completion, gold) == expected
+
+
+# (completion, extracted answer, format score): an empty or malformed answer scores 0 on accuracy, never raises
+EMPTY_OR_MALFORMED = [
+    ("<think>a</think><answer></answer>", None, 0.0),
+    ("<think>a</think><answer> \n </answer>", None, 0.0),
+    ("<think>a</think><answer>", None, 0.0),
+    ("<think>a</think></answer>", None, 0.0),
+    (
+        "<think>a</think><answer>\\boxed{}</answer>",
+        None,
+        1.0,
+    ),  # the tags are right; the boxed answer is empty
+    ("<think>a</think><answer>\\boxed{</answer>", "\\boxed{", 1.0),  # an unclosed box is read as text
+    ("<think>a</think>\\boxed{", "\\boxed{", 0.0),
+    ("<think>a</think><answer>=</answer>", "=", 1.0),
+    ("<think>a</think><answer>)(</answer>", ")(", 1.0),
+    ("<think>a</think><answer>\\frac{1}{0}</answer>", "\\frac{1}{0}", 1.0),
+]
+
+
+@pytest.mark.parametrize(("completion", "answer", "fmt"), EMPTY_OR_MALFORMED)
+@pytest.mark.parametrize("gold", ["3", "(1,3)", "B", "yes", "blue"])
+def test_empty_or_malformed_answers_score_0(
+    completion: str, answer: str | None, fmt: float, gold: str
+) -> None:
+    assert extract_answer(completion) == answer
+    assert format_score(completion) == fmt
+    assert accuracy(completion, gold) == 0.0
