@@ -146,7 +146,7 @@ def test_the_stages_do_not_import_command_modules() -> None:
     offenders = []
     for path in sorted((ALIGN / "stages").glob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("align."):
-                if node.module.split(".")[1] in commands:
-                    offenders.append(f"{path.name}:{node.lineno}: {node.module}")
+            module = node.module if isinstance(node, ast.ImportFrom) else None
+            if module and module.startswith("align.") and module.split(".")[1] in commands:
+                offenders.append(f"{path.name}:{node.lineno}: {module}")
     assert offenders == []

@@ -96,11 +96,19 @@ def _text_prompts() -> tuple[list[list[int]], None, list[int]]:
 PROMPTS = {"images": _image_prompts, "text": _text_prompts}
 
 
-GREEDY = dict(num_generations=1, max_new_tokens=10, temperature=0.0, top_p=1.0, top_k=0, eos_token_ids=[])
+GREEDY = dict(
+    num_generations=1,
+    max_new_tokens=10,
+    temperature=0.0,
+    top_p=1.0,
+    top_k=0,
+    eos_token_ids=[],
+    pad_token_id=PAD,
+)
 
 
 def _sample(model, prompts, pixel_values, images, generator=None, plain_decoder=True, **overrides) -> Rollout:
-    sampling = SamplingSettings(**(GREEDY | overrides), pad_token_id=PAD)
+    sampling = SamplingSettings(**(GREEDY | overrides))
     return generate(model, prompts, pixel_values, images, sampling, generator, plain_decoder=plain_decoder)
 
 

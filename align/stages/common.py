@@ -30,13 +30,14 @@ from typing import Literal
 import torch
 
 from align.checkpoint import atomic_folder, load_llava, save_llava
-from align.config import MAX_SEED, RecipeError, ranged, save_resolved
+from align.config import MAX_SEED, RecipeError, load_any, ranged, save_resolved
 from align.engine import (
     ParamGroup,
     full_ndim,
     full_numel,
     gathered,
     held_parameters,
+    init_distributed,
     partitioned_loading,
     persistent_parameters,
     setup,
@@ -381,6 +382,26 @@ class Progress:
             f"{k}={v:.4g}" for k, v in metrics.items() if k in ("loss", "lr", "tokens_per_s", "reward", "kl")
         )
         print(f"step {step + 1}/{self.total} {shown} eta={eta:.0f}s", flush=True)
+
+
+# --- the command line of every training stage -------------------------------------------------------------------
+
+
+def add_stage_arguments(parser) -> None:
+    """``align <stage> RECIPE [key=value ...] [--resume]``."""
+    parser.add_argument("recipe", help="stage recipe")
+    parser.add_argument("overrides", nargs="*", help="key.path=value overrides")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the latest checkpoint in output_dir"
+    )
+
+
+def run_stage(args, kind: str, train) -> int:
+    """Read the recipe (a mistake stops here, before any process group), join the launch, train, leave."""
+    recipe = load_any(args.recipe, args.overrides, expect=kind)
+    dist = init_distributed()
+    train(recipe, dist, args.resume)
+    return dist.shutdown(0)
 
 
 # --- what SFT and GRPO do before their first step and after their last ------------------------------------------

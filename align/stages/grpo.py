@@ -80,12 +80,12 @@ import torch
 from torch import nn
 
 from align.checkpoint import eos_token_ids, image_seq_len, resolve_model_folder
-from align.config import MAX_TOKENS, RecipeError, load_any, ranged, to_dict
+from align.config import MAX_TOKENS, RecipeError, ranged, to_dict
 from align.data.check import checked_mix, stage_row_check
 from align.data.config import DataConfig
 from align.data.encode import encode_prompt, generation_prefill
 from align.data.images import load_image
-from align.engine import held_parameters, init_distributed
+from align.engine import held_parameters
 from align.errors import AlignError
 from align.grpo.logps import completion_logps_and_entropy
 from align.grpo.loss import (
@@ -126,6 +126,7 @@ from align.stages.common import (
     RunSpec,
     TrainableSpec,
     Training,
+    add_stage_arguments,
     begin_outputs,
     build_engine,
     check_trainable,
@@ -134,6 +135,7 @@ from align.stages.common import (
     load_trainable,
     resume_from_checkpoint,
     resume_point,
+    run_stage,
     save_checkpoint,
     step_lrs,
     training_of,
@@ -875,16 +877,8 @@ def _rollout_backend(recipe, dist, training, model_dir, policy, questions, resum
     return backend, sync
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("recipe", help="grpo recipe")
-    parser.add_argument("overrides", nargs="*", help="key.path=value overrides")
-    parser.add_argument(
-        "--resume", action="store_true", help="continue from the latest checkpoint in output_dir"
-    )
+add_arguments = add_stage_arguments
 
 
 def run(args) -> int:
-    recipe = load_any(args.recipe, args.overrides, expect="grpo")
-    dist = init_distributed()
-    train(recipe, dist, args.resume)
-    return dist.shutdown(0)
+    return run_stage(args, "grpo", train)

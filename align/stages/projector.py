@@ -14,9 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from align.config import load_any
-from align.engine import init_distributed
-from align.stages.common import OptimSpec, TrainableSpec
+from align.stages.common import OptimSpec, TrainableSpec, run_stage
 from align.stages.sft import SFTRecipe, add_arguments, train
 
 __all__ = ["ProjectorRecipe", "add_arguments", "run"]
@@ -33,7 +31,4 @@ class ProjectorRecipe(SFTRecipe):
 
 
 def run(args) -> int:
-    recipe = load_any(args.recipe, args.overrides, expect="projector")
-    dist = init_distributed()
-    train(recipe, dist, args.resume)
-    return dist.shutdown(0)
+    return run_stage(args, "projector", train)

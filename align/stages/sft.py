@@ -31,13 +31,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from align.checkpoint import image_seq_len, resolve_model_folder
-from align.config import RecipeError, load_any, to_dict
+from align.config import RecipeError, to_dict
 from align.data.batching import image_origins, length_grouped_batches, pack, packed_collate, pad_collate
 from align.data.check import checked_mix, stage_row_check
 from align.data.config import DataConfig
 from align.data.encode import IGNORE_INDEX, encode_sft, fit_all
 from align.data.images import load_image
-from align.engine import gathered, init_distributed
+from align.engine import gathered
 from align.errors import AlignError
 from align.feature_cache import FeatureCache, cache_fingerprint, tower_features
 from align.model import llava_of
@@ -50,6 +50,7 @@ from align.stages.common import (
     RunSpec,
     TrainableSpec,
     Training,
+    add_stage_arguments,
     begin_outputs,
     build_engine,
     check_trainable,
@@ -57,6 +58,7 @@ from align.stages.common import (
     load_trainable,
     resume_from_checkpoint,
     resume_point,
+    run_stage,
     save_checkpoint,
     step_lrs,
     training_of,
@@ -382,16 +384,8 @@ def _feature_cache(recipe, llava, processor) -> FeatureCache | None:
     return FeatureCache(fingerprint, recipe.feature_cache, Path(recipe.output_dir) / "feature_cache")
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("recipe", help="stage recipe")
-    parser.add_argument("overrides", nargs="*", help="key.path=value overrides")
-    parser.add_argument(
-        "--resume", action="store_true", help="continue from the latest checkpoint in output_dir"
-    )
+add_arguments = add_stage_arguments
 
 
 def run(args) -> int:
-    recipe = load_any(args.recipe, args.overrides, expect="sft")
-    dist = init_distributed()
-    train(recipe, dist, args.resume)
-    return dist.shutdown(0)
+    return run_stage(args, "sft", train)
