@@ -81,5 +81,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def entry() -> None:
+    """The ``align`` console command: :func:`main`, with a Ctrl-C outside a training loop (which stops at a step
+    boundary by itself) ending in one line instead of a traceback."""
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print(
+            "interrupted: stopped at once; a stage's --resume continues from its last checkpoint",
+            file=sys.stderr,
+        )
+        sys.exit(130)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -21,7 +21,9 @@ import math
 import re
 import resource
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +44,7 @@ from align.engine import (
     persistent_parameters,
     setup,
 )
-from align.errors import AlignError
+from align.errors import AlignError, StageInterrupted
 from align.feature_cache import tower_features
 from align.lora import ALL_LINEAR, apply_lora, is_lora, merge_lora_state_dict, save_adapter
 from align.memory import memory_per_gpu
@@ -113,7 +115,10 @@ class RunSpec:
     gradient_checkpointing: bool = False
     strategy: Literal["auto", "single", "ddp", "zero2", "zero3"] = "auto"  # auto: ddp when launched with N>1
     deepspeed_config: str | None = None  # ZeRO JSON (recipes/deepspeed/*.json); batch sizes come from here
-    save_every: int = ranged(0, ge=0, note="0: only the final model")  # optimizer steps between checkpoints
+    save_every: int = ranged(0, ge=0, note="0: off")  # optimizer steps between checkpoints
+    save_every_minutes: float = ranged(
+        10.0, ge=0, note="0: off"
+    )  # wall time between checkpoints: a run over a few minutes is resumable by default
     keep_last: int = ranged(2, ge=1)  # checkpoints kept on disk
     log_every: int = ranged(1, ge=1)  # optimizer steps between metrics rows
     tensorboard: bool = True
@@ -223,19 +228,47 @@ def remove_incomplete_checkpoints(output_dir: str | Path) -> list[Path]:
     return stale
 
 
-def resume_point(output_dir: str | Path, resume: bool) -> Path | None:
+# what a stage writes into its output_dir; --overwrite removes these before a fresh run
+RUN_OUTPUTS = (
+    "model",
+    "adapter",
+    "checkpoints",
+    "metrics.jsonl",
+    "completions.jsonl",
+    "tensorboard",
+    "plots",
+    "summary.json",
+)
+
+
+def resume_point(output_dir: str | Path, resume: bool, overwrite: bool = False) -> Path | None:
     """The checkpoint a run starts from: the latest one with ``resume``, none for a fresh run.
 
-    A fresh run into a folder that already holds checkpoints is refused: their steps would mix with the new
-    run's, and a later ``--resume`` could continue the old run instead of the new one.
+    A fresh run never replaces an earlier run's outputs silently: a folder with checkpoints (their steps would
+    mix with the new run's), a finished model, or the metrics of an interrupted run is refused, unless
+    ``overwrite`` (the earlier outputs are then removed by :func:`begin_outputs`).
     """
-    found = checkpoints(output_dir)
+    out = Path(output_dir)
+    found = checkpoints(out)
     if resume:
         return found[-1][1] if found else None
+    if overwrite:
+        return None
     if found:
         raise AlignError(
-            f"{Path(output_dir) / 'checkpoints'} holds {len(found)} checkpoint(s) of an earlier run (latest "
-            f"{found[-1][1].name}); pass --resume to continue it, or remove them / choose another output_dir"
+            f"{out / 'checkpoints'} holds {len(found)} checkpoint(s) of an earlier run (latest "
+            f"{found[-1][1].name}); pass --resume to continue it, --overwrite to start again, or choose another "
+            "output_dir"
+        )
+    if (out / "model" / "config.json").exists():
+        raise AlignError(
+            f"{out} holds a finished run ({out / 'model'}); pass --overwrite to train again into it, or choose "
+            "another output_dir"
+        )
+    if (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").stat().st_size:
+        raise AlignError(
+            f"{out / 'metrics.jsonl'} holds an earlier run's steps but there is no checkpoint to continue from; "
+            "pass --overwrite to start again, or choose another output_dir"
         )
     return None
 
@@ -364,12 +397,16 @@ class MetricsWriter:
 
 
 class Progress:
-    """One status line per log step: step/total, loss, lr, tokens/s, ETA (plain text: works in logs and CI)."""
+    """The status of each logged step: step/total, loss, lr, tokens/s, reward, KL, ETA. On a terminal one line
+    redrawn in place behind a bar; elsewhere (logs, CI) one plain line per logged step."""
 
-    def __init__(self, total_steps: int, start_step: int, enabled: bool):
+    BAR = 24  # characters
+
+    def __init__(self, total_steps: int, start_step: int, enabled: bool, tty: bool | None = None):
         self.total = total_steps
         self.start_step = start_step
         self.enabled = enabled
+        self.tty = sys.stdout.isatty() if tty is None else tty
         self.t0 = time.perf_counter()
 
     def update(self, step: int, metrics: dict[str, float]) -> None:
@@ -381,7 +418,13 @@ class Progress:
         shown = " ".join(
             f"{k}={v:.4g}" for k, v in metrics.items() if k in ("loss", "lr", "tokens_per_s", "reward", "kl")
         )
-        print(f"step {step + 1}/{self.total} {shown} eta={eta:.0f}s", flush=True)
+        line = f"step {step + 1}/{self.total} {shown} eta={eta:.0f}s"
+        if not self.tty:
+            print(line, flush=True)
+            return
+        filled = self.BAR * (step + 1) // max(self.total, 1)
+        end = "\n" if step + 1 >= self.total else ""
+        print(f"\r[{'#' * filled}{'.' * (self.BAR - filled)}] {line}\033[K", end=end, flush=True)
 
 
 # --- the command line of every training stage -------------------------------------------------------------------
@@ -394,13 +437,27 @@ def add_stage_arguments(parser) -> None:
     parser.add_argument(
         "--resume", action="store_true", help="continue from the latest checkpoint in output_dir"
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start again in an output_dir that holds an earlier run (its model, checkpoints and logs are removed)",
+    )
 
 
 def run_stage(args, kind: str, train) -> int:
-    """Read the recipe (a mistake stops here, before any process group), join the launch, train, leave."""
+    """Read the recipe (a mistake stops here, before any process group), join the launch, train, leave.
+
+    A run stopped by SIGINT/SIGTERM (after its checkpoint) prints one line with the command that continues it
+    and exits 130.
+    """
     recipe = load_any(args.recipe, args.overrides, expect=kind)
     dist = init_distributed()
-    train(recipe, dist, args.resume)
+    try:
+        train(recipe, dist, args.resume, args.overwrite)
+    except StageInterrupted as err:
+        again = " ".join(["align", kind, args.recipe, *args.overrides, "--resume"])
+        dist.log(f"{err}; continue with: {again}")
+        return dist.shutdown(130)
     return dist.shutdown(0)
 
 
@@ -503,12 +560,21 @@ def resume_from_checkpoint(engine, resume_from: Path | None, recipe, resume: boo
     return saved
 
 
-def begin_outputs(recipe, dist, resumed: bool, start_step: int) -> None:
-    """Tidy the output folder for the first step: half-written saves removed, the per-step logs cut back to the
-    checkpoint (a resumed run logs those steps again), the resolved recipe written on a fresh run."""
+def begin_outputs(recipe, dist, resumed: bool, start_step: int, overwrite: bool = False) -> None:
+    """Tidy the output folder for the first step: an earlier run's outputs removed (``--overwrite`` on a fresh
+    run), half-written saves removed, the per-step logs cut back to the checkpoint (a resumed run logs those
+    steps again), the resolved recipe written on a fresh run; then say where the outputs go."""
+    out = Path(recipe.output_dir)
+    dist.log(f"output: {out} (metrics.jsonl; TensorBoard: tensorboard --logdir {out / 'tensorboard'})")
     if not dist.is_main:
         return
-    out = Path(recipe.output_dir)
+    if overwrite and not resumed:
+        for name in RUN_OUTPUTS:
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
     for stale in remove_incomplete_checkpoints(out):
         print(f"removed {stale}: an interrupted save")
     for log in ("metrics.jsonl", "completions.jsonl"):
@@ -542,7 +608,7 @@ def save_model(engine, model, processor, folder: Path, recipe, key_prefix: str =
 
 def save_checkpoint(
     engine, model, processor, recipe, dist, step: int, state: dict, key_prefix: str = ""
-) -> None:
+) -> Path:
     """``checkpoints/step-N/{model,state}``; ``state`` (with ``step``) is what a resume continues from."""
     folder = Path(recipe.output_dir) / "checkpoints" / f"step-{step:07d}"
     save_model(engine, model, processor, folder / "model", recipe, key_prefix)
@@ -550,6 +616,61 @@ def save_checkpoint(
     if dist.is_main:
         prune_checkpoints(recipe.output_dir, recipe.run.keep_last)
     dist.barrier()
+    return folder
+
+
+class RunControl:
+    """When a step ends with a checkpoint, and whether the run stops there.
+
+    A checkpoint follows every ``run.save_every`` steps, every ``run.save_every_minutes`` of wall time, and the
+    step during which SIGINT or SIGTERM arrived: the run then stops there (the CLI prints one line with the
+    command that continues; no traceback). A second signal stops at once. The clock and the signal are read on
+    every rank and decided together (one sum over ranks per step), so that all ranks save and stop at the same
+    step. Never at the last step: the final model follows it.
+    """
+
+    def __init__(self, run: RunSpec, dist):
+        self.run, self.dist = run, dist
+        self.last_save = time.monotonic()
+        self.signal: int | None = None
+        self.previous: dict[int, object] = {}
+
+    def __enter__(self) -> RunControl:
+        if threading.current_thread() is threading.main_thread():  # Python delivers signals there only
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _on_signal(self, signum: int, frame) -> None:
+        if self.signal is not None:  # the second one: stop now
+            raise KeyboardInterrupt
+        self.signal = signum
+        if self.dist.is_main:
+            print(
+                f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint (again: at once)"
+            )
+
+    def at_step_end(self, done: int, total: int, steps_due: bool) -> tuple[bool, bool]:
+        """(save a checkpoint now, stop after it) for the step that made ``done`` of ``total`` steps."""
+        minutes = self.run.save_every_minutes
+        timed = minutes > 0 and time.monotonic() - self.last_save >= 60 * minutes
+        agreed = self.dist.all_sum({"timed": float(timed), "stop": float(self.signal is not None)})
+        if done >= total:
+            return False, False
+        stop = agreed["stop"] > 0
+        save = steps_due or agreed["timed"] > 0 or stop
+        if save:
+            self.last_save = time.monotonic()
+        return save, stop
+
+    def stopped(self, done: int, total: int, folder: Path) -> StageInterrupted:
+        """The error that ends a run stopped by a signal, saying where it stopped."""
+        name = signal.Signals(self.signal).name if self.signal is not None else "a signal"
+        return StageInterrupted(f"{name}: stopped after step {done} of {total}; checkpoint {folder}")
 
 
 def finish(

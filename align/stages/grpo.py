@@ -123,6 +123,7 @@ from align.stages.common import (
     MetricsWriter,
     OptimSpec,
     Progress,
+    RunControl,
     RunSpec,
     TrainableSpec,
     Training,
@@ -363,6 +364,7 @@ class GRPORun:
     memory: dict[str, int]
     data_seed: int
     draws: int = 0  # question draws so far (one per round; more with dynamic sampling)
+    flat_rounds: int = 0  # rounds in a row in which no group's rewards varied
     order: dict[int, list[int]] = field(default_factory=dict)  # the current epoch's question order
 
     @property
@@ -382,16 +384,19 @@ class GroupPool:
     flat: list[RolloutBatch] = field(default_factory=list)
 
 
-def train(recipe: GRPORecipe, dist, resume: bool) -> Path:
+def train(recipe: GRPORecipe, dist, resume: bool, overwrite: bool = False) -> Path:
     """The whole stage on this process (``dist`` from ``init_distributed()``), holding its output_dir."""
     with hold_output_dir(recipe.output_dir, dist):
-        s, start_round = _set_up(recipe, dist, resume)
+        s, start_round = _set_up(recipe, dist, resume, overwrite)
         t_start = time.perf_counter()
-        for rnd in range(start_round, s.schedule.total_rounds):
-            _round(s, rnd)
-        s.metrics.close()
-        if s.samples_file is not None:
-            s.samples_file.close()
+        try:
+            with RunControl(recipe.run, dist) as control:
+                for rnd in range(start_round, s.schedule.total_rounds):
+                    _round(s, rnd, control)
+        finally:
+            s.metrics.close()
+            if s.samples_file is not None:
+                s.samples_file.close()
         summary = {
             "steps": s.schedule.total_steps,
             "resumed_from_round": start_round,
@@ -400,7 +405,7 @@ def train(recipe: GRPORecipe, dist, resume: bool) -> Path:
         return finish(s.engine, s.model, s.processor, recipe, dist, s.training, t_start, summary, KEY_PREFIX)
 
 
-def _round(s: GRPORun, rnd: int) -> None:
+def _round(s: GRPORun, rnd: int, control: RunControl) -> None:
     """One round, its phases in the order they run: rollouts of this step's questions, their rewards (with
     dynamic sampling, more draws until every rank has groups with signal), advantages, then ``num_iterations``
     optimizer steps on those completions, each logged."""
@@ -427,13 +432,32 @@ def _round(s: GRPORun, rnd: int) -> None:
     if dropped is not None:
         row["dynamic_sampling/dropped_groups"] = s.dist.all_sum(dropped)
         row["dynamic_sampling/rounds"] = s.draws - first_draw
+    _warn_if_nothing_to_learn(s, row)
     done = _update(s, batches, old_logps, is_weights, row, rnd, t_round)
     _log_completions(s, batches, done)
     run = s.recipe.run
     crossed = run.save_every and done // run.save_every > rnd * cfg.num_iterations // run.save_every
-    if crossed and rnd + 1 < s.schedule.total_rounds:
+    save, stop = control.at_step_end(done, s.schedule.total_steps, bool(crossed))
+    if save:
         state = {"round": rnd + 1, "draws": s.draws}
-        save_checkpoint(s.engine, s.model, s.processor, s.recipe, s.dist, done, state, KEY_PREFIX)
+        folder = save_checkpoint(s.engine, s.model, s.processor, s.recipe, s.dist, done, state, KEY_PREFIX)
+        if stop:
+            raise control.stopped(done, s.schedule.total_steps, folder)
+
+
+FLAT_ROUNDS_WARNING = 3  # rounds in a row whose groups all had equal rewards before the stage says so
+
+
+def _warn_if_nothing_to_learn(s: GRPORun, row: dict[str, float]) -> None:
+    """One warning when every group's rewards were equal for FLAT_ROUNDS_WARNING rounds in a row: all advantages
+    are then 0 and the updates change nothing (a reward that cannot score these completions, or too few)."""
+    s.flat_rounds = s.flat_rounds + 1 if row["frac_reward_zero_std"] >= 1.0 else 0
+    if s.flat_rounds == FLAT_ROUNDS_WARNING:
+        s.dist.log(
+            f"warning: every group's {s.cfg.num_generations} rewards were equal for {FLAT_ROUNDS_WARNING} rounds in "
+            f"a row (frac_reward_zero_std 1.0, reward {row['reward']:.3g}): all advantages are 0, nothing is "
+            "learned; look at the rewards in completions.jsonl"
+        )
 
 
 # --- phases of a round ------------------------------------------------------------------------------------------
@@ -733,13 +757,13 @@ def _log_completions(s: GRPORun, batches: list[RolloutBatch], done: int) -> None
 # --- set-up -----------------------------------------------------------------------------------------------------
 
 
-def _set_up(recipe: GRPORecipe, dist, resume: bool) -> tuple[GRPORun, int]:
+def _set_up(recipe: GRPORecipe, dist, resume: bool, overwrite: bool) -> tuple[GRPORun, int]:
     """Everything before the first round, cheapest checks first: the resume point and the model folder, every
     row, the policy and reference, the questions, the engine, the checkpoint, the rollout backend, the logs."""
     run, cfg = recipe.run, recipe.grpo
     torch.manual_seed(run.seed)
     training = training_of(recipe, dist)
-    resume_from = resume_point(recipe.output_dir, resume)  # a fresh run into old checkpoints stops here
+    resume_from = resume_point(recipe.output_dir, resume, overwrite)  # never replaces an earlier run silently
     model_dir = resolve_model_folder(recipe.model)  # a wrong folder fails in a second, not after the rows
     # every row checked (images decoded, boxes, a gold answer the rewards can score), data.strict applied
     data_seed = recipe.data.seed if recipe.data.seed is not None else run.seed
@@ -773,7 +797,7 @@ def _set_up(recipe: GRPORecipe, dist, resume: bool) -> tuple[GRPORun, int]:
     base_lrs = engine.lrs()  # before load_state, which restores the schedule's current values
     saved = resume_from_checkpoint(engine, resume_from, recipe, resume, dist)
     start_round = saved.get("round", 0)
-    begin_outputs(recipe, dist, resume_from is not None, start_round * cfg.num_iterations)
+    begin_outputs(recipe, dist, resume_from is not None, start_round * cfg.num_iterations, overwrite)
     backend, weight_sync = _rollout_backend(recipe, dist, training, model_dir, policy, questions, resume_from)
     s = GRPORun(
         recipe, dist, training, model, policy, processor, engine, reference, rewards, weights, questions, schedule,

@@ -47,6 +47,7 @@ from align.stages.common import (
     MetricsWriter,
     OptimSpec,
     Progress,
+    RunControl,
     RunSpec,
     TrainableSpec,
     Training,
@@ -220,15 +221,18 @@ class SFTRun:
         return llava_of(self.model)
 
 
-def train(recipe, dist, resume: bool) -> Path:
+def train(recipe, dist, resume: bool, overwrite: bool = False) -> Path:
     """The whole stage on this process (``dist`` from ``init_distributed()``), holding its output_dir."""
     with hold_output_dir(recipe.output_dir, dist):
-        s, start_step = _set_up(recipe, dist, resume)
+        s, start_step = _set_up(recipe, dist, resume, overwrite)
         t_start = time.perf_counter()
         s.engine.module.train()
-        for step in range(start_step, s.total_steps):
-            _step(s, step)
-        s.metrics.close()
+        try:
+            with RunControl(recipe.run, dist) as control:
+                for step in range(start_step, s.total_steps):
+                    _step(s, step, control)
+        finally:
+            s.metrics.close()
         summary = {
             "steps": s.total_steps,
             "resumed_from": start_step,
@@ -241,7 +245,7 @@ def train(recipe, dist, resume: bool) -> Path:
         return finish(s.engine, s.model, s.processor, recipe, dist, s.training, t_start, summary)
 
 
-def _step(s: SFTRun, step: int) -> None:
+def _step(s: SFTRun, step: int, control: RunControl) -> None:
     """One optimizer step, its phases in the order they run: this rank's micro-batches of the step's global
     batch, their counts over all ranks, the learning rates, forward/backward of each micro-batch, the log row,
     a checkpoint when one is due."""
@@ -276,8 +280,13 @@ def _step(s: SFTRun, step: int) -> None:
         }
         s.metrics.log(step + 1, row)
         s.progress.update(step, row)
-    if run.save_every and (step + 1) % run.save_every == 0 and step + 1 < s.total_steps:
-        save_checkpoint(s.engine, s.model, s.processor, s.recipe, s.dist, step + 1, {})
+    save, stop = control.at_step_end(
+        step + 1, s.total_steps, bool(run.save_every) and (step + 1) % run.save_every == 0
+    )
+    if save:
+        folder = save_checkpoint(s.engine, s.model, s.processor, s.recipe, s.dist, step + 1, {})
+        if stop:
+            raise control.stopped(step + 1, s.total_steps, folder)
 
 
 def _micro_batches(s: SFTRun, step: int) -> tuple[list[list], int]:
@@ -322,13 +331,13 @@ def _optimizer_step(s: SFTRun, micro: list[list], n_tokens: float) -> Any:
 # --- set-up -----------------------------------------------------------------------------------------------------
 
 
-def _set_up(recipe, dist, resume: bool) -> tuple[SFTRun, int]:
+def _set_up(recipe, dist, resume: bool, overwrite: bool) -> tuple[SFTRun, int]:
     """Everything before the first step, cheapest checks first: the resume point and the model folder, every
     row, the model, the training units, the feature cache, the engine, the checkpoint, the logs."""
     run, data = recipe.run, recipe.data
     torch.manual_seed(run.seed)
     training = training_of(recipe, dist)
-    resume_from = resume_point(recipe.output_dir, resume)  # a fresh run into old checkpoints stops here
+    resume_from = resume_point(recipe.output_dir, resume, overwrite)  # never replaces an earlier run silently
     model_dir = resolve_model_folder(recipe.model)  # a wrong folder fails in a second, not after the rows
     # every row checked (images decoded, placeholders, answers, boxes, a target to learn), data.strict applied
     data_seed = data.seed if data.seed is not None else run.seed
@@ -358,7 +367,7 @@ def _set_up(recipe, dist, resume: bool) -> tuple[SFTRun, int]:
     engine, memory = build_engine(model, model, recipe, dist, training)
     base_lrs = engine.lrs()  # before load_state, which restores the schedule's current values
     start_step = resume_from_checkpoint(engine, resume_from, recipe, resume, dist).get("step", 0)
-    begin_outputs(recipe, dist, resume_from is not None, start_step)
+    begin_outputs(recipe, dist, resume_from is not None, start_step, overwrite)
     s = SFTRun(
         recipe, dist, training, model, processor, engine, cache, units, global_batch, steps_per_epoch, total_steps,
         int(recipe.optim.warmup_ratio * total_steps), base_lrs,
