@@ -786,8 +786,8 @@ def _set_up(recipe: GRPORecipe, dist, resume: bool, overwrite: bool) -> tuple[GR
     dist.log(
         f"rewards: {', '.join(f'{n} x{w}' for n, w in zip(rewards, weights, strict=True))}; reference model: {kind}"
     )
-    questions, schedule = _questions(recipe, dist, samples, processor.tokenizer, llava_of(model), processor)
     dist.log(mix.table())
+    questions, schedule = _questions(recipe, dist, samples, processor.tokenizer, llava_of(model), processor)
     policy = PolicyLogps(model)
     engine, memory = build_engine(policy, model, recipe, dist, training)
     if reference is not None:
