@@ -381,7 +381,9 @@ def _run_pipeline(recipe: PipelineRecipe, recipe_file: str, dist) -> Path:
             from align.export import export
 
             export(current, out / "export", dtype=recipe.export_dtype)
-            print(f"export: {out / 'export'} ({recipe.export_dtype}; loads in transformers and vLLM as it is)")
+            print(
+                f"export: {out / 'export'} ({recipe.export_dtype}; loads in transformers and vLLM as it is)"
+            )
         rows, md = _report(timings, evals, eval_dirs)
         if probes:
             md += _probe_table(probes, recipe.eval.probe)

@@ -39,7 +39,7 @@ from align.data.mixing import (
 from align.data.readers import FilteredRow, RowProblem, read_source
 from align.data.sample import Sample
 from align.errors import AlignError
-from align.rewards import DEFAULT_REWARD_FUNCS, unscorable_gold
+from align.rewards import DEFAULT_REWARD_FUNCS, gold_self_check, load_reward, unscorable_gold
 
 LengthFn = Callable[[Sample], int]
 RowCheck = Callable[[Sample], RowProblem | None]  # what one stage needs from a structurally valid row
@@ -247,8 +247,10 @@ def stage_row_check(kind: str | None, reward_funcs: Sequence[str] = DEFAULT_REWA
     """What a ``kind`` stage needs from a row beyond being well formed, as a row check (None: nothing more).
 
     * ``sft`` / ``projector``: the row ends with an assistant turn, the target it learns.
-    * ``grpo``: the row has a gold answer, and one of ``reward_funcs`` that reads a gold can score it
-      (:func:`align.rewards.unscorable_gold`): otherwise every completion would earn ``None`` from it.
+    * ``grpo``: the row has a gold answer, one of ``reward_funcs`` that reads a gold can score it
+      (:func:`align.rewards.unscorable_gold`): otherwise every completion would earn ``None`` from it; and
+      every reward gives the gold itself, written as a perfect completion, its maximum
+      (:func:`align.rewards.gold_self_check`): otherwise the row could only ever score below it.
     """
     if kind in ("sft", "projector"):
 
@@ -267,16 +269,23 @@ def stage_row_check(kind: str | None, reward_funcs: Sequence[str] = DEFAULT_REWA
         return needs_target
     if kind == "grpo":
         funcs = list(reward_funcs)
+        rewards = {spec: load_reward(spec) for spec in funcs}
+        judged: dict[tuple, str | None] = {}  # golds repeat (counting answers): each is scored once
 
         def needs_gold(sample: Sample) -> RowProblem | None:
             if sample.answer is None:
                 return RowProblem(
                     sample.origin, "gold", "GRPO rows need a gold answer (solution) for the rewards"
                 )
-            reason = unscorable_gold(funcs, sample.answer, sample.meta.get("box"))
-            return (
-                None if reason is None else RowProblem(sample.origin, "gold", f"cannot be scored: {reason}")
-            )
+            box, family = sample.meta.get("box"), sample.meta.get("family")
+            reason = unscorable_gold(funcs, sample.answer, box)
+            if reason is not None:
+                return RowProblem(sample.origin, "gold", f"cannot be scored: {reason}")
+            key = (repr(sample.answer), repr(box), repr(family))
+            if key not in judged:
+                failures = (gold_self_check(s, fn, sample.answer, box, family) for s, fn in rewards.items())
+                judged[key] = next((f for f in failures if f is not None), None)
+            return None if judged[key] is None else RowProblem(sample.origin, "gold", judged[key])
 
         return needs_gold
     return None

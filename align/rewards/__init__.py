@@ -44,6 +44,7 @@ from align.rewards.answers import (
     accuracy,
     gold_kind,
     gold_problem,
+    gold_text,
     normalize_text,
     parse_choice,
     parse_number,
@@ -84,6 +85,8 @@ __all__ = [
     "format_score",
     "gold_kind",
     "gold_problem",
+    "gold_self_check",
+    "gold_text",
     "iou",
     "iou_reward",
     "iou_soft",
@@ -96,6 +99,7 @@ __all__ = [
     "parse_choice",
     "parse_number",
     "parse_yesno",
+    "perfect_completion",
     "repetition",
     "repetition_reward",
     "score_all",
@@ -231,6 +235,60 @@ def unscorable_gold(reward_funcs: Sequence[str], solution: object, box: object =
             return None
         reasons.append(f"{spec} reward: {reason}")
     return "; ".join(reasons) or None
+
+
+# What each built-in reward gives a perfect completion; those that read no gold (length, repetition,
+# soft_overlong) are not judged by the self-check.
+REWARD_MAXIMUM: dict[str, float] = {"accuracy": 1.0, "format": 1.0, "iou": 1.0, "iou_soft": 1.0}
+
+
+def perfect_completion(answer: str) -> str:
+    """A completion every reward must score at its maximum when ``answer`` is the row's gold: the reasoning
+    (after the template's prefill) closed, then the answer in ``<answer>`` tags."""
+    return f"{R1_PREFILL}The answer follows from the question.\n</think>\n<answer>{answer}</answer>"
+
+
+def gold_self_check(
+    spec: str, reward: RewardFn, solution: object, box: object, family: object = None
+) -> str | None:
+    """Why ``reward`` cannot reward its own row's gold, or ``None``: the gold written as a
+    :func:`perfect_completion` (the ``solution``; the ``box`` for the box rewards, and when there is no
+    solution) must earn a built-in reward's maximum, and a custom reward (whose maximum is its own) more than 0
+    when it names a gold column (``solution``, ``answer`` or ``box``) among its parameters.
+
+    Closes the class "the row passes the check, then every completion scores 0": a gold in a layout the
+    reward cannot parse. Not judged: built-ins that read no gold, rows without one, and a custom reward that
+    raises here (it may need columns only a run has; inside a run its errors are counted per step).
+    """
+    if (spec in REWARDS and spec not in REWARD_MAXIMUM) or (spec not in REWARDS and not _reads_gold(reward)):
+        return None
+    gold = box if spec in ("iou", "iou_soft") or solution is None else solution
+    if gold is None or (spec in ("iou", "iou_soft") and as_box(box) is None):
+        return None
+    if isinstance(gold, (list, tuple)):
+        answer = str([float(v) for v in gold])  # a box as a model writes it: [x1, y1, x2, y2]
+    else:
+        answer = gold_text(gold) or str(gold)  # <answer>3</answer> golds: their content
+    columns = {"solution": [solution], "box": [box], "family": [family], "image_size": [None]}
+    try:
+        score = _checked(spec, reward([perfect_completion(answer)], **columns), 1)[0]
+    except Exception:  # a custom reward may need columns only a run has; in a run its errors are counted
+        return None
+    best = REWARD_MAXIMUM.get(spec)
+    if score is not None and (score >= best - 1e-9 if best is not None else score > 0):
+        return None
+    shown = "None (not applicable)" if score is None else f"{score:g}"
+    return f"reward '{spec}' scores the gold itself {shown}" + (f" (its maximum is {best:g})" if best else "")
+
+
+def _reads_gold(reward: RewardFn) -> bool:
+    """Whether a custom reward names a gold column among its parameters (TRL's ``fn(completions, solution,
+    **kwargs)``); one that takes only ``**kwargs`` may score anything (a length, a style) and is not judged."""
+    try:
+        names = inspect.signature(reward).parameters
+    except (TypeError, ValueError):
+        return False
+    return any(name in names for name in ("solution", "answer", "box"))
 
 
 def _import(spec: str) -> Any:

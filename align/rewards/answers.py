@@ -194,17 +194,25 @@ def normalize_text(text: str) -> str:
     return " ".join(_ARTICLES.sub(" ", _PUNCTUATION.sub("", s)).split())
 
 
-def _gold_text(gold: object) -> str | None:
+_ANSWER_BLOCK = re.compile(r"<answer>(.*?)</answer>", flags=re.DOTALL)
+
+
+def gold_text(gold: object) -> str | None:
+    """The gold as text; a gold written the way completions are (``<answer>3</answer>``, as R1-V, VLM-R1 and
+    Visual-RFT publish theirs) is its last answer block's content."""
     if isinstance(gold, bool):
         return None
     if isinstance(gold, (int, float)):
         return str(gold) if math.isfinite(gold) else None
-    return gold if isinstance(gold, str) else None
+    if not isinstance(gold, str):
+        return None
+    blocks = _ANSWER_BLOCK.findall(gold)
+    return blocks[-1].strip() if blocks else gold
 
 
 def gold_kind(gold: object) -> GoldKind | None:
     """Which matcher a gold answer selects (table in the module docstring); ``None`` if it is unusable."""
-    text = _gold_text(gold)
+    text = gold_text(gold)
     if text is None:
         return None
     g = _trim(text)
@@ -224,7 +232,7 @@ def gold_kind(gold: object) -> GoldKind | None:
 def gold_problem(gold: object, timeout: float = 1.0) -> str | None:
     """Why :func:`accuracy` cannot score against ``gold`` (it would return ``None`` for every completion), or
     ``None`` if it can. Pure; ``align data check`` and the stages use it to count such rows before training."""
-    text = _gold_text(gold)
+    text = gold_text(gold)
     if text is None:
         return f"the gold answer is a {type(gold).__name__} ({gold!r:.60}), not text or a finite number"
     g = _trim(text)
@@ -250,7 +258,7 @@ def accuracy(
     if gold_problem(gold, timeout) is not None:
         return None
     kind = gold_kind(gold)
-    g = _trim(_gold_text(gold) or "")
+    g = _trim(gold_text(gold) or "")
     answer = extract_answer(completion)
     if answer is None:
         return 0.0

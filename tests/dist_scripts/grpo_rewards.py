@@ -3,6 +3,7 @@
 * :func:`vowel_share`: a dense, learnable signal for a random tiny model (whose completions never score on the
   real rewards): the share of the completion's letters that are vowels, reasoning prefill excluded.
 * :func:`vowel_rich`: 1 when a completion is at least 40% vowels, else 0 (groups with and without spread).
+* :func:`never_right`: reads the gold, scores everything 0 (the reward self-check must refuse it).
 * :func:`recorder`: scores 0 and appends every completion it receives, with its columns, as JSON lines to the
   file named by ``$GRPO_REWARD_RECORD`` (works in-process and under torchrun).
 """
@@ -38,3 +39,9 @@ def vowel_rich(completions: list[str], **columns) -> list[float]:
     """1 when at least 40% of the completion's letters are vowels, else 0: a binary reward, so some groups of a
     random tiny model score all-equal (zero variance) and others do not (dynamic sampling has work to do)."""
     return [float(share >= 0.4) for share in vowel_share(completions, **columns)]
+
+
+def never_right(completions: list[str], solution: list, **columns) -> list[float]:
+    """Reads the gold and scores every completion 0, the gold itself included: what the reward self-check
+    (align.rewards.gold_self_check) must refuse before a run trains on rewards that can only be 0."""
+    return [0.0] * len(completions)
