@@ -5,7 +5,10 @@ own ``save_pretrained`` drops the ``vision_model.`` level of CLIP/SigLIP towers,
 write the layout of the published llava-hf checkpoints instead, which transformers and vLLM both load:
 ``language_model.model.*``, ``language_model.lm_head.*``, ``multi_modal_projector.*``,
 ``vision_tower.vision_model.*``. Folders are written to a temporary sibling and renamed into place, so a
-crash never leaves a folder that looks complete.
+crash never leaves a folder that looks complete; their files follow the user's umask, as ``save_pretrained``'s
+do. The chat template a folder carries also takes transformers' structured message content
+(:func:`content_parts_template`), so ``processor.apply_chat_template`` and the ``image-text-to-text`` pipeline
+work on it as documented.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -123,6 +127,40 @@ def atomic_folder(folder: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp)
 
 
+_PARTS_END = "{#- align: end of content parts -#}"
+
+
+def content_parts_template(template: str, image_token: str) -> str:
+    """``template`` behind a preamble that turns structured content parts into the text it was trained on.
+
+    transformers documents ``{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": ...}]}``
+    for image-text models; LLM templates (DeepSeek-R1-Distill's) concatenate ``content`` as a string. String
+    content renders exactly as before, so training prompts do not change. Applying it twice replaces the
+    earlier preamble.
+    """
+    original = template.split(_PARTS_END, 1)[-1]
+    preamble = (resources.files("align") / "templates" / "content_parts.jinja").read_text(encoding="utf-8")
+    token = json.dumps(image_token, ensure_ascii=False)
+    return f"{{%- set align_image_token = {token} -%}}\n{preamble.rstrip()}{original}"
+
+
+def save_processor(processor, folder: Path) -> None:
+    """``processor.save_pretrained(folder)`` with :func:`content_parts_template` as the chat template of both the
+    processor and its tokenizer; ``processor`` itself is left as it was."""
+    template = getattr(processor, "chat_template", None) or processor.tokenizer.chat_template
+    if not template:
+        processor.save_pretrained(folder)
+        return
+    before = processor.chat_template, processor.tokenizer.chat_template
+    processor.chat_template = processor.tokenizer.chat_template = content_parts_template(
+        template, processor.image_token
+    )
+    try:
+        processor.save_pretrained(folder)
+    finally:
+        processor.chat_template, processor.tokenizer.chat_template = before
+
+
 def save_llava(
     folder: str | Path,
     *,
@@ -145,7 +183,7 @@ def save_llava(
         config.save_pretrained(tmp)
         write_weights(canonical_state_dict(state_dict, dtype), tmp, max_shard_bytes)
         if processor is not None:
-            processor.save_pretrained(tmp)
+            save_processor(processor, tmp)
         if generation_config is not None:
             generation_config.save_pretrained(tmp)
     return folder

@@ -269,18 +269,28 @@ def model_card(
         "## Usage",
         "",
         "```python",
-        "from PIL import Image",
-        "from transformers import AutoProcessor, LlavaForConditionalGeneration",
+        "from transformers import AutoProcessor, LlavaForConditionalGeneration, pipeline",
         "",
         f'model = LlavaForConditionalGeneration.from_pretrained("{name}")',
         f'processor = AutoProcessor.from_pretrained("{name}")',
-        'messages = [{"role": "user", "content": "<image>\\nWhat is in this picture?"}]',
-        "prompt = processor.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)",
-        'inputs = processor(text=prompt, images=[Image.open("picture.png")], return_tensors="pt", '
-        "add_special_tokens=False)",
+        "messages = [",
+        '    {"role": "user", "content": [{"type": "image", "path": "picture.png"}, '
+        '{"type": "text", "text": "What is in this picture?"}]}',
+        "]",
+        "inputs = processor.apply_chat_template(",
+        '    messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"',
+        ")",
         "output = model.generate(**inputs, max_new_tokens=1024)",
         'print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
+        "",
+        f'chat = pipeline("image-text-to-text", model="{name}")',
+        'print(chat(text=messages, max_new_tokens=1024, return_full_text=False)[0]["generated_text"])',
         "```",
+        "",
+        "String content with an `<image>` placeholder works too "
+        '(`"content": "<image>\\nWhat is in this picture?"`). The chat template writes the BOS token itself: '
+        "to tokenize a rendered prompt yourself, call `processor(text=prompt, images=..., "
+        "add_special_tokens=False)`, or the prompt starts with two.",
         "",
         f"`generation_config.json` samples with {sampling or 'the source defaults'}"
         + (
