@@ -24,6 +24,7 @@ def test_every_recipe_command_is_listed() -> None:
     assert set(RECIPE_KINDS) <= set(COMMANDS) | set(DATA_COMMANDS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("argv", "kind", "key", "value"),
     [
