@@ -334,7 +334,9 @@ def test_cli_refuses_a_negative_lr_in_one_line_and_writes_nothing(tmp_path: Path
     recipe = TINY / "sft.yaml"
     assert main(["sft", str(recipe), f"output_dir={out}", "optim.lr=-1"]) == 2
     captured = capsys.readouterr()
-    assert captured.err.strip() == "error: override 'optim.lr=-1': optim.lr: must be >= 0 and finite, got -1.0"
+    assert (
+        captured.err.strip() == "error: override 'optim.lr=-1': optim.lr: must be >= 0 and finite, got -1.0"
+    )
     assert captured.out == ""
     assert not out.exists()
 

@@ -528,7 +528,7 @@ def test_a_fresh_run_refuses_an_output_dir_with_checkpoints(world: World, tmp_pa
         in capsys.readouterr().err
     )
     # a folder with checkpoints/ but no model/ is an unfinished run, and the error says how to resume it
-    with pytest.raises(AlignError, match="this run is unfinished .*--resume"):
+    with pytest.raises(AlignError, match=r"this run is unfinished .*--resume"):
         data = f"data.sources.0.path={world.sft}"
         main(
             [
