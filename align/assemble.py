@@ -658,7 +658,7 @@ def assemble(recipe: AssembleRecipe, recipe_file: str | None = None) -> Path:
     """
     from PIL import Image
 
-    from align.checkpoint import atomic_folder, image_seq_len, save_llava
+    from align.checkpoint import atomic_folder, image_seq_len, save_llava, save_processor
     from align.runfolder import check_output_dir
 
     check_output_dir(recipe.output_dir)  # before minutes of loading, not after
@@ -667,7 +667,7 @@ def assemble(recipe: AssembleRecipe, recipe_file: str | None = None) -> Path:
         model.config.architectures = ["Idefics3ForConditionalGeneration"]
         with atomic_folder(recipe.output_dir) as tmp:
             model.save_pretrained(tmp)
-            processor.save_pretrained(tmp)
+            save_processor(processor, tmp)
             generation_config.save_pretrained(tmp)
         out = Path(recipe.output_dir)
     else:

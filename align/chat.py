@@ -252,9 +252,8 @@ class ChatSession:
             images.append(self.pending_image)
         return [*self.messages, {"role": "user", "content": text}], images
 
-    def ask(self, text: str) -> str:
-        """Stream the reply to ``text``; return its full text (the prefill included) and add the turn to history."""
-        messages, images = self.prompt(text)
+    def model_inputs(self, messages: list[dict[str, str]], images: list[Any]) -> dict:
+        """The generate inputs of ``messages`` (``input_ids``, ``attention_mask``, ``pixel_values``)."""
         rendered = self.processor.tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=True
         )
@@ -264,6 +263,12 @@ class ChatSession:
         ).to(self.model.device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        return inputs
+
+    def ask(self, text: str) -> str:
+        """Stream the reply to ``text``; return its full text (the prefill included) and add the turn to history."""
+        messages, images = self.prompt(text)
+        inputs = self.model_inputs(messages, images)
         prefill = generation_prefill(self.processor.tokenizer)  # R1: "<think>\n"
         prefilled = THINK_OPEN in prefill
         splitter = ReasoningSplitter(prefilled)

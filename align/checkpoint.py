@@ -5,7 +5,10 @@ own ``save_pretrained`` drops the ``vision_model.`` level of CLIP/SigLIP towers,
 write the layout of the published llava-hf checkpoints instead, which transformers and vLLM both load:
 ``language_model.model.*``, ``language_model.lm_head.*``, ``multi_modal_projector.*``,
 ``vision_tower.vision_model.*``. Folders are written to a temporary sibling and renamed into place, so a
-crash never leaves a folder that looks complete.
+crash never leaves a folder that looks complete; their files follow the user's umask, as ``save_pretrained``'s
+do. The chat template a folder carries also takes transformers' structured message content
+(:func:`content_parts_template`), so ``processor.apply_chat_template`` and the ``image-text-to-text`` pipeline
+work on it as documented.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -103,14 +107,41 @@ def weight_names(folder: str | Path) -> list[str]:
         return sorted(f.keys())
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux reports it (``os.umask`` must set one to read)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(folder: Path) -> None:
+    """Give ``folder`` and everything in it the modes a plain ``open``/``mkdir`` would have.
+
+    ``tempfile.mkdtemp`` makes 0700 folders and safetensors writes 0600 files: on a shared cluster the rest of
+    a team could not read the model. ``save_pretrained`` leaves files to the umask; so do we.
+    """
+    mask = current_umask()
+    for path in [folder, *folder.rglob("*")]:
+        if path.is_symlink():
+            continue
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 @contextmanager
 def atomic_folder(folder: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces ``folder`` in one rename."""
+    """Yield a temporary sibling folder; on success it replaces ``folder`` in one rename (modes: the umask's)."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
         yield tmp
+        follow_umask(tmp)
         if folder.exists():
             old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
             folder.rename(old)
@@ -121,6 +152,40 @@ def atomic_folder(folder: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+_PARTS_END = "{#- align: end of content parts -#}"
+
+
+def content_parts_template(template: str, image_token: str) -> str:
+    """``template`` behind a preamble that turns structured content parts into the text it was trained on.
+
+    transformers documents ``{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": ...}]}``
+    for image-text models; LLM templates (DeepSeek-R1-Distill's) concatenate ``content`` as a string. String
+    content renders exactly as before, so training prompts do not change. Applying it twice replaces the
+    earlier preamble.
+    """
+    original = template.split(_PARTS_END, 1)[-1]
+    preamble = (resources.files("align") / "templates" / "content_parts.jinja").read_text(encoding="utf-8")
+    token = json.dumps(image_token, ensure_ascii=False)
+    return f"{{%- set align_image_token = {token} -%}}\n{preamble.rstrip()}{original}"
+
+
+def save_processor(processor, folder: Path) -> None:
+    """``processor.save_pretrained(folder)`` with :func:`content_parts_template` as the chat template of both the
+    processor and its tokenizer; ``processor`` itself is left as it was."""
+    template = getattr(processor, "chat_template", None) or processor.tokenizer.chat_template
+    if not template:
+        processor.save_pretrained(folder)
+        return
+    before = processor.chat_template, processor.tokenizer.chat_template
+    processor.chat_template = processor.tokenizer.chat_template = content_parts_template(
+        template, processor.image_token
+    )
+    try:
+        processor.save_pretrained(folder)
+    finally:
+        processor.chat_template, processor.tokenizer.chat_template = before
 
 
 def save_llava(
@@ -145,7 +210,7 @@ def save_llava(
         config.save_pretrained(tmp)
         write_weights(canonical_state_dict(state_dict, dtype), tmp, max_shard_bytes)
         if processor is not None:
-            processor.save_pretrained(tmp)
+            save_processor(processor, tmp)
         if generation_config is not None:
             generation_config.save_pretrained(tmp)
     return folder
@@ -207,9 +272,7 @@ def resolve_model_folder(path: str | Path, expect: str | None = "llava") -> Path
     elif (path / "model" / "config.json").exists():
         folder = path / "model"
     else:
-        raise AlignError(
-            f"{path}: no config.json (not a model folder, nor a stage output with model/config.json)"
-        )
+        raise AlignError(missing_model_reason(path))
     model_type = read_model_config(folder)["model_type"]
     if expect is not None and model_type != expect:
         hint = ""
@@ -223,6 +286,27 @@ def resolve_model_folder(path: str | Path, expect: str | None = "llava") -> Path
         raise AlignError(f"{folder}: model_type is {model_type!r}, expected {expect!r}{hint}")
     check_weight_files(folder)
     return folder
+
+
+def missing_model_reason(path: Path) -> str:
+    """Why ``path`` (which has no config.json, nor model/config.json) is not a model folder, and what to do."""
+    if not path.exists():
+        return f"{path}: does not exist (not a model folder, nor a stage output)"
+    if not path.is_dir():
+        return f"{path}: is a file, not a model folder"
+    recipe = path / "recipe.resolved.yaml"
+    if (path / "metrics.jsonl").exists() or (path / "checkpoints").is_dir() or recipe.exists():
+        import yaml
+
+        try:  # the recipe names the stage to resume; a damaged one still gets the message
+            kind = str(yaml.safe_load(recipe.read_text(encoding="utf-8")).get("kind", "STAGE"))
+        except (OSError, AttributeError, yaml.YAMLError):
+            kind = "STAGE"
+        return (
+            f"{path}: this run is unfinished (no model/ yet, its stage has not written its final model): "
+            f"`align {kind} RECIPE --resume` continues it"
+        )
+    return f"{path}: no config.json (not a model folder, nor a stage output with model/config.json)"
 
 
 def _is_causal_lm(model_type: str) -> bool:

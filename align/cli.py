@@ -2,7 +2,9 @@
 
 Each command module exposes ``add_arguments(parser)`` and ``run(args) -> int``. Recipe errors
 (:class:`align.config.RecipeError`) and data errors (:class:`align.errors.AlignError`) print one readable
-line and exit 2; ``--debug`` shows the traceback instead.
+line and exit 2; ``--debug`` shows the traceback instead. ``align --version`` prints the package version;
+every command that takes a recipe also takes ``--print-config``: the resolved recipe (``extends:`` and
+overrides applied, defaults filled in) as YAML, and no work.
 
 Run ``align --help`` for the list.
 """
@@ -30,6 +32,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plot": ("align.plot", "PNG charts of a run's metrics"),
     "run": ("align.pipeline", "run a pipeline recipe: assemble -> projector -> sft -> grpo -> export"),
 }
+# commands whose `recipe` argument is a recipe of this kind (`align data check` reads any stage recipe)
+RECIPE_KINDS = {
+    "assemble": "assemble",
+    "plan": "assemble",
+    "projector": "projector",
+    "sft": "sft",
+    "grpo": "grpo",
+    "run": "pipeline",
+    "distill": "distill",
+}
 DATA_COMMANDS: dict[str, tuple[str, str]] = {
     "check": ("align.data.check", "validate every row of a recipe's data sources"),
     "synth": ("align.data.synth", "generate the built-in verifiable visual tasks"),
@@ -44,13 +56,22 @@ def _add(sub: argparse._SubParsersAction, name: str, module: str, help_text: str
     parser.set_defaults(_module=module)
     if load:  # import only the chosen command's module: `align --help` stays fast
         importlib.import_module(module).add_arguments(parser)
+        if name in RECIPE_KINDS:
+            parser.add_argument(
+                "--print-config",
+                action="store_true",
+                help="print the resolved recipe (overrides applied, defaults filled in) as YAML and exit",
+            )
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     """The parser; only the sub-command named in ``argv`` gets its full arguments."""
     words = [a for a in argv if not a.startswith("-")]
+    from align import __version__
+
     parser = argparse.ArgumentParser(prog="align", description=__doc__.split("\n")[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--version", action="version", version=f"align {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in COMMANDS.items():
         _add(sub, name, module, help_text, load=words[:1] == [name])
@@ -73,12 +94,26 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        if getattr(args, "print_config", False):
+            return print_config(args)
         return int(importlib.import_module(args._module).run(args) or 0)
     except (RecipeError, AlignError) as err:
         if args.debug:
             raise
         print(f"error: {err}", file=sys.stderr)
         return 2
+
+
+def print_config(args) -> int:
+    """The command's recipe, resolved and validated as the command would read it, as YAML on stdout."""
+    import yaml
+
+    from align.config import load_any, to_dict
+
+    command = args.data_command if args.command == "data" else args.command
+    recipe = load_any(args.recipe, args.overrides, expect=RECIPE_KINDS[command])
+    print(yaml.safe_dump(to_dict(recipe), sort_keys=False, allow_unicode=True), end="")
+    return 0
 
 
 def entry() -> None:

@@ -3,8 +3,11 @@
 This module owns the one mechanism every command uses to read its recipe:
 
 * ``extends: other.yaml`` (relative to the file) deep-merges a base recipe under the file;
-* ``a.b.c=value`` command-line overrides (``value`` is parsed as YAML, so ``lr=1e-4`` is a float);
-* strict conversion into the dataclass schema: unknown keys (with the closest valid key), wrong types,
+* ``a.b.c=value`` command-line overrides (``value`` is parsed as YAML, so ``lr=1e-4`` is a float; list items
+  as ``data.sources.0.path`` or ``data.sources[0].path``); an error a command-line value causes names that
+  override, not the recipe file;
+* strict conversion into the dataclass schema: unknown keys (with the closest valid key, or align's name for
+  a TRL / transformers ``TrainingArguments`` option: ``learning_rate`` -> ``optim.lr``), wrong types,
   missing required keys, numbers outside their field's range (declared with :func:`ranged`; NaN and
   infinities are never accepted) and impossible combinations all raise :class:`RecipeError` naming the
   file and the full key path, before any work starts;
@@ -19,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -49,6 +53,104 @@ class RecipeError(Exception):
     def __str__(self) -> str:
         where = ": ".join(p for p in (self.file, self.key) if p)
         return f"{where}: {self.message}" if where else self.message
+
+
+class UnknownKeyError(RecipeError):
+    """An unknown key; :func:`from_dict`, which knows the whole schema, may point it to a key elsewhere."""
+
+    def __init__(self, key: str, name: str, value: Any, valid: list[str]):
+        close = difflib.get_close_matches(name, valid, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else f" (valid keys: {', '.join(valid)})"
+        super().__init__(f"unknown key{hint}", key=key)
+        self.name, self.value = name, value
+
+    def point_to(self, schema: type) -> None:
+        """Say which key of ``schema`` (a path from its top) means what this unknown key means, if one does."""
+        paths = schema_paths(schema)
+        target, note = FOREIGN_KEYS.get(self.name, (None, ""))
+        if target not in paths:
+            # the same name in another section (`lr` at the top, `train.lr`'s lr): the section is what is wrong
+            names = [self.name, *(map(str, self.value) if isinstance(self.value, dict) else [])]
+            target = next((p for name in names for p in paths if p.rsplit(".", 1)[-1] == name), None)
+            note = ""
+        if target is not None:
+            self.message = f"unknown key (did you mean '{target}'?{note and ' ' + note})"
+
+
+# TRL / transformers TrainingArguments / LLaMA-Factory names -> align's key (a path from the recipe's top) and
+# what differs; pointed to only when the recipe's schema has that key.
+FOREIGN_KEYS: dict[str, tuple[str, str]] = {
+    "learning_rate": ("optim.lr", ""),
+    "per_device_train_batch_size": ("run.micro_batch_size", ""),
+    "train_batch_size": ("run.micro_batch_size", "per process"),
+    "gradient_accumulation_steps": ("run.grad_accum", ""),
+    "num_train_epochs": ("run.epochs", ""),
+    "max_steps": ("run.max_steps", ""),
+    "save_steps": ("run.save_every", ""),
+    "save_total_limit": ("run.keep_last", ""),
+    "logging_steps": ("run.log_every", ""),
+    "report_to": ("run.tensorboard", "and run.wandb_project"),
+    "seed": ("run.seed", ""),
+    "bf16": ("run.precision", "bf16 | fp32 | auto"),
+    "fp16": ("run.precision", "bf16 | fp32 | auto; fp16 is not supported"),
+    "gradient_checkpointing": ("run.gradient_checkpointing", ""),
+    "deepspeed": ("run.deepspeed_config", "a ZeRO JSON under recipes/deepspeed/"),
+    "warmup_ratio": ("optim.warmup_ratio", ""),
+    "max_grad_norm": ("optim.max_grad_norm", ""),
+    "weight_decay": ("optim.weight_decay", ""),
+    "lr_scheduler_type": ("optim.schedule", ""),
+    "adam_beta1": ("optim.betas", "[beta1, beta2]"),
+    "adam_beta2": ("optim.betas", "[beta1, beta2]"),
+    "max_length": ("data.max_length", ""),
+    "max_seq_length": ("data.max_length", ""),
+    "cutoff_len": ("data.max_length", ""),
+    "packing": ("data.packing", ""),
+    "group_by_length": ("data.group_by_length", ""),
+    "model_name_or_path": ("model", ""),
+    "dataset": ("data.sources", ""),
+    "dataset_name": ("data.sources", ""),
+    "lora_r": ("lora.r", ""),
+    "lora_rank": ("lora.r", ""),
+    "lora_alpha": ("lora.alpha", ""),
+    "lora_dropout": ("lora.dropout", ""),
+    "lora_target_modules": ("lora.target_modules", ""),
+    "lora_target": ("lora.target_modules", ""),
+    "freeze_vision_tower": ("trainable.vision", "true trains it"),
+    "tune_mm_mlp_adapter": ("trainable.projector", ""),
+    "num_generations": ("grpo.num_generations", ""),
+    "beta": ("grpo.beta", ""),
+    "epsilon": ("grpo.epsilon", ""),
+    "epsilon_high": ("grpo.epsilon_high", ""),
+    "temperature": ("grpo.temperature", ""),
+    "max_completion_length": ("grpo.max_completion_length", ""),
+    "max_prompt_length": ("data.max_length", ""),
+    "num_iterations": ("grpo.num_iterations", ""),
+    "loss_type": ("grpo.loss_type", ""),
+    "scale_rewards": ("grpo.scale_rewards", ""),
+    "reward_funcs": ("grpo.reward_funcs", ""),
+    "reward_weights": ("grpo.reward_weights", ""),
+}
+
+
+def schema_paths(schema: type, prefix: str = "") -> list[str]:
+    """Every key path of a schema, sections included; list items as ``[i]`` (``data.sources[i].path``)."""
+    paths = []
+    hints = get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        if not f.init:
+            continue
+        path = f"{prefix}.{f.name}" if prefix else f.name
+        paths.append(path)
+        tp = hints[f.name]
+        options = [a for a in get_args(tp) if a is not type(None)] if _is_union(tp) else [tp]
+        for option in options:
+            if dataclasses.is_dataclass(option):
+                paths += schema_paths(option, path)
+            elif get_origin(option) in (list, tuple) and dataclasses.is_dataclass(
+                (get_args(option) or (0,))[0]
+            ):
+                paths += schema_paths(get_args(option)[0], f"{path}[i]")
+    return paths
 
 
 RANGE = "align.range"  # the dataclasses.field metadata key that holds a numeric field's Range
@@ -238,9 +340,7 @@ def _build(cls: type[T], data: dict, prefix: str) -> T:
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else str(name)
         if name not in fields:
-            close = difflib.get_close_matches(str(name), list(fields), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else f" (valid keys: {', '.join(fields)})"
-            raise RecipeError.at(key, f"unknown key{hint}")
+            raise UnknownKeyError(key, str(name), value, list(fields))
         kwargs[name] = _convert(hints[name], value, key, field_range(fields[name]))
     for name, f in fields.items():
         missing = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
@@ -263,6 +363,10 @@ def from_dict(cls: type[T], data: dict, file: str | None = None) -> T:
         raise RecipeError(f"expected a mapping at the top level, got {_value_name(data)}", file=file)
     try:
         return _build(cls, data, "")
+    except UnknownKeyError as err:
+        err.point_to(cls)
+        err.file = file
+        raise
     except RecipeError as err:
         err.file = file
         raise
@@ -314,6 +418,33 @@ def _parse_value(raw: str) -> Any:
     return value
 
 
+_INDEX = re.compile(r"\[(-?\d+)\]")
+
+
+def key_parts(dotted: str) -> list[str]:
+    """``data.sources[0].path`` or ``data.sources.0.path`` -> ``["data", "sources", "0", "path"]``."""
+    return _INDEX.sub(r".\1", dotted.strip()).split(".")
+
+
+def blame(err: RecipeError, overrides: typing.Sequence[str], file: str | None) -> RecipeError:
+    """Tag ``err`` with the override that set the value at its key (the last such), else with ``file``.
+
+    A bad command-line value is not the recipe file's fault: ``override 'optim.lr=abc': optim.lr: ...``.
+    Errors :func:`apply_overrides` raises already name their override and keep no file.
+    """
+    if err.message.startswith("override "):
+        return err
+    where = key_parts(err.key) if err.key else []
+    for item in reversed(overrides):
+        parts = key_parts(item.split("=", 1)[0])
+        n = min(len(parts), len(where))
+        if n and parts[:n] == where[:n]:
+            err.file = f"override {item!r}"
+            return err
+    err.file = file
+    return err
+
+
 def _index(items: list, part: str, item: str) -> int:
     """A list position from an override path, or a RecipeError naming the override and the list length."""
     if not part.lstrip("-").isdigit() or not -len(items) <= int(part) < len(items):
@@ -322,14 +453,14 @@ def _index(items: list, part: str, item: str) -> int:
 
 
 def apply_overrides(data: dict, overrides: typing.Sequence[str]) -> dict:
-    """Apply ``a.b.c=value`` strings; list items are addressed by index (``data.sources.0.weight=2``)."""
+    """Apply ``a.b.c=value`` strings; list items by index (``data.sources.0.weight=2`` or ``data.sources[0]``)."""
     data = dict(data)
     for item in overrides:
         if "=" not in item:
             raise RecipeError(f"override {item!r} is not of the form key.path=value")
         dotted, raw = item.split("=", 1)
         value = _parse_value(raw)
-        parts = dotted.strip().split(".")
+        parts = key_parts(dotted)
         node: Any = data
         for depth, part in enumerate(parts[:-1]):
             child = node[_index(node, part, item)] if isinstance(node, list) else node.get(part)
@@ -354,13 +485,11 @@ def apply_overrides(data: dict, overrides: typing.Sequence[str]) -> dict:
 
 def load_recipe(cls: type[T], path: str | Path, overrides: typing.Sequence[str] = ()) -> T:
     """Read, extend, override and validate a recipe file into schema ``cls``."""
-    data = read_yaml(path)
+    data = apply_overrides(read_yaml(path), overrides)
     try:
-        data = apply_overrides(data, overrides)
+        return from_dict(cls, data, file=str(path))
     except RecipeError as err:
-        err.file = str(path)
-        raise
-    return from_dict(cls, data, file=str(path))
+        raise blame(err, overrides, str(path)) from None
 
 
 def to_dict(obj: Any) -> Any:
@@ -403,14 +532,13 @@ def schema_for(kind: str) -> type:
 
 def load_any(path: str | Path, overrides: typing.Sequence[str] = (), expect: str | None = None) -> Any:
     """Load a recipe whose schema is chosen by its ``kind:`` key (checked against ``expect`` if given)."""
-    try:
-        data = apply_overrides(read_yaml(path), overrides)
-    except RecipeError as err:
-        err.file = err.file or str(path)
-        raise
+    data = apply_overrides(read_yaml(path), overrides)
     kind = data.get("kind")
-    if kind not in SCHEMAS:
-        raise RecipeError(f"expected one of {', '.join(SCHEMAS)}, got {kind!r}", key="kind", file=str(path))
-    if expect is not None and kind != expect:
-        raise RecipeError(f"this command takes a '{expect}' recipe, got '{kind}'", key="kind", file=str(path))
-    return from_dict(schema_for(kind), data, file=str(path))
+    try:
+        if kind not in SCHEMAS:
+            raise RecipeError(f"expected one of {', '.join(SCHEMAS)}, got {kind!r}", key="kind")
+        if expect is not None and kind != expect:
+            raise RecipeError(f"this command takes a '{expect}' recipe, got '{kind}'", key="kind")
+        return from_dict(schema_for(kind), data, file=str(path))
+    except RecipeError as err:
+        raise blame(err, overrides, str(path)) from None

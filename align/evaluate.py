@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -146,12 +147,14 @@ def evaluate(
     strict: bool = False,
     model=None,
     processor=None,
+    progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Generate, score and summarise; returns the summary dict (also written to ``out_dir``).
 
     Rows without a gold answer ``rewards`` can score are skipped and counted per file (``strict``: an
     AlignError listing them). ``model``/``processor`` may be passed in (already loaded) to skip loading
-    ``model_dir``.
+    ``model_dir``. ``progress`` gets one line per generation batch (``align eval`` prints them: a long
+    evaluation otherwise says nothing for minutes).
     """
     if model is None:
         model, processor = load_llava(resolve_model_folder(model_dir))
@@ -177,9 +180,17 @@ def evaluate(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     predictions = []
+    n_batches = math.ceil(len(rows) / batch_size)
+    t0 = time.perf_counter()
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
         predictions += _predict(model, processor, batch, sampling, generator, funcs, prefill, max_pixels)
+        if progress is not None:
+            done = min(start + batch_size, len(rows))
+            progress(
+                f"eval: batch {start // batch_size + 1}/{n_batches}, questions {done}/{len(rows)}, "
+                f"elapsed {time.perf_counter() - t0:.0f}s"
+            )
     with (out_dir / "predictions.jsonl").open("w") as f:
         for p in predictions:
             f.write(json.dumps(p) + "\n")
@@ -314,6 +325,7 @@ def run(args) -> int:
         seed=args.seed,
         limit=args.limit,
         strict=args.strict,
+        progress=lambda line: print(line, flush=True),
     )
     print(summary["table"])
     print(f"predictions and summary: {out}")

@@ -128,10 +128,12 @@ def lineage(model_dir: str | Path, max_stages: int = 32) -> list[StageRecord]:
         try:
             folder = resolve_model_folder(source).resolve()
         except AlignError:
-            record.note = f"its input model {source} is not a model folder as seen from {Path.cwd()}"
+            record.note = (
+                f"its input model {portable(source)} is not a model folder (from where the export ran)"
+            )
             break
         if any(r.model_dir == folder for r in records):
-            record.note = f"its input model {folder} is already in this lineage (cycle)"
+            record.note = f"its input model {portable(folder)} is already in this lineage (cycle)"
             break
     return records[::-1]
 
@@ -142,18 +144,39 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def portable(value: Any) -> Any:
+    """``value`` with every absolute path shortened to ``…/parent/name`` (inside the working folder: relative).
+
+    A published card must not carry the build machine's folders (home directories, cluster scratch paths);
+    the last two parts still say which model or file it was. Mappings and lists are walked.
+    """
+    if isinstance(value, dict):
+        return {k: portable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [portable(v) for v in value]
+    if isinstance(value, Path):
+        value = str(value)
+    if not isinstance(value, str) or not value.startswith("/"):
+        return value
+    path = Path(value)
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return "…/" + "/".join(path.parts[-2:])
+
+
 def _origin(config, assembled: dict | None, part: str) -> str:
     """Where a component came from: the assemble recipe when the lineage reaches it, else the config."""
     sub = config.vision_config if part == "vision" else config.text_config
     kind = f"`{sub.model_type}`"
     if assembled is not None:
-        spec = assembled.get(part) or {}
+        spec = portable(assembled.get(part) or {})
         where = f"`{spec.get('name_or_path')}`"
         if part == "vision":
             pretrained = f", pretrained `{spec['pretrained']}`" if spec.get("pretrained") else ""
             return f"{kind} from {spec.get('source')} {where}{pretrained}"
         return f"{kind} from {where}"
-    name = getattr(sub, "_name_or_path", "") or ""
+    name = portable(getattr(sub, "_name_or_path", "") or "")
     return f"{kind} from `{name}`" if name else kind
 
 
@@ -164,8 +187,8 @@ def _section(mapping: dict, key: str) -> dict:
 
 
 def _stage_lines(number: int, record: StageRecord) -> list[str]:
-    recipe = record.recipe or {}
-    lines = [f"### {number}. {record.kind}: `{record.run_dir or record.model_dir}`", ""]
+    recipe = portable(record.recipe or {})
+    lines = [f"### {number}. {record.kind}: `{portable(record.run_dir or record.model_dir)}`", ""]
     if record.kind == "assemble":
         vision, llm = _section(recipe, "vision"), _section(recipe, "llm")
         lines.append(
@@ -211,7 +234,7 @@ def _stage_lines(number: int, record: StageRecord) -> list[str]:
     if record.note:
         lines.append(f"- lineage stops here: {record.note}")
     if record.recipe is not None:
-        text = yaml.safe_dump(record.recipe, sort_keys=False).rstrip()
+        text = yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True).rstrip()
         lines += [
             "",
             "<details><summary>resolved recipe</summary>",
@@ -269,18 +292,28 @@ def model_card(
         "## Usage",
         "",
         "```python",
-        "from PIL import Image",
-        "from transformers import AutoProcessor, LlavaForConditionalGeneration",
+        "from transformers import AutoProcessor, LlavaForConditionalGeneration, pipeline",
         "",
         f'model = LlavaForConditionalGeneration.from_pretrained("{name}")',
         f'processor = AutoProcessor.from_pretrained("{name}")',
-        'messages = [{"role": "user", "content": "<image>\\nWhat is in this picture?"}]',
-        "prompt = processor.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)",
-        'inputs = processor(text=prompt, images=[Image.open("picture.png")], return_tensors="pt", '
-        "add_special_tokens=False)",
+        "messages = [",
+        '    {"role": "user", "content": [{"type": "image", "path": "picture.png"}, '
+        '{"type": "text", "text": "What is in this picture?"}]}',
+        "]",
+        "inputs = processor.apply_chat_template(",
+        '    messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"',
+        ")",
         "output = model.generate(**inputs, max_new_tokens=1024)",
         'print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
+        "",
+        f'chat = pipeline("image-text-to-text", model="{name}")',
+        'print(chat(text=messages, max_new_tokens=1024, return_full_text=False)[0]["generated_text"])',
         "```",
+        "",
+        "String content with an `<image>` placeholder works too "
+        '(`"content": "<image>\\nWhat is in this picture?"`). The chat template writes the BOS token itself: '
+        "to tokenize a rendered prompt yourself, call `processor(text=prompt, images=..., "
+        "add_special_tokens=False)`, or the prompt starts with two.",
         "",
         f"`generation_config.json` samples with {sampling or 'the source defaults'}"
         + (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import pytest
@@ -186,7 +187,7 @@ def test_override_list_index_errors_name_the_override_and_file(tmp_path) -> None
         "kind: assemble\nvision: {source: hf, name_or_path: x}\nllm: {name_or_path: y}\noutput_dir: o\n"
     )
     with pytest.raises(
-        RecipeError, match=r"r\.yaml: override 'vision\.name_or_path\.y=1': vision\.name_or_path is a value"
+        RecipeError, match=r"^override 'vision\.name_or_path\.y=1': vision\.name_or_path is a value"
     ):
         load_any(path, ["vision.name_or_path.y=1"])
     data = {"sources": [{"path": "a"}]}
@@ -201,3 +202,68 @@ def test_debug_flag_works_before_the_command(tmp_path) -> None:
     recipe.write_text("kind: assemble\nvision: {source: hf, name_or_path: x, feature_layr: -2}\n")
     with pytest.raises(RecipeError):
         main(["--debug", "assemble", str(recipe)])
+
+
+TINY = Path(__file__).resolve().parents[1] / "recipes" / "tiny"
+
+
+@pytest.mark.parametrize(
+    ("recipe", "override", "message"),
+    [
+        # TRL / transformers TrainingArguments names point to align's key
+        ("sft", "learning_rate=1e-5", "learning_rate: unknown key (did you mean 'optim.lr'?)"),
+        ("sft", "per_device_train_batch_size=2", "(did you mean 'run.micro_batch_size'?)"),
+        ("sft", "gradient_accumulation_steps=4", "(did you mean 'run.grad_accum'?)"),
+        ("sft", "num_train_epochs=3", "(did you mean 'run.epochs'?)"),
+        ("sft", "save_steps=100", "(did you mean 'run.save_every'?)"),
+        ("sft", "logging_steps=10", "(did you mean 'run.log_every'?)"),
+        ("sft", "warmup_ratio=0.1", "(did you mean 'optim.warmup_ratio'?)"),
+        ("sft", "max_grad_norm=1", "(did you mean 'optim.max_grad_norm'?)"),
+        ("sft", "weight_decay=0.1", "(did you mean 'optim.weight_decay'?)"),
+        ("sft", "lr_scheduler_type=linear", "(did you mean 'optim.schedule'?)"),
+        ("sft", "bf16=true", "(did you mean 'run.precision'? bf16 | fp32 | auto)"),
+        ("sft", "seed=1", "(did you mean 'run.seed'?)"),
+        ("sft", "deepspeed=zero3.json", "(did you mean 'run.deepspeed_config'?"),
+        ("sft", "run.learning_rate=1e-5", "run.learning_rate: unknown key (did you mean 'optim.lr'?)"),
+        ("grpo", "num_generations=4", "(did you mean 'grpo.num_generations'?)"),
+        ("grpo", "beta=0.1", "(did you mean 'grpo.beta'?)"),
+        ("grpo", "epsilon=0.2", "(did you mean 'grpo.epsilon'?)"),
+        # align's own name in the wrong section, and a section that does not exist
+        ("sft", "lr=1e-5", "lr: unknown key (did you mean 'optim.lr'?)"),
+        ("sft", "train.lr=abc", "train: unknown key (did you mean 'optim.lr'?)"),
+        # typos inside a section still get the closest key there
+        ("sft", "optim.lrr=1", "optim.lrr: unknown key (did you mean 'lr'?)"),
+        ("sft", "data.sources[0].wieght=1", "data.sources[0].wieght: unknown key (did you mean 'weight'?)"),
+        # a bad value is the override's fault, not the file's
+        ("sft", "optim.lr=abc", "optim.lr: expected float, got str 'abc'"),
+        ("sft", "data.sources[3].path=x", "'3' is not an index of a list of 1 items"),
+    ],
+)
+def test_override_errors_name_the_override_and_point_to_aligns_key(
+    recipe: str, override: str, message: str
+) -> None:
+    from align.config import load_any
+
+    with pytest.raises(RecipeError) as err:
+        load_any(TINY / f"{recipe}.yaml", [override])
+    text = str(err.value)
+    assert text.startswith(f"override {override!r}: ") and message in text
+    assert "tiny" not in text  # the recipe file is not blamed
+
+
+@pytest.mark.parametrize("override", ["data.sources[0].path=x.jsonl", "data.sources.0.path=x.jsonl"])
+def test_list_items_take_both_index_spellings(override: str) -> None:
+    from align.config import load_any
+
+    assert load_any(TINY / "sft.yaml", [override]).data.sources[0].path == "x.jsonl"
+
+
+def test_a_file_error_still_names_the_file(tmp_path) -> None:
+    from align.config import load_any
+
+    path = tmp_path / "r.yaml"
+    path.write_text((TINY / "sft.yaml").read_text() + "learning_rate: 1.0e-5\n")
+    with pytest.raises(
+        RecipeError, match=r"r\.yaml: learning_rate: unknown key \(did you mean 'optim\.lr'\?\)"
+    ):
+        load_any(path, ["optim.lr=1e-4"])

@@ -168,6 +168,7 @@ def test_real_generation_on_synthetic_test_split(llava, synth, tmp_path, capsys,
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "family=" in text and "accuracy" in text
+    assert "eval: batch 1/1, questions 6/6, elapsed " in text  # progress, one line per generation batch
     summary = json.loads((tmp_path / "e" / "summary.json").read_text())
     assert summary["questions"] == 6
     lines = (tmp_path / "e" / "predictions.jsonl").read_text().splitlines()

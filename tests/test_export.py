@@ -7,7 +7,9 @@ greedy first, so the R1 sampling in the export is the export's doing.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,7 @@ from align.export import (
     model_card,
     parse_size,
     pickle_files,
+    portable,
 )
 
 CHATML = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -139,8 +142,10 @@ def test_r1_detection_and_sampling(template: str | None, r1: bool) -> None:
 
 def test_readme_lineage_names_encoder_and_llm(fp32: Path, zoo: Path) -> None:
     card = (fp32 / "README.md").read_text()
-    assert str(zoo / "siglip-hf") in card
-    assert str(zoo / "qwen2-r1") in card
+    # named by their last two parts: the build machine's folders stay out of a published card
+    assert f"…/{zoo.name}/siglip-hf" in card
+    assert f"…/{zoo.name}/qwen2-r1" in card
+    assert str(zoo) not in card and str(fp32.parent) not in card
     assert "### 1. assemble" in card
     assert "siglip_vision_model" in card and "qwen2" in card
 
@@ -202,8 +207,8 @@ def test_lineage_walks_stage_outputs_back_to_assemble(source: Path, tmp_path: Pa
     out = export(run, tmp_path / "exported")
     card = (out / "README.md").read_text()
     assert card.index("### 1. assemble") < card.index("### 2. sft")
-    assert str(zoo / "qwen2-r1") in card
-    assert "`cot-mix`: messages `data/cot.jsonl`" in card
+    assert f"…/{zoo.name}/qwen2-r1" in card and str(tmp_path) not in card
+    assert "`cot-mix`: messages `data/cot.jsonl`" in card  # relative paths stay as written
     assert "loss 1.875" in card and "wall_time_s 3.25" in card
     assert "LoRA r=8" in card
 
@@ -258,3 +263,31 @@ def test_card_survives_unexpected_recipe_shapes(source: Path, tmp_path: Path) ->
         stages=[record],
     )
     assert "### 1. grpo" in card and "reward 0.5" in card
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        ("/home/alice/scratch/models/qwen2-r1", "…/models/qwen2-r1"),
+        ("checkpoints/tiny/run/sft", "checkpoints/tiny/run/sft"),
+        ("deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"),
+        ({"a": ["/x/y/z.jsonl", 3]}, {"a": ["…/y/z.jsonl", 3]}),
+    ],
+)
+def test_portable_paths(value, shown) -> None:
+    assert portable(value) == shown
+
+
+def test_portable_paths_inside_the_working_folder_become_relative(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert portable(str(tmp_path / "checkpoints" / "run")) == "checkpoints/run"
+
+
+def test_exported_files_follow_the_umask(source: Path, tmp_path: Path) -> None:
+    before = os.umask(0o022)
+    try:
+        out = export(source, tmp_path / "shared", "fp32")
+    finally:
+        os.umask(before)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o644}

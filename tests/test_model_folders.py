@@ -197,3 +197,65 @@ def test_assemble_refuses_a_vision_folder_that_is_not_a_tower(
 def test_debug_keeps_the_traceback(zoo: Path, work: Path, tmp_path: Path) -> None:
     with pytest.raises(AlignError, match=LLM_HINT):
         main(["--debug", *stage_argv("sft", zoo / "qwen2-r1", tmp_path / "out", work)])
+
+
+@pytest.mark.parametrize(
+    ("layout", "found"),
+    [
+        ("missing", "does not exist (not a model folder, nor a stage output)"),
+        ("file", "is a file, not a model folder"),
+        ("empty", "no config.json (not a model folder, nor a stage output with model/config.json)"),
+        ("unfinished sft", "this run is unfinished (no model/ yet"),
+        ("unfinished checkpoints only", "this run is unfinished (no model/ yet"),
+    ],
+)
+def test_a_folder_without_a_model_says_why(tmp_path: Path, layout: str, found: str) -> None:
+    from align.checkpoint import resolve_model_folder
+
+    folder = tmp_path / "run"
+    if layout == "file":
+        folder.write_text("x")
+    elif layout != "missing":
+        folder.mkdir()
+    if layout == "unfinished sft":
+        (folder / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+        (folder / "recipe.resolved.yaml").write_text("kind: sft\n")
+    if layout == "unfinished checkpoints only":
+        (folder / "checkpoints" / "step-0000002").mkdir(parents=True)
+    with pytest.raises(AlignError) as err:
+        resolve_model_folder(folder)
+    assert str(err.value).startswith(f"{folder}: {found}")
+    if layout == "unfinished sft":
+        assert "`align sft RECIPE --resume` continues it" in str(err.value)
+
+
+def test_model_folders_follow_the_umask(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    from align.checkpoint import atomic_folder
+
+    before = os.umask(0o027)
+    try:
+        with atomic_folder(tmp_path / "model") as tmp:
+            (tmp / "sub").mkdir()
+            (tmp / "sub" / "w.safetensors").write_bytes(b"x")
+            (tmp / "w.safetensors").touch(mode=0o600)
+    finally:
+        os.umask(before)
+    modes = {
+        p.name: stat.S_IMODE(p.stat().st_mode) for p in [tmp_path / "model", *(tmp_path / "model").rglob("*")]
+    }
+    assert modes == {"model": 0o750, "sub": 0o750, "w.safetensors": 0o640}
+
+
+def test_wandb_missing_names_every_log_that_is_written(tmp_path: Path, monkeypatch, capsys) -> None:
+    import sys
+
+    from align.stages.common import MetricsWriter
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
+    for tensorboard, said in ((True, "metrics.jsonl and TensorBoard"), (False, "metrics.jsonl\n")):
+        writer = MetricsWriter(tmp_path / str(tensorboard), True, tensorboard, "proj", {})
+        writer.close()
+        assert said in capsys.readouterr().out

@@ -1,4 +1,5 @@
-"""Numeric recipe keys: every one declares its range, bad values fail before work naming file and key path.
+"""Numeric recipe keys: every one declares its range, bad values fail before work naming their origin (the
+file, or the command-line override that set the value) and key path.
 
 The walk goes over every schema in ``align.config.SCHEMAS`` and every dataclass nested in it, so a numeric key
 added later without a range fails here. Boundaries are exercised through the shipped tiny recipes and the
@@ -193,13 +194,23 @@ BAD = [
 ]
 
 
+def _origin(override: str, key: str, recipe: Path) -> str:
+    """What an error at ``key`` blames: the override that set that key (or a section above it), else the file
+    (a combination check on a key the override did not set, e.g. max_backoff after backoff=100)."""
+    set_key = _key(override.split("=", 1)[0])
+    if key == set_key or key.startswith((f"{set_key}.", f"{set_key}[")):
+        return f"override {override!r}"
+    return str(recipe)
+
+
 @pytest.mark.parametrize(("kind", "override", "key", "message"), BAD, ids=[row[1] for row in BAD])
-def test_bad_values_fail_naming_file_and_key_path(kind: str, override: str, key: str, message: str) -> None:
+def test_bad_values_fail_naming_origin_and_key_path(kind: str, override: str, key: str, message: str) -> None:
     path = RECIPE_OF[kind]
     with pytest.raises(RecipeError) as err:
         load_any(path, [override], expect=kind)
-    assert (err.value.file, err.value.key) == (str(path), key)
-    assert str(err.value).startswith(f"{path}: {key}: {message}")
+    where = _origin(override, key, path)
+    assert (err.value.file, err.value.key) == (where, key)
+    assert str(err.value).startswith(f"{where}: {key}: {message}")
 
 
 @pytest.mark.parametrize("literal", [".nan", ".NaN", ".inf", "-.inf", "-1.0e-3"])
@@ -306,7 +317,7 @@ def test_each_boundary_is_admitted_or_refused(kind: str, path: str, tp: Any, val
         key = "data.sources[0].weight"
     with pytest.raises(RecipeError) as err:
         load_any(recipe, overrides, expect=kind)
-    assert (err.value.file, err.value.key) == (str(recipe), key)
+    assert (err.value.file, err.value.key) == (f"override {overrides[-1]!r}", key)
     assert err.value.message.startswith("must be ") and err.value.message.endswith(f"got {value!r}")
 
 
@@ -323,7 +334,9 @@ def test_cli_refuses_a_negative_lr_in_one_line_and_writes_nothing(tmp_path: Path
     recipe = TINY / "sft.yaml"
     assert main(["sft", str(recipe), f"output_dir={out}", "optim.lr=-1"]) == 2
     captured = capsys.readouterr()
-    assert captured.err.strip() == f"error: {recipe}: optim.lr: must be >= 0 and finite, got -1.0"
+    assert (
+        captured.err.strip() == "error: override 'optim.lr=-1': optim.lr: must be >= 0 and finite, got -1.0"
+    )
     assert captured.out == ""
     assert not out.exists()
 

@@ -527,7 +527,8 @@ def test_a_fresh_run_refuses_an_output_dir_with_checkpoints(world: World, tmp_pa
         "holds 1 checkpoint(s) of an earlier run (latest step-0000004); pass --resume"
         in capsys.readouterr().err
     )
-    with pytest.raises(AlignError, match="not a model folder"):
+    # a folder with checkpoints/ but no model/ is an unfinished run, and the error says how to resume it
+    with pytest.raises(AlignError, match=r"this run is unfinished .*--resume"):
         data = f"data.sources.0.path={world.sft}"
         main(
             [

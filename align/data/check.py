@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from align.config import RecipeError, apply_overrides, from_dict, read_yaml, schema_for
+from align.config import RecipeError, apply_overrides, blame, from_dict, read_yaml, schema_for
 from align.data.config import DataConfig, DataSource, parse_sampling
 from align.data.images import ImageNotFound, ImageTooLarge, image_size, load_image, warn_pixel_limit
 from align.data.mixing import (
@@ -352,19 +352,14 @@ def length_fn_for_model(model_dir: str) -> LengthFn:
 
 def load_data_config(recipe: str, overrides: Sequence[str] = ()) -> tuple[DataConfig, dict]:
     """The ``data:`` section of any stage recipe (``extends:`` and overrides applied) and the raw recipe."""
-    raw = read_yaml(recipe)
-    try:
-        raw = apply_overrides(raw, overrides)
-    except RecipeError as err:
-        err.file = recipe
-        raise
+    raw = apply_overrides(read_yaml(recipe), overrides)
     section = raw.get("data")
     if not isinstance(section, dict):
         raise RecipeError("missing 'data:' section (data sources to check)", key="data", file=recipe)
     try:
         return from_dict(DataConfig, section, file=recipe), raw
     except RecipeError as err:
-        raise err.under("data") from None
+        raise blame(err.under("data"), overrides, recipe) from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

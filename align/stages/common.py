@@ -371,7 +371,10 @@ class MetricsWriter:
             try:
                 import wandb
             except ImportError:
-                print("wandb_project is set but wandb is not installed; logging to metrics.jsonl only")
+                also = " and TensorBoard" if self.tb is not None else ""
+                print(
+                    f"wandb_project is set but wandb is not installed (pip install wandb); logging to metrics.jsonl{also}"
+                )
             else:
                 self.wandb = wandb.init(project=wandb_project, config=config, dir=str(output_dir))
 
