@@ -211,6 +211,11 @@ DEFAULT_REWARD_FUNCS: tuple[str, ...] = ("accuracy", "format")  # GRPO's and `al
 GOLD_REWARDS: tuple[str, ...] = ("accuracy", "iou", "iou_soft")  # the built-ins that read a row's gold
 
 
+# math_verify's deadline when a row is checked before training: once per row, so generous, and not the 1 s of
+# a reward call (a loaded machine once missed that on a box gold, refusing a good row)
+CHECK_TIMEOUT = 10.0
+
+
 def unscorable_gold(reward_funcs: Sequence[str], solution: object, box: object = None) -> str | None:
     """Why none of the configured built-in rewards that read a gold (:data:`GOLD_REWARDS`) can score a row
     with this ``solution`` and ``box``, or ``None`` if one of them can or none is configured.
@@ -223,7 +228,9 @@ def unscorable_gold(reward_funcs: Sequence[str], solution: object, box: object =
     for spec in reward_funcs:
         if spec == "accuracy":
             reason = (
-                gold_problem(solution) if solution is not None else "the row has no gold answer (solution)"
+                gold_problem(solution, CHECK_TIMEOUT)
+                if solution is not None
+                else "the row has no gold answer (solution)"
             )
         elif spec in ("iou", "iou_soft"):
             reason = (
@@ -270,6 +277,8 @@ def gold_self_check(
     else:
         answer = gold_text(gold) or str(gold)  # <answer>3</answer> golds: their content
     columns = {"solution": [solution], "box": [box], "family": [family], "image_size": [None]}
+    if reward is REWARDS.get("accuracy"):
+        columns["timeout"] = CHECK_TIMEOUT
     try:
         score = _checked(spec, reward([perfect_completion(answer)], **columns), 1)[0]
     except Exception:  # a custom reward may need columns only a run has; in a run its errors are counted
