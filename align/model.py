@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from align.feature_cache import tower_features
+
 COMPONENTS = ("vision", "projector", "llm")
 
 
@@ -38,6 +40,24 @@ def component_of(param_name: str) -> str:
 def llava_of(model: nn.Module) -> nn.Module:
     """The Llava model inside a peft wrapper (its LoRA layers active), or the model itself."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model  # per forward: no param scan
+
+
+def image_features(
+    model: nn.Module, pixel_values: torch.Tensor | None = None, tower_output: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The one image-embedding path of every forward (SFT's, the sampler's prefill, the log-prob passes):
+    the tower's selected hidden states, computed from ``pixel_values`` (on the tower's device and dtype) or
+    the ``tower_output`` the feature cache kept, through the projector: ``[images, tokens, hidden]``. The same
+    numbers as transformers' ``get_image_features`` (tests/test_stages.py checks it bitwise)."""
+    if tower_output is None:
+        cfg = model.config
+        tower_output = tower_features(
+            model.model.vision_tower,
+            pixel_values,
+            cfg.vision_feature_layer,
+            cfg.vision_feature_select_strategy,
+        )
+    return model.model.multi_modal_projector(tower_output)
 
 
 def component_parameters(model: nn.Module, component: str) -> Iterable[tuple[str, nn.Parameter]]:

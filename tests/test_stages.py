@@ -593,3 +593,24 @@ def test_stage_refuses_broken_rows_before_loading_the_model(
     err = capsys.readouterr().err
     assert f"{rows}:1" in err and "missing.png" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_one_image_embedding_path_equals_transformers(siglip_qwen2: Path) -> None:
+    """align.model.image_features (SFT, the sampler's prefill, the log-prob passes) gives transformers'
+    get_image_features numbers bitwise, from pixels and from the tower output the feature cache keeps."""
+    from align.checkpoint import load_llava
+    from align.feature_cache import tower_features
+    from align.model import image_features
+
+    model, _ = load_llava(siglip_qwen2)
+    pixels = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    cfg = model.config
+    with torch.no_grad():
+        theirs = torch.stack(
+            list(model.model.get_image_features(pixel_values=pixels, return_dict=True).pooler_output)
+        )
+        cached = tower_features(
+            model.model.vision_tower, pixels, cfg.vision_feature_layer, cfg.vision_feature_select_strategy
+        )
+        assert torch.equal(image_features(model, pixels), theirs)
+        assert torch.equal(image_features(model, tower_output=cached), theirs)

@@ -45,9 +45,11 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 from transformers import DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from align.errors import AlignError
 from align.grpo.decoder import StaticDecoder, unsupported_reason
+from align.model import image_features
 
 
 @dataclass
@@ -185,7 +187,7 @@ def encode_images(
         return None
     tower = model.model.vision_tower
     pixel_values = pixel_values.to(device=input_ids.device, dtype=next(tower.parameters()).dtype)
-    features = model.model.get_image_features(pixel_values=pixel_values, return_dict=True)
+    features = BaseModelOutputWithPooling(pooler_output=list(image_features(model, pixel_values)))
     per_image = [f.shape[0] for f in features.pooler_output]
     start = 0
     for i, (n_tokens, n_images) in enumerate(zip(counts, images_per_prompt, strict=True)):
@@ -222,8 +224,7 @@ def blank_image_term(model: Any) -> Tensor | None:
     tower = model.model.vision_tower
     size = model.config.vision_config.image_size
     pixels = torch.zeros(1, 3, size, size, device=model.device, dtype=next(tower.parameters()).dtype)
-    features = model.model.get_image_features(pixel_values=pixels, return_dict=True).pooler_output
-    return 0.0 * sum(f.sum() for f in features)
+    return 0.0 * image_features(model, pixels).sum()
 
 
 def prefill(

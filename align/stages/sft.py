@@ -40,7 +40,7 @@ from align.data.images import load_image
 from align.engine import gathered
 from align.errors import AlignError
 from align.feature_cache import FeatureCache, cache_fingerprint, tower_features
-from align.model import llava_of
+from align.model import image_features, llava_of
 from align.runfolder import hold_output_dir
 from align.stages.common import (
     LoRASpec,
@@ -123,7 +123,9 @@ def _collate(units, packing: bool, pad_id: int) -> dict:
 def _image_features(
     model, images: list, processor, cache: FeatureCache | None, max_pixels: int, origins=None
 ) -> torch.Tensor:
-    """Projected features, ``[images x image tokens, hidden]``, of ``images`` (of one blank image if none).
+    """Projected features, ``[images x image tokens, hidden]``, of ``images`` (of one blank image if none), by
+    the one image-embedding path (:func:`align.model.image_features`); the frozen tower's part may come from
+    the feature cache.
 
     ``origins``: each image's row, named by a load error (the cache computes a subset, hence by identity).
     """
@@ -146,7 +148,7 @@ def _image_features(
             feats = cache.get(images, compute).to(tower.device)
     else:
         feats = compute(images)
-    return model.model.multi_modal_projector(feats).flatten(0, 1)
+    return image_features(model, tower_output=feats).flatten(0, 1)
 
 
 def input_embeddings(model, batch, processor, cache, max_pixels: int, device) -> torch.Tensor:
