@@ -1,0 +1,107 @@
+"""Small cases that kill the mutants ``scripts/mutation.sh`` found surviving (docs/testing.md lists them).
+
+Each expected number is worked out by hand here, not by the code under test. Pure tensors and strings: no
+model, no zoo; the whole module runs in well under a second.
+
+    .venv/bin/pytest -q tests/test_mutation_gaps.py
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from align.grpo.loss import combine_rewards, grpo_loss, vllm_importance_sampling
+
+# --- align/grpo/loss.py: vllm_importance_sampling ---------------------------------------------------------
+
+
+def test_importance_weights_use_trainer_minus_sampler() -> None:
+    """A sampler log-prob that is not 0: the weight is exp(trainer - sampler), and the logged difference is
+    |trainer - sampler| (the table in test_vllm_importance_sampling.py has sampler = 0, where + and - agree)."""
+    trainer = torch.tensor([[-1.0, -2.0]])
+    sampler = torch.tensor([[-1.0 - math.log(2), -2.0 + math.log(4)]])  # differences: +ln 2, -ln 4
+    mask = torch.ones(1, 2)
+    weights, stats = vllm_importance_sampling(
+        trainer, sampler, mask, mode="token_truncate", clip_min=None, clip_max=10.0
+    )
+    assert torch.allclose(weights, torch.tensor([[2.0, 0.25]]), atol=1e-6)
+    assert stats.logp_difference_mean == pytest.approx((math.log(2) + math.log(4)) / 2, rel=1e-6)
+    assert stats.logp_difference_max == pytest.approx(math.log(4), rel=1e-6)
+
+
+def test_sequence_weights_are_one_per_row() -> None:
+    """Two completions: one ratio each, [B, 1], from each row's own sum (not the batch's)."""
+    trainer = torch.tensor([[math.log(2), 0.0], [0.0, math.log(3)]])
+    weights, stats = vllm_importance_sampling(
+        trainer, torch.zeros(2, 2), torch.ones(2, 2), mode="sequence_truncate", clip_min=None, clip_max=10.0
+    )
+    assert weights.shape == (2, 1)
+    assert torch.allclose(weights, torch.tensor([[2.0], [3.0]]), atol=1e-6)
+    assert (stats.ratio_min, stats.ratio_mean, stats.ratio_max) == pytest.approx((2.0, 2.5, 3.0), rel=1e-6)
+
+
+def test_mask_mode_keeps_a_ratio_equal_to_a_bound() -> None:
+    """``*_mask`` drops ratios strictly outside [clip_min, clip_max]: a ratio of exactly 1 with both bounds 1
+    is kept (trainer == sampler gives exp(0) == 1.0 exactly)."""
+    same = torch.tensor([[-0.5, -1.5]])
+    weights, _ = vllm_importance_sampling(
+        same, same, torch.ones(1, 2), mode="token_mask", clip_min=1.0, clip_max=1.0
+    )
+    assert weights.tolist() == [[1.0, 1.0]]
+
+
+def test_all_masked_batch_logs_zero_statistics() -> None:
+    """No completion token at all (every row masked): the statistics are 0.0, not NaN or an error."""
+    trainer = torch.tensor([[-1.0, -2.0]])
+    _, stats = vllm_importance_sampling(
+        trainer, torch.zeros(1, 2), torch.zeros(1, 2), mode="token_truncate", clip_min=None, clip_max=3.0
+    )
+    assert (
+        stats.logp_difference_mean,
+        stats.logp_difference_max,
+        stats.ratio_min,
+        stats.ratio_mean,
+        stats.ratio_max,
+    ) == (0.0, 0.0, 0.0, 0.0, 0.0)
+
+
+# --- align/grpo/loss.py: combine_rewards, grpo_loss -------------------------------------------------------
+
+
+def test_combine_rewards_keeps_a_float64_tensors_dtype_and_weights() -> None:
+    """float64 rewards with weight 0.1: 0.1 in float64 (a float32 0.1 would be 0.10000000149...)."""
+    per_func = torch.tensor([[1.0, 2.0], [3.0, float("nan")]], dtype=torch.float64)
+    rewards = combine_rewards(per_func, [0.1, 1.0])
+    assert rewards.dtype == torch.float64
+    assert rewards.tolist() == [0.1 * 1.0 + 2.0, 0.1 * 3.0]
+
+
+@pytest.mark.parametrize(("loss_type", "num_items"), [("bnpo", None), ("dapo", 1)])
+def test_a_single_completion_token_is_not_divided_twice(loss_type: str, num_items) -> None:
+    """One completion of one token: bnpo's and dapo's token means divide by 1 (the clamp is only against 0).
+
+    logps = old = ln(1/2), ref = ln(1/4), A = 1, beta = 0.5: ratio 1, policy = -1; d = ref - logps = -ln 2,
+    k3 = exp(d) - d - 1 = 1/2 + ln 2 - 1, kl_penalty = beta * k3, and the KL mean is k3 itself.
+    """
+    logp = torch.tensor([[math.log(0.5)]])
+    loss, parts = grpo_loss(
+        logp,
+        logp.clone(),
+        torch.tensor([[math.log(0.25)]]),
+        torch.tensor([1.0]),
+        torch.ones(1, 1),
+        beta=0.5,
+        epsilon=0.2,
+        epsilon_high=None,
+        loss_type=loss_type,
+        max_completion_length=4,
+        num_items_in_batch=num_items,
+    )
+    k3 = 0.5 + math.log(2) - 1
+    assert parts.policy.item() == pytest.approx(-1.0, rel=1e-6)
+    assert parts.kl.item() == pytest.approx(k3, rel=1e-5)
+    assert parts.kl_penalty.item() == pytest.approx(0.5 * k3, rel=1e-5)
+    assert loss.item() == pytest.approx(-1.0 + 0.5 * k3, rel=1e-5)
