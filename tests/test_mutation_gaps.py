@@ -105,3 +105,63 @@ def test_a_single_completion_token_is_not_divided_twice(loss_type: str, num_item
     assert parts.kl.item() == pytest.approx(k3, rel=1e-5)
     assert parts.kl_penalty.item() == pytest.approx(0.5 * k3, rel=1e-5)
     assert loss.item() == pytest.approx(-1.0 + 0.5 * k3, rel=1e-5)
+
+
+def _loss(mask_shape=(1, 3), **change):
+    """grpo_loss on zeros of ``mask_shape`` with ``change`` applied (tensors or options)."""
+    b, t = mask_shape
+    args = dict(
+        logps=torch.zeros(b, t), old_logps=None, ref_logps=None, advantages=torch.zeros(b),
+        completion_mask=torch.ones(b, t), beta=0.0, epsilon=0.2, epsilon_high=None, loss_type="grpo",
+        max_completion_length=t,
+    )  # fmt: skip
+    args.update(change)
+    return grpo_loss(
+        args.pop("logps"), args.pop("old_logps"), args.pop("ref_logps"), args.pop("advantages"),
+        args.pop("completion_mask"), **args,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (dict(logps=torch.zeros(1, 2)), r"^logps has shape \(1, 2\), completion_mask has \(1, 3\)$"),
+        (dict(old_logps=torch.zeros(2, 3)), r"^old_logps has shape \(2, 3\), completion_mask has \(1, 3\)$"),
+        (
+            dict(ref_logps=torch.zeros(1, 4), beta=0.1),
+            r"^ref_logps has shape \(1, 4\), completion_mask has \(1, 3\)$",
+        ),
+        (dict(ref_logps=torch.zeros(1, 3)), r"\(beta=0.0, ref_logps given\)$"),
+        (dict(advantages=torch.zeros(2)), r"^advantages has shape \(2,\), expected \[1\] or \(1, 3\)$"),
+        (
+            dict(loss_type="dapo"),
+            r"^loss_type='dapo' normalises by the completion tokens of the whole optimizer step: "
+            r"pass num_items_in_batch \(summed over ranks and accumulation micro-batches\)$",
+        ),
+    ],
+)
+def test_grpo_loss_errors_name_the_input_and_its_shape(change, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        _loss(**change)
+
+
+def test_other_loss_errors_name_the_input_and_its_shape() -> None:
+    from align.grpo.loss import mask_truncated
+
+    with pytest.raises(
+        ValueError, match=r"^per-function rewards must be \[completions, functions\], got shape \(3,\)$"
+    ):
+        combine_rewards(torch.zeros(3))
+    with pytest.raises(
+        ValueError, match=r"^is_truncated has shape \(3,\), expected \[2\] for completion_mask \(2, 4\)$"
+    ):
+        mask_truncated(torch.ones(2, 4), torch.zeros(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"^trainer_logps has shape \(1, 2\), completion_mask has \(1, 3\)$"):
+        vllm_importance_sampling(
+            torch.zeros(1, 2),
+            torch.zeros(1, 3),
+            torch.ones(1, 3),
+            mode="token_mask",
+            clip_min=None,
+            clip_max=3.0,
+        )
