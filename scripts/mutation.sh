@@ -24,7 +24,7 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 # MODULE -> the files mutated (globs under align/) | the test files that exercise them.
 # Left out: align/grpo/vllm_backend.py, vllm_worker.py (run only inside the vLLM server process, whose tests
 # need .venv-vllm and take minutes) and align/grpo/decoder.py (its tests are the vLLM parity runs).
-declare -A FILES TESTS
+declare -A FILES TESTS MARKS
 FILES[grpo/loss]="align/grpo/loss.py"
 TESTS[grpo/loss]="tests/test_mutation_gaps.py tests/test_grpo_loss.py tests/test_grpo_variants.py tests/test_vllm_importance_sampling.py"
 FILES[rewards]="align/rewards/*"
@@ -45,6 +45,9 @@ FILES[grpo/logps]="align/grpo/logps.py"
 TESTS[grpo/logps]="tests/test_mutation_gaps.py tests/test_sampler.py tests/test_grpo_prefix_checkpointing.py tests/test_grpo_loss.py"
 FILES[stages]="align/stages/*"
 TESTS[stages]="tests/test_mutation_gaps.py tests/test_grpo_wiring.py tests/test_sft_wiring.py tests/test_stages.py tests/test_grpo_stage.py"
+# -m per module (default "not distributed"): the pure-arithmetic modules leave out the "slow" end-to-end CLI
+# runs too. Their mutants must die in unit tests; one stage run costs seconds per mutant, hundreds of times.
+for m in grpo/loss rewards data/batching data/encode; do MARKS[$m]="not distributed and not slow"; done
 ORDER="grpo/loss rewards data/batching data/encode grpo/rollout checkpoint export grpo/sampler grpo/logps stages"
 
 "$PYTHON" -c "import mutmut" 2>/dev/null || { echo "mutmut is missing: pip install -e '.[dev]'"; exit 1; }
@@ -71,13 +74,15 @@ for m in "${modules[@]}"; do
     echo "also_copy = [\"recipes\", \"scripts\"]"
     echo "only_mutate = $(toml_list "${files[@]}")"
     # never the vLLM, golden or 2-process tests: minutes each
-    echo "pytest_add_cli_args_test_selection = $(toml_list "${tests[@]}" -m "not distributed")"
+    echo "pytest_add_cli_args_test_selection = $(toml_list "${tests[@]}" -m "${MARKS[$m]:-not distributed}")"
     echo "pytest_add_cli_args = [\"-p\", \"no:cacheprovider\", \"-x\", \"-q\"]"
     # torch is not fork-safe once it has run: fork each mutant from a server that only imported the tests
     echo "process_isolation = \"forkserver\""
     echo "use_git_change_detection = false"
   } > "$shard/pyproject.toml"
-  echo "== $m: mutating ${files[*]} with ${tests[*]}"
+  commit="$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- align tests || echo ' (with uncommitted changes)')"
+  started=$(date -u +%Y-%m-%dT%H:%MZ)
+  echo "== $m: mutating ${files[*]} with ${tests[*]} -m '${MARKS[$m]:-not distributed}'"
   start=$(date +%s)
   (cd "$shard" && nice -n 19 "$PYTHON" -m mutmut run --max-children "$CHILDREN") > "$shard/run.log" 2>&1 \
     || { tail -30 "$shard/run.log"; echo "mutmut failed on $m (log: $shard/run.log)"; exit 1; }
@@ -89,8 +94,9 @@ for m in "${modules[@]}"; do
   done > "$shard/survivors.diff" 2>&1
   {
     echo "module: $m"
-    echo "commit: $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- align tests || echo ' (with uncommitted changes)')"
-    echo "date: $(date -u +%Y-%m-%dT%H:%MZ)"
+    echo "tests: ${tests[*]} -m '${MARKS[$m]:-not distributed}'"
+    echo "commit: $commit"
+    echo "started: $started"
     echo "wall_s: $wall"
     for s in killed survived timeout suspicious "no tests" skipped segfault "not checked" "caught by type check" "check was interrupted by user"; do
       echo "$s: $(grep -c ": $s\$" "$shard/result.txt" || true)"

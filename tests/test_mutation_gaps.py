@@ -165,3 +165,94 @@ def test_other_loss_errors_name_the_input_and_its_shape() -> None:
             clip_min=None,
             clip_max=3.0,
         )
+
+
+def test_group_advantages_with_two_generations() -> None:
+    """Groups of 2: Bessel's std of (0, 1) is sqrt(1/2) (dividing by count - 1 = 1); the batch std is the same."""
+    from align.grpo.loss import STD_EPS, group_advantages
+
+    advantages, stats = group_advantages(torch.tensor([0.0, 1.0]), 2, "group")
+    a = 0.5 / (math.sqrt(0.5) + STD_EPS)
+    assert torch.allclose(advantages, torch.tensor([-a, a]), atol=1e-6)
+    assert stats.reward_std == pytest.approx(math.sqrt(0.5), rel=1e-6)
+    assert stats.frac_reward_zero_std == 0.0
+
+
+def test_group_advantages_of_one_generation_and_of_one_reward() -> None:
+    """num_generations=1: every group has std 0 (counted as zero-std); a single reward has batch std 0, not NaN."""
+    from align.grpo.loss import group_advantages
+
+    advantages, stats = group_advantages(torch.tensor([1.0, 2.0]), 1, "group")
+    assert advantages.tolist() == [0.0, 0.0] and stats.frac_reward_zero_std == 1.0
+    advantages, stats = group_advantages(torch.tensor([0.5]), 1, "batch")
+    assert advantages.tolist() == [0.0] and stats.reward_std == 0.0 and stats.reward_mean == 0.5
+
+
+def test_a_group_with_one_scorable_reward_has_no_std() -> None:
+    """A group of 2 where one completion is unscorable (NaN): one value has no std (NaN), so the group is not
+    counted as zero-std; its advantage is 0. The other group (0, 1) is an ordinary one."""
+    from align.grpo.loss import group_advantages
+
+    advantages, stats = group_advantages(torch.tensor([1.0, float("nan"), 0.0, 1.0]), 2, "group")
+    assert advantages[:2].tolist() == [0.0, 0.0]
+    assert stats.frac_reward_zero_std == 0.0 and stats.num_unscorable == 1
+
+
+def test_per_token_advantages_of_several_completions() -> None:
+    """[B, T] advantages are used as they are (not broadcast against every row): with ratio 1 the grpo loss is
+    minus the per-sequence mean advantage, averaged: rows (1 + 2) / 2 and 3 / 1 -> -(1.5 + 3) / 2."""
+    loss, _ = _loss(
+        mask_shape=(2, 2),
+        advantages=torch.tensor([[1.0, 2.0], [3.0, 10.0]]),
+        completion_mask=torch.tensor([[1.0, 1.0], [1.0, 0.0]]),
+    )
+    assert loss.item() == pytest.approx(-2.25, rel=1e-6)
+
+
+def test_dapo_divisor_keeps_the_loss_dtype() -> None:
+    """float64 dapo: 2 tokens over num_items 7 on 3 accumulation steps -> -2 / (7 / 3) = -6/7 to float64 precision
+    (a float32 divisor would be off by ~1e-8)."""
+    loss, parts = _loss(
+        mask_shape=(1, 2),
+        logps=torch.zeros(1, 2, dtype=torch.float64),
+        advantages=torch.ones(1, dtype=torch.float64),
+        loss_type="dapo",
+        num_items_in_batch=7,
+        accumulation_steps=3,
+    )
+    assert loss.dtype == torch.float64
+    assert loss.item() == pytest.approx(-6 / 7, rel=1e-12)
+    assert parts.num_tokens.item() == 2
+
+
+def test_clip_statistics_are_strict_at_the_bounds() -> None:
+    """A ratio exactly at 1 - epsilon (exp(ln 0.8) == float32(0.8)) is not clipped low; a ratio capped by
+    delta == 1 + epsilon_high lands exactly on the upper bound and is not clipped high."""
+    _, parts = _loss(
+        logps=torch.full((1, 3), math.log(0.8)), old_logps=torch.zeros(1, 3), advantages=-torch.ones(1)
+    )
+    assert parts.clip_ratio_low.item() == 0.0
+    _, parts = _loss(
+        logps=torch.full((1, 3), math.log(2.0)),
+        old_logps=torch.zeros(1, 3),
+        advantages=torch.ones(1),
+        epsilon_high=0.25,
+        delta=1.25,
+    )
+    assert parts.clip_ratio_high.item() == 0.0
+
+
+def test_advantage_errors_name_the_input() -> None:
+    from align.grpo.loss import group_advantages
+
+    with pytest.raises(
+        ValueError, match=r"^scale_rewards must be one of \('group', 'batch', 'none'\), got 'x'$"
+    ):
+        group_advantages(torch.zeros(2), 1, "x")
+    with pytest.raises(ValueError, match=r"^rewards must be 1-D \[completions\], got shape \(2, 1\)$"):
+        group_advantages(torch.zeros(2, 1), 1)
+    with pytest.raises(
+        ValueError,
+        match=r"^3 rewards do not split into groups of num_generations=2: pass whole groups \(gathered across ranks\)$",
+    ):
+        group_advantages(torch.zeros(3), 2)
