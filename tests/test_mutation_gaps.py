@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 
+from align.data.encode import Encoded
 from align.grpo.loss import combine_rewards, grpo_loss, vllm_importance_sampling
 
 # --- align/grpo/loss.py: vllm_importance_sampling ---------------------------------------------------------
@@ -256,3 +257,70 @@ def test_advantage_errors_name_the_input() -> None:
         match=r"^3 rewards do not split into groups of num_generations=2: pass whole groups \(gathered across ranks\)$",
     ):
         group_advantages(torch.zeros(3), 2)
+
+
+# --- align/data/batching.py -------------------------------------------------------------------------------
+
+
+def _row(length: int, images: int = 0, name: str = "f.jsonl:1") -> Encoded:
+    ids = list(range(1, length + 1))
+    return Encoded(
+        input_ids=ids, labels=ids, n_images=images, origin=name, prompt_length=0, n_image_tokens=0,
+        images=[f"{name}#{k}" for k in range(images)],
+    )  # fmt: skip
+
+
+def test_collates_give_long_tensors_and_a_0_1_attention_mask() -> None:
+    from align.data.batching import pack, packed_collate, pad_collate
+
+    batch = pad_collate([_row(2), _row(3)], pad_id=0)
+    assert batch["attention_mask"].tolist() == [[1, 1, 0], [1, 1, 1]]
+    assert {batch[k].dtype for k in ("input_ids", "attention_mask", "labels")} == {torch.long}
+    packed = packed_collate(pack([_row(2), _row(3)], max_length=4), pad_id=0)
+    assert {packed[k].dtype for k in ("input_ids", "labels", "position_ids")} == {torch.long}
+
+
+def test_length_grouping_fills_the_first_batch_with_the_longest_rows() -> None:
+    """Lengths 1..5 in batches of 2 (one megabatch): sorted longest first, so the batches are (5, 4), (3, 2),
+    (1,) and the one holding the longest row, (5, 4), comes first."""
+    from align.data.batching import length_grouped_batches
+
+    lengths = [1, 2, 3, 4, 5]
+    batches = length_grouped_batches(lengths, 2, seed=0, epoch=0)
+    assert sorted(lengths[i] for i in batches[0]) == [4, 5]
+    assert sorted(tuple(sorted(lengths[i] for i in b)) for b in batches) == [(1,), (2, 3), (4, 5)]
+
+
+def test_length_grouping_with_batches_and_megabatches_of_one() -> None:
+    from align.data.batching import length_grouped_batches
+
+    batches = length_grouped_batches([3, 1, 2], 1, seed=0, epoch=0, megabatch=1)
+    assert sorted(batches) == [[0], [1], [2]] and batches[0] == [0]
+    with pytest.raises(ValueError, match=r"^batch_size and megabatch must be >= 1, got 0 and 1$"):
+        length_grouped_batches([3], 0, seed=0, epoch=0, megabatch=1)
+
+
+def test_default_megabatch_is_50_batches() -> None:
+    """102 rows in batches of 2: megabatches of 100 rows by default (a megabatch of 51 batches groups other rows)."""
+    from align.data.batching import length_grouped_batches
+
+    lengths = list(range(1, 103))
+    default = length_grouped_batches(lengths, 2, seed=3, epoch=0)
+    assert default == length_grouped_batches(lengths, 2, seed=3, epoch=0, megabatch=50)
+    assert default != length_grouped_batches(lengths, 2, seed=3, epoch=0, megabatch=51)
+
+
+def test_image_origins_of_padded_and_packed_rows() -> None:
+    from align.data.batching import image_origins, pack
+
+    a, b, c = _row(2, images=2, name="a:1"), _row(3, name="b:2"), _row(2, images=1, name="c:3")
+    assert image_origins([a, b, c]) == ["a:1", "a:1", "c:3"]
+    packed = pack([a, c], max_length=4)
+    assert image_origins(packed) == ["a:1", "a:1", "c:3"]
+
+
+def test_pad_side_error_names_the_value() -> None:
+    from align.data.batching import pad_collate
+
+    with pytest.raises(ValueError, match=r"^pad_side must be 'right' or 'left', got 'top'$"):
+        pad_collate([_row(2)], pad_id=0, pad_side="top")
