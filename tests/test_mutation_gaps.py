@@ -324,3 +324,11 @@ def test_pad_side_error_names_the_value() -> None:
 
     with pytest.raises(ValueError, match=r"^pad_side must be 'right' or 'left', got 'top'$"):
         pad_collate([_row(2)], pad_id=0, pad_side="top")
+
+
+def test_pack_fills_a_bin_exactly() -> None:
+    """Rows of 3 and 1 tokens fill one row of 4 (best fit takes a bin whose space equals the row's length)."""
+    from align.data.batching import pack
+
+    rows = pack([_row(3), _row(1)], max_length=4)
+    assert [(row.items, row.lengths) for row in rows] == [([0, 1], [3, 1])]
