@@ -332,3 +332,19 @@ def test_pack_fills_a_bin_exactly() -> None:
 
     rows = pack([_row(3), _row(1)], max_length=4)
     assert [(row.items, row.lengths) for row in rows] == [([0, 1], [3, 1])]
+
+
+# --- align/rewards/ ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("completion", "think"),
+    [
+        ("</think>the answer", ""),  # closed at once (no prefill put back): empty reasoning, not None
+        ("</think><think>abc</think>x", "abc"),  # a stray close before the opening tag is not the end
+    ],
+)
+def test_extract_think_edge_cases(completion: str, think: str) -> None:
+    from align.rewards.extract import extract_think
+
+    assert extract_think(completion) == think
