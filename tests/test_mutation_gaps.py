@@ -348,3 +348,10 @@ def test_extract_think_edge_cases(completion: str, think: str) -> None:
     from align.rewards.extract import extract_think
 
     assert extract_think(completion) == think
+
+
+def test_answer_block_ends_at_the_first_close_after_the_last_open() -> None:
+    from align.rewards.extract import extract_answer, last_boxed
+
+    assert extract_answer("<think>r</think><answer>a</answer> b</answer>") == "a"
+    assert last_boxed("so \\boxed{3} is it") == "3"
