@@ -355,3 +355,12 @@ def test_answer_block_ends_at_the_first_close_after_the_last_open() -> None:
 
     assert extract_answer("<think>r</think><answer>a</answer> b</answer>") == "a"
     assert last_boxed("so \\boxed{3} is it") == "3"
+
+
+def test_conversational_completion_and_a_leading_think_close() -> None:
+    """A TRL conversational completion is its contents joined with nothing between; a completion that starts
+    with ``</think>`` (closed at once) is answered by the text after it, even if a ``<think>`` follows."""
+    from align.rewards.extract import as_text, extract_answer
+
+    assert as_text([{"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"}]) == "ab"
+    assert extract_answer("</think>a<think>") == "a"
