@@ -364,3 +364,31 @@ def test_conversational_completion_and_a_leading_think_close() -> None:
 
     assert as_text([{"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"}]) == "ab"
     assert extract_answer("</think>a<think>") == "a"
+
+
+# --- align/data/encode.py ---------------------------------------------------------------------------------
+
+
+def test_strip_prefill_with_whitespace_around_the_tag() -> None:
+    from align.data.encode import _strip_prefill
+
+    assert _strip_prefill("\n<think>\n\nreasoning</think>a ", "<think>\n") == "reasoning</think>a "
+
+
+def test_fit_all_returns_the_fitted_rows_and_counts_only_new_cuts() -> None:
+    """Rows of 6 tokens (prompt 2) at max_length 4: cut by 2 each. A row already cut by 1 counts 2 more, not 3."""
+    import dataclasses
+
+    from align.data.encode import fit_all
+
+    a = dataclasses.replace(_row(6), prompt_length=2)
+    b = dataclasses.replace(_row(6), prompt_length=2, truncated=1)
+    kept, report = fit_all([a, b], max_length=4, policy="drop")
+    assert [k.input_ids for k in kept] == [[1, 2, 3, 4], [1, 2, 3, 4]]
+    assert (report.kept, report.truncated, report.cut_tokens, report.dropped) == (2, 2, 4, 0)
+    dropped = [dataclasses.replace(_row(5), prompt_length=5, origin=f"f:{i}") for i in range(5)]
+    _, report = fit_all(dropped, max_length=4, policy="drop")
+    assert report.dropped_origins == ["f:0", "f:1", "f:2"]  # examples=3 by default
+    assert str(report) == (
+        "max_length 4: kept 0 rows, truncated the target of 0 (0 tokens), dropped 5 (e.g. f:0, f:1, f:2)"
+    )
