@@ -29,6 +29,11 @@ FILES[grpo/loss]="align/grpo/loss.py"
 TESTS[grpo/loss]="tests/test_mutation_gaps.py tests/test_grpo_loss.py tests/test_grpo_variants.py tests/test_vllm_importance_sampling.py"
 FILES[rewards]="align/rewards/*"
 TESTS[rewards]="tests/test_mutation_gaps.py tests/test_rewards.py tests/test_bad_rows.py tests/test_data_check.py"
+# rewards/ is ~1600 mutants: its files are also shards of their own (rewards/init is rewards/__init__.py)
+for f in extract mathcheck answers init boxes overlong reasoning; do
+  FILES[rewards/$f]="align/rewards/${f/#init/__init__}.py"
+  TESTS[rewards/$f]="${TESTS[rewards]}"
+done
 FILES[data/batching]="align/data/batching.py"
 TESTS[data/batching]="tests/test_mutation_gaps.py tests/test_batching.py tests/test_encode.py"
 FILES[data/encode]="align/data/encode.py"
@@ -47,7 +52,8 @@ FILES[stages]="align/stages/*"
 TESTS[stages]="tests/test_mutation_gaps.py tests/test_grpo_wiring.py tests/test_sft_wiring.py tests/test_stages.py tests/test_grpo_stage.py"
 # -m per module (default "not distributed"): the pure-arithmetic modules leave out the "slow" end-to-end CLI
 # runs too. Their mutants must die in unit tests; one stage run costs seconds per mutant, hundreds of times.
-for m in grpo/loss rewards data/batching data/encode; do MARKS[$m]="not distributed and not slow"; done
+for m in grpo/loss rewards rewards/extract rewards/mathcheck rewards/answers rewards/init rewards/boxes \
+  rewards/overlong rewards/reasoning data/batching data/encode; do MARKS[$m]="not distributed and not slow"; done
 ORDER="grpo/loss rewards data/batching data/encode grpo/rollout checkpoint export grpo/sampler grpo/logps stages"
 
 "$PYTHON" -c "import mutmut" 2>/dev/null || { echo "mutmut is missing: pip install -e '.[dev]'"; exit 1; }
