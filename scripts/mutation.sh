@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Mutation testing (mutmut 3) of the modules that decide numbers. Not part of CI: a full pass takes hours.
 #
-#   bash scripts/mutation.sh [MODULE ...]     # e.g. grpo/loss rewards data/batching; no argument: every module
+#   bash scripts/mutation.sh [MODULE ...]     # e.g. grpo/loss rewards/extract data/batching; no argument: ORDER below
 #
 # Each MODULE is one shard: a folder under .mutation/<shard>/ holding a copy of align/ and tests/ and a
 # pyproject.toml with a [tool.mutmut] section that mutates only that module's files and runs only the test
@@ -60,7 +60,7 @@ ORDER="grpo/loss rewards data/batching data/encode grpo/rollout checkpoint expor
 modules=("$@")
 [ ${#modules[@]} -gt 0 ] || read -ra modules <<< "$ORDER"
 for m in "${modules[@]}"; do
-  [ -n "${FILES[$m]:-}" ] || { echo "unknown module $m (one of: $ORDER)"; exit 2; }
+  [ -n "${FILES[$m]:-}" ] || { echo "unknown module $m (one of: $ORDER, or rewards/FILE)"; exit 2; }
 done
 
 toml_list() { local out="" x; for x in "$@"; do out+="\"$x\", "; done; echo "[${out%, }]"; }
