@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# Mutation testing (mutmut 3) of the modules that decide numbers. Not part of CI: a full pass takes hours.
+#
+#   bash scripts/mutation.sh [MODULE ...]     # e.g. grpo/loss rewards/extract data/batching; no argument: ORDER below
+#
+# Each MODULE is one shard: a folder under .mutation/<shard>/ holding a copy of align/ and tests/ and a
+# pyproject.toml with a [tool.mutmut] section that mutates only that module's files and runs only the test
+# files that exercise it. mutmut records which of those tests call each function (its stats run) and runs,
+# for each mutant, only the tests that reached the mutated function. Results: .mutation/<shard>/result.txt
+# (one "mutant: status" line each), survivors.diff (the diff of each mutant not killed) and summary.txt (the
+# counts and the wall time).
+# Environment: PYTHON (default .venv/bin/python, which needs the dev extra: mutmut), MUTMUT_CHILDREN
+# (parallel mutants, default 2), MUTATION_DIR (default .mutation).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=$(pwd)
+PYTHON=${PYTHON:-$repo/.venv/bin/python}
+CHILDREN=${MUTMUT_CHILDREN:-2}
+OUTDIR=${MUTATION_DIR:-$repo/.mutation}
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# one torch thread per mutant process: the mutants run side by side on few cores
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+
+# MODULE -> the files mutated (globs under align/) | the test files that exercise them.
+# Left out: align/grpo/vllm_backend.py, vllm_worker.py (run only inside the vLLM server process, whose tests
+# need .venv-vllm and take minutes) and align/grpo/decoder.py (its tests are the vLLM parity runs).
+declare -A FILES TESTS MARKS
+FILES[grpo/loss]="align/grpo/loss.py"
+TESTS[grpo/loss]="tests/test_mutation_gaps.py tests/test_grpo_loss.py tests/test_grpo_variants.py tests/test_vllm_importance_sampling.py"
+FILES[rewards]="align/rewards/*"
+TESTS[rewards]="tests/test_mutation_gaps.py tests/test_rewards.py tests/test_bad_rows.py tests/test_data_check.py"
+# rewards/ is ~1600 mutants: its files are also shards of their own (rewards/init is rewards/__init__.py)
+for f in extract mathcheck answers init boxes overlong reasoning; do
+  FILES[rewards/$f]="align/rewards/${f/#init/__init__}.py"
+  TESTS[rewards/$f]="${TESTS[rewards]}"
+done
+FILES[data/batching]="align/data/batching.py"
+TESTS[data/batching]="tests/test_mutation_gaps.py tests/test_batching.py tests/test_encode.py"
+FILES[data/encode]="align/data/encode.py"
+TESTS[data/encode]="tests/test_mutation_gaps.py tests/test_encode.py tests/test_batching.py"
+FILES[grpo/rollout]="align/grpo/rollout.py"
+TESTS[grpo/rollout]="tests/test_mutation_gaps.py tests/test_grpo_stage.py tests/test_grpo_variants.py"
+FILES[checkpoint]="align/checkpoint.py"
+TESTS[checkpoint]="tests/test_mutation_gaps.py tests/test_model_folders.py tests/test_stage_resume.py"
+FILES[export]="align/export.py"
+TESTS[export]="tests/test_mutation_gaps.py tests/test_export.py tests/test_export_options.py"
+FILES[grpo/sampler]="align/grpo/sampler.py"
+TESTS[grpo/sampler]="tests/test_mutation_gaps.py tests/test_sampler.py tests/test_grpo_prefix_checkpointing.py"
+FILES[grpo/logps]="align/grpo/logps.py"
+TESTS[grpo/logps]="tests/test_mutation_gaps.py tests/test_sampler.py tests/test_grpo_prefix_checkpointing.py tests/test_grpo_loss.py"
+FILES[stages]="align/stages/*"
+TESTS[stages]="tests/test_mutation_gaps.py tests/test_grpo_wiring.py tests/test_sft_wiring.py tests/test_stages.py tests/test_grpo_stage.py"
+# -m per module (default "not distributed"): the pure-arithmetic modules leave out the "slow" end-to-end CLI
+# runs too. Their mutants must die in unit tests; one stage run costs seconds per mutant, hundreds of times.
+for m in grpo/loss rewards rewards/extract rewards/mathcheck rewards/answers rewards/init rewards/boxes \
+  rewards/overlong rewards/reasoning data/batching data/encode; do MARKS[$m]="not distributed and not slow"; done
+ORDER="grpo/loss rewards data/batching data/encode grpo/rollout checkpoint export grpo/sampler grpo/logps stages"
+
+"$PYTHON" -c "import mutmut" 2>/dev/null || { echo "mutmut is missing: pip install -e '.[dev]'"; exit 1; }
+modules=("$@")
+[ ${#modules[@]} -gt 0 ] || read -ra modules <<< "$ORDER"
+for m in "${modules[@]}"; do
+  [ -n "${FILES[$m]:-}" ] || { echo "unknown module $m (one of: $ORDER, or rewards/FILE)"; exit 2; }
+done
+
+toml_list() { local out="" x; for x in "$@"; do out+="\"$x\", "; done; echo "[${out%, }]"; }
+
+for m in "${modules[@]}"; do
+  shard="$OUTDIR/${m//\//_}"
+  rm -rf "$shard" && mkdir -p "$shard"
+  cp -r align tests recipes scripts "$shard/"
+  read -ra files <<< "${FILES[$m]}"
+  read -ra tests <<< "${TESTS[$m]}"
+  {
+    cat pyproject.toml
+    echo
+    echo "[tool.mutmut]"
+    echo "source_paths = [\"align\"]"
+    # the tests read the recipes (recipes/tiny/*.yaml) and a few scripts from the repository root
+    echo "also_copy = [\"recipes\", \"scripts\"]"
+    echo "only_mutate = $(toml_list "${files[@]}")"
+    # never the vLLM, golden or 2-process tests: minutes each
+    echo "pytest_add_cli_args_test_selection = $(toml_list "${tests[@]}" -m "${MARKS[$m]:-not distributed}")"
+    echo "pytest_add_cli_args = [\"-p\", \"no:cacheprovider\", \"-x\", \"-q\"]"
+    # torch is not fork-safe once it has run: fork each mutant from a server that only imported the tests
+    echo "process_isolation = \"forkserver\""
+    echo "use_git_change_detection = false"
+  } > "$shard/pyproject.toml"
+  commit="$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- align tests || echo ' (with uncommitted changes)')"
+  started=$(date -u +%Y-%m-%dT%H:%MZ)
+  echo "== $m: mutating ${files[*]} with ${tests[*]} -m '${MARKS[$m]:-not distributed}'"
+  start=$(date +%s)
+  (cd "$shard" && nice -n 19 "$PYTHON" -m mutmut run --max-children "$CHILDREN") > "$shard/run.log" 2>&1 \
+    || { tail -30 "$shard/run.log"; echo "mutmut failed on $m (log: $shard/run.log)"; exit 1; }
+  wall=$(( $(date +%s) - start ))
+  (cd "$shard" && "$PYTHON" -m mutmut results --all true) > "$shard/result.txt"
+  # the diff of every mutant that was not killed, for docs/testing.md's list of survivors
+  for k in $(grep -v ': killed$' "$shard/result.txt" | sed 's/^ *//; s/: .*//'); do
+    (cd "$shard" && "$PYTHON" -m mutmut show "$k")
+  done > "$shard/survivors.diff" 2>&1
+  {
+    echo "module: $m"
+    echo "tests: ${tests[*]} -m '${MARKS[$m]:-not distributed}'"
+    echo "commit: $commit"
+    echo "started: $started"
+    echo "wall_s: $wall"
+    for s in killed survived timeout suspicious "no tests" skipped segfault "not checked" "caught by type check" "check was interrupted by user"; do
+      echo "$s: $(grep -c ": $s\$" "$shard/result.txt" || true)"
+    done
+  } > "$shard/summary.txt"
+  cat "$shard/summary.txt"
+done

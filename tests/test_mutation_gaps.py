@@ -1,0 +1,394 @@
+"""Small cases that kill the mutants ``scripts/mutation.sh`` found surviving (docs/testing.md lists them).
+
+Each expected number is worked out by hand here, not by the code under test. Pure tensors and strings: no
+model, no zoo; the whole module runs in well under a second.
+
+    .venv/bin/pytest -q tests/test_mutation_gaps.py
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from align.data.encode import Encoded
+from align.grpo.loss import combine_rewards, grpo_loss, vllm_importance_sampling
+
+# --- align/grpo/loss.py: vllm_importance_sampling ---------------------------------------------------------
+
+
+def test_importance_weights_use_trainer_minus_sampler() -> None:
+    """A sampler log-prob that is not 0: the weight is exp(trainer - sampler), and the logged difference is
+    |trainer - sampler| (the table in test_vllm_importance_sampling.py has sampler = 0, where + and - agree)."""
+    trainer = torch.tensor([[-1.0, -2.0]])
+    sampler = torch.tensor([[-1.0 - math.log(2), -2.0 + math.log(4)]])  # differences: +ln 2, -ln 4
+    mask = torch.ones(1, 2)
+    weights, stats = vllm_importance_sampling(
+        trainer, sampler, mask, mode="token_truncate", clip_min=None, clip_max=10.0
+    )
+    assert torch.allclose(weights, torch.tensor([[2.0, 0.25]]), atol=1e-6)
+    assert stats.logp_difference_mean == pytest.approx((math.log(2) + math.log(4)) / 2, rel=1e-6)
+    assert stats.logp_difference_max == pytest.approx(math.log(4), rel=1e-6)
+
+
+def test_sequence_weights_are_one_per_row() -> None:
+    """Two completions: one ratio each, [B, 1], from each row's own sum (not the batch's)."""
+    trainer = torch.tensor([[math.log(2), 0.0], [0.0, math.log(3)]])
+    weights, stats = vllm_importance_sampling(
+        trainer, torch.zeros(2, 2), torch.ones(2, 2), mode="sequence_truncate", clip_min=None, clip_max=10.0
+    )
+    assert weights.shape == (2, 1)
+    assert torch.allclose(weights, torch.tensor([[2.0], [3.0]]), atol=1e-6)
+    assert (stats.ratio_min, stats.ratio_mean, stats.ratio_max) == pytest.approx((2.0, 2.5, 3.0), rel=1e-6)
+
+
+def test_mask_mode_keeps_a_ratio_equal_to_a_bound() -> None:
+    """``*_mask`` drops ratios strictly outside [clip_min, clip_max]: a ratio of exactly 1 with both bounds 1
+    is kept (trainer == sampler gives exp(0) == 1.0 exactly)."""
+    same = torch.tensor([[-0.5, -1.5]])
+    weights, _ = vllm_importance_sampling(
+        same, same, torch.ones(1, 2), mode="token_mask", clip_min=1.0, clip_max=1.0
+    )
+    assert weights.tolist() == [[1.0, 1.0]]
+
+
+def test_all_masked_batch_logs_zero_statistics() -> None:
+    """No completion token at all (every row masked): the statistics are 0.0, not NaN or an error."""
+    trainer = torch.tensor([[-1.0, -2.0]])
+    _, stats = vllm_importance_sampling(
+        trainer, torch.zeros(1, 2), torch.zeros(1, 2), mode="token_truncate", clip_min=None, clip_max=3.0
+    )
+    assert (
+        stats.logp_difference_mean,
+        stats.logp_difference_max,
+        stats.ratio_min,
+        stats.ratio_mean,
+        stats.ratio_max,
+    ) == (0.0, 0.0, 0.0, 0.0, 0.0)
+
+
+# --- align/grpo/loss.py: combine_rewards, grpo_loss -------------------------------------------------------
+
+
+def test_combine_rewards_keeps_a_float64_tensors_dtype_and_weights() -> None:
+    """float64 rewards with weight 0.1: 0.1 in float64 (a float32 0.1 would be 0.10000000149...)."""
+    per_func = torch.tensor([[1.0, 2.0], [3.0, float("nan")]], dtype=torch.float64)
+    rewards = combine_rewards(per_func, [0.1, 1.0])
+    assert rewards.dtype == torch.float64
+    assert rewards.tolist() == [0.1 * 1.0 + 2.0, 0.1 * 3.0]
+
+
+@pytest.mark.parametrize(("loss_type", "num_items"), [("bnpo", None), ("dapo", 1)])
+def test_a_single_completion_token_is_not_divided_twice(loss_type: str, num_items) -> None:
+    """One completion of one token: bnpo's and dapo's token means divide by 1 (the clamp is only against 0).
+
+    logps = old = ln(1/2), ref = ln(1/4), A = 1, beta = 0.5: ratio 1, policy = -1; d = ref - logps = -ln 2,
+    k3 = exp(d) - d - 1 = 1/2 + ln 2 - 1, kl_penalty = beta * k3, and the KL mean is k3 itself.
+    """
+    logp = torch.tensor([[math.log(0.5)]])
+    loss, parts = grpo_loss(
+        logp,
+        logp.clone(),
+        torch.tensor([[math.log(0.25)]]),
+        torch.tensor([1.0]),
+        torch.ones(1, 1),
+        beta=0.5,
+        epsilon=0.2,
+        epsilon_high=None,
+        loss_type=loss_type,
+        max_completion_length=4,
+        num_items_in_batch=num_items,
+    )
+    k3 = 0.5 + math.log(2) - 1
+    assert parts.policy.item() == pytest.approx(-1.0, rel=1e-6)
+    assert parts.kl.item() == pytest.approx(k3, rel=1e-5)
+    assert parts.kl_penalty.item() == pytest.approx(0.5 * k3, rel=1e-5)
+    assert loss.item() == pytest.approx(-1.0 + 0.5 * k3, rel=1e-5)
+
+
+def _loss(mask_shape=(1, 3), **change):
+    """grpo_loss on zeros of ``mask_shape`` with ``change`` applied (tensors or options)."""
+    b, t = mask_shape
+    args = dict(
+        logps=torch.zeros(b, t), old_logps=None, ref_logps=None, advantages=torch.zeros(b),
+        completion_mask=torch.ones(b, t), beta=0.0, epsilon=0.2, epsilon_high=None, loss_type="grpo",
+        max_completion_length=t,
+    )  # fmt: skip
+    args.update(change)
+    return grpo_loss(
+        args.pop("logps"), args.pop("old_logps"), args.pop("ref_logps"), args.pop("advantages"),
+        args.pop("completion_mask"), **args,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (dict(logps=torch.zeros(1, 2)), r"^logps has shape \(1, 2\), completion_mask has \(1, 3\)$"),
+        (dict(old_logps=torch.zeros(2, 3)), r"^old_logps has shape \(2, 3\), completion_mask has \(1, 3\)$"),
+        (
+            dict(ref_logps=torch.zeros(1, 4), beta=0.1),
+            r"^ref_logps has shape \(1, 4\), completion_mask has \(1, 3\)$",
+        ),
+        (dict(ref_logps=torch.zeros(1, 3)), r"\(beta=0.0, ref_logps given\)$"),
+        (dict(advantages=torch.zeros(2)), r"^advantages has shape \(2,\), expected \[1\] or \(1, 3\)$"),
+        (
+            dict(loss_type="dapo"),
+            r"^loss_type='dapo' normalises by the completion tokens of the whole optimizer step: "
+            r"pass num_items_in_batch \(summed over ranks and accumulation micro-batches\)$",
+        ),
+    ],
+)
+def test_grpo_loss_errors_name_the_input_and_its_shape(change, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        _loss(**change)
+
+
+def test_other_loss_errors_name_the_input_and_its_shape() -> None:
+    from align.grpo.loss import mask_truncated
+
+    with pytest.raises(
+        ValueError, match=r"^per-function rewards must be \[completions, functions\], got shape \(3,\)$"
+    ):
+        combine_rewards(torch.zeros(3))
+    with pytest.raises(
+        ValueError, match=r"^is_truncated has shape \(3,\), expected \[2\] for completion_mask \(2, 4\)$"
+    ):
+        mask_truncated(torch.ones(2, 4), torch.zeros(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"^trainer_logps has shape \(1, 2\), completion_mask has \(1, 3\)$"):
+        vllm_importance_sampling(
+            torch.zeros(1, 2),
+            torch.zeros(1, 3),
+            torch.ones(1, 3),
+            mode="token_mask",
+            clip_min=None,
+            clip_max=3.0,
+        )
+
+
+def test_group_advantages_with_two_generations() -> None:
+    """Groups of 2: Bessel's std of (0, 1) is sqrt(1/2) (dividing by count - 1 = 1); the batch std is the same."""
+    from align.grpo.loss import STD_EPS, group_advantages
+
+    advantages, stats = group_advantages(torch.tensor([0.0, 1.0]), 2, "group")
+    a = 0.5 / (math.sqrt(0.5) + STD_EPS)
+    assert torch.allclose(advantages, torch.tensor([-a, a]), atol=1e-6)
+    assert stats.reward_std == pytest.approx(math.sqrt(0.5), rel=1e-6)
+    assert stats.frac_reward_zero_std == 0.0
+
+
+def test_group_advantages_of_one_generation_and_of_one_reward() -> None:
+    """num_generations=1: every group has std 0 (counted as zero-std); a single reward has batch std 0, not NaN."""
+    from align.grpo.loss import group_advantages
+
+    advantages, stats = group_advantages(torch.tensor([1.0, 2.0]), 1, "group")
+    assert advantages.tolist() == [0.0, 0.0] and stats.frac_reward_zero_std == 1.0
+    advantages, stats = group_advantages(torch.tensor([0.5]), 1, "batch")
+    assert advantages.tolist() == [0.0] and stats.reward_std == 0.0 and stats.reward_mean == 0.5
+
+
+def test_a_group_with_one_scorable_reward_has_no_std() -> None:
+    """A group of 2 where one completion is unscorable (NaN): one value has no std (NaN), so the group is not
+    counted as zero-std; its advantage is 0. The other group (0, 1) is an ordinary one."""
+    from align.grpo.loss import group_advantages
+
+    advantages, stats = group_advantages(torch.tensor([1.0, float("nan"), 0.0, 1.0]), 2, "group")
+    assert advantages[:2].tolist() == [0.0, 0.0]
+    assert stats.frac_reward_zero_std == 0.0 and stats.num_unscorable == 1
+
+
+def test_per_token_advantages_of_several_completions() -> None:
+    """[B, T] advantages are used as they are (not broadcast against every row): with ratio 1 the grpo loss is
+    minus the per-sequence mean advantage, averaged: rows (1 + 2) / 2 and 3 / 1 -> -(1.5 + 3) / 2."""
+    loss, _ = _loss(
+        mask_shape=(2, 2),
+        advantages=torch.tensor([[1.0, 2.0], [3.0, 10.0]]),
+        completion_mask=torch.tensor([[1.0, 1.0], [1.0, 0.0]]),
+    )
+    assert loss.item() == pytest.approx(-2.25, rel=1e-6)
+
+
+def test_dapo_divisor_keeps_the_loss_dtype() -> None:
+    """float64 dapo: 2 tokens over num_items 7 on 3 accumulation steps -> -2 / (7 / 3) = -6/7 to float64 precision
+    (a float32 divisor would be off by ~1e-8)."""
+    loss, parts = _loss(
+        mask_shape=(1, 2),
+        logps=torch.zeros(1, 2, dtype=torch.float64),
+        advantages=torch.ones(1, dtype=torch.float64),
+        loss_type="dapo",
+        num_items_in_batch=7,
+        accumulation_steps=3,
+    )
+    assert loss.dtype == torch.float64
+    assert loss.item() == pytest.approx(-6 / 7, rel=1e-12)
+    assert parts.num_tokens.item() == 2
+
+
+def test_clip_statistics_are_strict_at_the_bounds() -> None:
+    """A ratio exactly at 1 - epsilon (exp(ln 0.8) == float32(0.8)) is not clipped low; a ratio capped by
+    delta == 1 + epsilon_high lands exactly on the upper bound and is not clipped high."""
+    _, parts = _loss(
+        logps=torch.full((1, 3), math.log(0.8)), old_logps=torch.zeros(1, 3), advantages=-torch.ones(1)
+    )
+    assert parts.clip_ratio_low.item() == 0.0
+    _, parts = _loss(
+        logps=torch.full((1, 3), math.log(2.0)),
+        old_logps=torch.zeros(1, 3),
+        advantages=torch.ones(1),
+        epsilon_high=0.25,
+        delta=1.25,
+    )
+    assert parts.clip_ratio_high.item() == 0.0
+
+
+def test_advantage_errors_name_the_input() -> None:
+    from align.grpo.loss import group_advantages
+
+    with pytest.raises(
+        ValueError, match=r"^scale_rewards must be one of \('group', 'batch', 'none'\), got 'x'$"
+    ):
+        group_advantages(torch.zeros(2), 1, "x")
+    with pytest.raises(ValueError, match=r"^rewards must be 1-D \[completions\], got shape \(2, 1\)$"):
+        group_advantages(torch.zeros(2, 1), 1)
+    with pytest.raises(
+        ValueError,
+        match=r"^3 rewards do not split into groups of num_generations=2: pass whole groups \(gathered across ranks\)$",
+    ):
+        group_advantages(torch.zeros(3), 2)
+
+
+# --- align/data/batching.py -------------------------------------------------------------------------------
+
+
+def _row(length: int, images: int = 0, name: str = "f.jsonl:1") -> Encoded:
+    ids = list(range(1, length + 1))
+    return Encoded(
+        input_ids=ids, labels=ids, n_images=images, origin=name, prompt_length=0, n_image_tokens=0,
+        images=[f"{name}#{k}" for k in range(images)],
+    )  # fmt: skip
+
+
+def test_collates_give_long_tensors_and_a_0_1_attention_mask() -> None:
+    from align.data.batching import pack, packed_collate, pad_collate
+
+    batch = pad_collate([_row(2), _row(3)], pad_id=0)
+    assert batch["attention_mask"].tolist() == [[1, 1, 0], [1, 1, 1]]
+    assert {batch[k].dtype for k in ("input_ids", "attention_mask", "labels")} == {torch.long}
+    packed = packed_collate(pack([_row(2), _row(3)], max_length=4), pad_id=0)
+    assert {packed[k].dtype for k in ("input_ids", "labels", "position_ids")} == {torch.long}
+
+
+def test_length_grouping_fills_the_first_batch_with_the_longest_rows() -> None:
+    """Lengths 1..5 in batches of 2 (one megabatch): sorted longest first, so the batches are (5, 4), (3, 2),
+    (1,) and the one holding the longest row, (5, 4), comes first."""
+    from align.data.batching import length_grouped_batches
+
+    lengths = [1, 2, 3, 4, 5]
+    batches = length_grouped_batches(lengths, 2, seed=0, epoch=0)
+    assert sorted(lengths[i] for i in batches[0]) == [4, 5]
+    assert sorted(tuple(sorted(lengths[i] for i in b)) for b in batches) == [(1,), (2, 3), (4, 5)]
+
+
+def test_length_grouping_with_batches_and_megabatches_of_one() -> None:
+    from align.data.batching import length_grouped_batches
+
+    batches = length_grouped_batches([3, 1, 2], 1, seed=0, epoch=0, megabatch=1)
+    assert sorted(batches) == [[0], [1], [2]] and batches[0] == [0]
+    with pytest.raises(ValueError, match=r"^batch_size and megabatch must be >= 1, got 0 and 1$"):
+        length_grouped_batches([3], 0, seed=0, epoch=0, megabatch=1)
+
+
+def test_default_megabatch_is_50_batches() -> None:
+    """102 rows in batches of 2: megabatches of 100 rows by default (a megabatch of 51 batches groups other rows)."""
+    from align.data.batching import length_grouped_batches
+
+    lengths = list(range(1, 103))
+    default = length_grouped_batches(lengths, 2, seed=3, epoch=0)
+    assert default == length_grouped_batches(lengths, 2, seed=3, epoch=0, megabatch=50)
+    assert default != length_grouped_batches(lengths, 2, seed=3, epoch=0, megabatch=51)
+
+
+def test_image_origins_of_padded_and_packed_rows() -> None:
+    from align.data.batching import image_origins, pack
+
+    a, b, c = _row(2, images=2, name="a:1"), _row(3, name="b:2"), _row(2, images=1, name="c:3")
+    assert image_origins([a, b, c]) == ["a:1", "a:1", "c:3"]
+    packed = pack([a, c], max_length=4)
+    assert image_origins(packed) == ["a:1", "a:1", "c:3"]
+
+
+def test_pad_side_error_names_the_value() -> None:
+    from align.data.batching import pad_collate
+
+    with pytest.raises(ValueError, match=r"^pad_side must be 'right' or 'left', got 'top'$"):
+        pad_collate([_row(2)], pad_id=0, pad_side="top")
+
+
+def test_pack_fills_a_bin_exactly() -> None:
+    """Rows of 3 and 1 tokens fill one row of 4 (best fit takes a bin whose space equals the row's length)."""
+    from align.data.batching import pack
+
+    rows = pack([_row(3), _row(1)], max_length=4)
+    assert [(row.items, row.lengths) for row in rows] == [([0, 1], [3, 1])]
+
+
+# --- align/rewards/ ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("completion", "think"),
+    [
+        ("</think>the answer", ""),  # closed at once (no prefill put back): empty reasoning, not None
+        ("</think><think>abc</think>x", "abc"),  # a stray close before the opening tag is not the end
+    ],
+)
+def test_extract_think_edge_cases(completion: str, think: str) -> None:
+    from align.rewards.extract import extract_think
+
+    assert extract_think(completion) == think
+
+
+def test_answer_block_ends_at_the_first_close_after_the_last_open() -> None:
+    from align.rewards.extract import extract_answer, last_boxed
+
+    assert extract_answer("<think>r</think><answer>a</answer> b</answer>") == "a"
+    assert last_boxed("so \\boxed{3} is it") == "3"
+
+
+def test_conversational_completion_and_a_leading_think_close() -> None:
+    """A TRL conversational completion is its contents joined with nothing between; a completion that starts
+    with ``</think>`` (closed at once) is answered by the text after it, even if a ``<think>`` follows."""
+    from align.rewards.extract import as_text, extract_answer
+
+    assert as_text([{"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"}]) == "ab"
+    assert extract_answer("</think>a<think>") == "a"
+
+
+# --- align/data/encode.py ---------------------------------------------------------------------------------
+
+
+def test_strip_prefill_with_whitespace_around_the_tag() -> None:
+    from align.data.encode import _strip_prefill
+
+    assert _strip_prefill("\n<think>\n\nreasoning</think>a ", "<think>\n") == "reasoning</think>a "
+
+
+def test_fit_all_returns_the_fitted_rows_and_counts_only_new_cuts() -> None:
+    """Rows of 6 tokens (prompt 2) at max_length 4: cut by 2 each. A row already cut by 1 counts 2 more, not 3."""
+    import dataclasses
+
+    from align.data.encode import fit_all
+
+    a = dataclasses.replace(_row(6), prompt_length=2)
+    b = dataclasses.replace(_row(6), prompt_length=2, truncated=1)
+    kept, report = fit_all([a, b], max_length=4, policy="drop")
+    assert [k.input_ids for k in kept] == [[1, 2, 3, 4], [1, 2, 3, 4]]
+    assert (report.kept, report.truncated, report.cut_tokens, report.dropped) == (2, 2, 4, 0)
+    dropped = [dataclasses.replace(_row(5), prompt_length=5, origin=f"f:{i}") for i in range(5)]
+    _, report = fit_all(dropped, max_length=4, policy="drop")
+    assert report.dropped_origins == ["f:0", "f:1", "f:2"]  # examples=3 by default
+    assert str(report) == (
+        "max_length 4: kept 0 rows, truncated the target of 0 (0 tokens), dropped 5 (e.g. f:0, f:1, f:2)"
+    )
