@@ -45,6 +45,7 @@ import pytest
 import torch
 
 import align.stages.grpo as grpo_stage
+from align.checkpoint import canonical_key
 from align.cli import main
 from align.grpo.loss import grpo_loss
 from align.stages.common import lr_at
@@ -772,17 +773,6 @@ def test_dynamic_sampling_trains_on_the_groups_with_signal(traces) -> None:
     assert any(r["dynamic_sampling/rounds"] > 1 for r in trace.metrics()), "some step must have drawn again"
 
 
-def canonical(name: str) -> str:
-    """A transformers Llava parameter name in the llava-hf layout the stages save."""
-    if name.startswith("model.language_model."):
-        return "language_model.model." + name.removeprefix("model.language_model.")
-    if name.startswith("lm_head."):
-        return "language_model." + name
-    if name.startswith("model.vision_tower."):
-        return "vision_tower.vision_model." + name.removeprefix("model.vision_tower.")
-    return name.removeprefix("model.")
-
-
 @pytest.mark.slow
 def test_optimizer_steps_replay_with_the_recipes_rates_betas_decay_and_clipping(
     traces, reference_model, work: Path
@@ -797,7 +787,7 @@ def test_optimizer_steps_replay_with_the_recipes_rates_betas_decay_and_clipping(
     trace = traces("weighted")
     case = trace.case
     model = LlavaForConditionalGeneration.from_pretrained(work / "base", dtype=torch.float32)
-    named = {canonical(n): p for n, p in model.named_parameters()}
+    named = {canonical_key(n): p for n, p in model.named_parameters()}
     groups = []
     for prefix, lr in (("multi_modal_projector.", case.projector_lr), ("language_model.", case.lr)):
         for decay in (True, False):

@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import load_file
 
 import align.stages.sft as sft_stage
+from align.checkpoint import canonical_key
 from align.cli import main
 from align.stages.common import lr_at
 from align.stages.sft import forward_loss_sum  # the original, for the replay
@@ -101,17 +102,6 @@ def run_stage(work: Path, name: str, *overrides: str, command: str = "sft", data
     return run
 
 
-def canonical(name: str) -> str:
-    """A transformers Llava parameter name in the llava-hf layout the stages save."""
-    if name.startswith("model.language_model."):
-        return "language_model.model." + name.removeprefix("model.language_model.")
-    if name.startswith("lm_head."):
-        return "language_model." + name
-    if name.startswith("model.vision_tower."):
-        return "vision_tower.vision_model." + name.removeprefix("model.vision_tower.")
-    return name.removeprefix("model.")
-
-
 def component(key: str) -> str:
     """The component of a canonical weight name."""
     for comp, prefix in (
@@ -168,7 +158,7 @@ def replay(
     model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(model_dir)
     model.train()
-    named = {canonical(n): p for n, p in model.named_parameters()}
+    named = {canonical_key(n): p for n, p in model.named_parameters()}
     for n, p in named.items():
         p.requires_grad_(component(n) in optim.lrs)
     groups = []
