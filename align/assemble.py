@@ -13,8 +13,8 @@ This module owns the assembly options and the export class each one needs (no cl
   tokens (SigLIP-so400m/384: 729 -> 81 at s = 3). SigLIP towers and Llama-family LLMs only (vLLM builds its
   text model as Llama).
 
-The stages (projector/sft/grpo/eval/chat/export) train and run Llava folders only and refuse the other two
-before loading (:data:`align.checkpoint.INFERENCE_ONLY`).
+The stages (projector/sft/grpo/eval/export) train and run Llava folders only and refuse the other two
+before loading (:data:`align.checkpoint.INFERENCE_ONLY`); ``align chat`` runs all three through transformers.
 
 Options the export classes cannot hold are refused by the recipe check with the reason (``linear``,
 ``mlp3x_gelu`` and deeper). Every folder's ``<image>`` expansion is checked against the tower's feature count.

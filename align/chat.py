@@ -353,13 +353,13 @@ def _parse_intermixed(parser) -> None:
 
 
 def run(args) -> int:
-    from align.checkpoint import load_llava, resolve_model_folder
+    from align.checkpoint import load_for_chat, resolve_model_folder
 
     if args.max_new_tokens < 1:
         raise AlignError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    folder = resolve_model_folder(args.model)
+    folder = resolve_model_folder(args.model, expect=None)
     cuda = torch.cuda.is_available()
-    model, processor = load_llava(folder, dtype=torch.bfloat16 if cuda else torch.float32)
+    model, processor = load_for_chat(folder, dtype=torch.bfloat16 if cuda else torch.float32)
     model = model.to("cuda" if cuda else "cpu").eval()
     settings = generation_settings(model.generation_config, args.max_new_tokens, args.temperature)
     display_class = RichDisplay if sys.stdout.isatty() else PlainDisplay

@@ -281,7 +281,8 @@ def resolve_model_folder(path: str | Path, expect: str | None = "llava") -> Path
         elif expect == "llava" and model_type in INFERENCE_ONLY:
             hint = (
                 f"; {model_type} folders ({INFERENCE_ONLY[model_type]}) load in transformers and vLLM as they are, "
-                "but align's stages train and run Llava folders only: assemble with an mlp2x_<act> projector to train"
+                "but align's stages train and run Llava folders only (`align chat` runs them): "
+                "assemble with an mlp2x_<act> projector to train"
             )
         raise AlignError(f"{folder}: model_type is {model_type!r}, expected {expect!r}{hint}")
     check_weight_files(folder)
@@ -348,6 +349,21 @@ def load_llava(folder: str | Path, dtype: torch.dtype = torch.float32, attn_impl
     model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype, attn_implementation=attention)
     processor = AutoProcessor.from_pretrained(folder)
     return model, processor
+
+
+def load_for_chat(folder: str | Path, dtype: torch.dtype = torch.float32):
+    """(model, processor) for ``align chat``: a Llava folder, or one of the inference-only classes align assembles.
+
+    The Idefics3 and LLaVA-NeXT folders (:data:`INFERENCE_ONLY`) are not trained by the stages, but they chat
+    through transformers' own class and processor like any export.
+    """
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    checked = resolve_model_folder(folder, expect=None)
+    if read_model_config(checked)["model_type"] not in INFERENCE_ONLY:
+        return load_llava(folder, dtype)  # refuses anything that is not a Llava folder, with the reason
+    model = AutoModelForImageTextToText.from_pretrained(checked, dtype=dtype, attn_implementation="sdpa")
+    return model, AutoProcessor.from_pretrained(checked)
 
 
 def image_seq_len(processor, image=None) -> int:

@@ -211,3 +211,48 @@ def test_missing_image_is_a_clear_error(folder: Path, tmp_path: Path, capsys) ->
     missing = tmp_path / "nope.png"
     assert main(["chat", str(folder), "--image", str(missing), "hi", "--max-new-tokens", "1"]) == 2
     assert str(missing) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("model_type", "tower", "vision", "projector"),
+    [
+        ("idefics3", "siglip-hf", {}, {"type": "pixel_shuffle", "scale_factor": 2}),
+        ("llava_next", "clip-hf", {"anyres_grids": ["1x2", "2x2"]}, None),
+    ],
+)
+def test_chat_runs_the_inference_only_classes_through_transformers(
+    zoo: Path, tmp_path: Path, png: Path, capsys, model_type, tower, vision, projector
+) -> None:
+    """The Idefics3 and LLaVA-NeXT folders align assembles are not trained by the stages, but chat with them is
+    transformers' own class and processor (the reference loads them with AutoModelForImageTextToText)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from align.assemble import AssembleRecipe, assemble
+    from align.config import from_dict
+
+    recipe = {
+        "kind": "assemble",
+        "vision": {"source": "hf", "name_or_path": str(zoo / tower), **vision},
+        "llm": {"name_or_path": str(zoo / "llama-r1")},
+        "output_dir": str(tmp_path / "model"),
+        **({"projector": projector} if projector else {}),
+    }
+    folder = assemble(from_dict(AssembleRecipe, recipe))
+    capsys.readouterr()
+    argv = ["chat", str(folder), "--image", str(png), "describe", "--max-new-tokens", str(N_TOKENS)]
+    assert main([*argv, "--temperature", "0"]) == 0
+    reference = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    assert reference.config.model_type == model_type
+    expected = greedy(
+        (reference, AutoProcessor.from_pretrained(folder)),
+        [{"role": "user", "content": "<image>\ndescribe"}],
+        [Image.open(png).convert("RGB")],
+    )
+    assert expected.strip()
+    assert capsys.readouterr().out == shown(expected)
+
+
+def test_chat_refuses_a_language_model_folder_with_the_reason(zoo: Path, capsys) -> None:
+    assert main(["chat", str(zoo / "qwen2-r1"), "hi", "--max-new-tokens", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "model_type is 'qwen2', expected 'llava'" in err and "align assemble" in err, err

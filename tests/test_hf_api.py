@@ -1,6 +1,7 @@
 """Model folders answer transformers' documented image-text API, checked by a script that does not import align.
 
-align builds the folders (an assembled one and its export); ``tests/hf_scripts/documented_forms.py`` then runs
+align builds the folders (an assembled Llava one and its export, and the Idefics3 and LLaVA-NeXT folders that
+``projector.type: pixel_shuffle`` and ``vision.anyres_grids`` assemble); ``tests/hf_scripts/documented_forms.py`` then runs
 structured ``content`` parts through ``processor.apply_chat_template(..., tokenize=True)`` + ``generate`` and
 through ``pipeline("image-text-to-text")``, string content with ``<image>`` too, in a subprocess that imports
 only transformers, torch and PIL. Each must give the prompt ids and greedy tokens ``align chat`` gives, with
@@ -9,6 +10,7 @@ exactly one BOS. The template's preamble is also checked on its own (:func:`cont
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import subprocess
@@ -20,7 +22,7 @@ import torch
 from PIL import Image
 
 from align.chat import ChatSession, PlainDisplay, generation_settings
-from align.checkpoint import content_parts_template, load_llava
+from align.checkpoint import content_parts_template, load_for_chat
 from align.export import export
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -113,16 +115,39 @@ def png(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module", params=["assembled", "exported"])
-def folder(request, siglip_qwen2: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+# the assemble options of the inference-only classes (tests/test_assembly_options.py checks their logits)
+FAMILIES = {
+    "idefics3": ("siglip-hf", {}, {"type": "pixel_shuffle", "scale_factor": 2}),
+    "llava_next": ("clip-hf", {"feature_layer": [-2, -1], "anyres_grids": ["1x2", "2x1", "2x2"]}, None),
+}
+
+
+@pytest.fixture(scope="module", params=["assembled", "exported", *FAMILIES])
+def folder(request, zoo: Path, siglip_qwen2: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     if request.param == "assembled":
         return siglip_qwen2
-    return export(siglip_qwen2, tmp_path_factory.mktemp("hf_api_export") / "export", "fp32")
+    if request.param == "exported":
+        return export(siglip_qwen2, tmp_path_factory.mktemp("hf_api_export") / "export", "fp32")
+    from align.assemble import AssembleRecipe, assemble
+    from align.config import from_dict
+
+    tower, vision, projector = FAMILIES[request.param]
+    spec = {
+        "kind": "assemble",
+        "vision": {"source": "hf", "name_or_path": str(zoo / tower), **vision},
+        "llm": {"name_or_path": str(zoo / "llama-r1")},
+        "output_dir": str(tmp_path_factory.mktemp(request.param) / "model"),
+        **({"projector": projector} if projector else {}),
+    }
+    with contextlib.redirect_stdout(io.StringIO()):
+        out = assemble(from_dict(AssembleRecipe, spec, file="test.yaml"))
+    assert json.loads((out / "config.json").read_text())["model_type"] == request.param
+    return out
 
 
 def _align_chat(folder: Path, png: Path, cases: dict) -> dict[str, list[int] | str]:
     """What align chat renders and generates (greedy) for each case's conversation."""
-    model, processor = load_llava(folder)
+    model, processor = load_for_chat(folder)
     model.eval()
     settings = generation_settings(model.generation_config, N_TOKENS, 0)
     session = ChatSession(model, processor, PlainDisplay(io.StringIO(), False), settings)

@@ -366,6 +366,27 @@ def test_conversational_completion_and_a_leading_think_close() -> None:
     assert extract_answer("</think>a<think>") == "a"
 
 
+def test_length_reward_default_target_and_tiny_targets() -> None:
+    """The default target is 2000 characters; a target of 1 is a real target (any reasoning earns the cap), a
+    target of 0 earns 0 instead of dividing by zero."""
+    from align.rewards.reasoning import length
+
+    completion = "<think>" + "a" * 1000 + "</think><answer>1</answer>"
+    assert length(completion) == 0.5
+    assert length(completion, target=1) == 1.0
+    assert length(completion, target=0) == 0.0
+
+
+def test_repetition_default_n_and_the_few_spaces_boundary() -> None:
+    """Default n = 4: 'a b c d a b c d' has 5 word 4-grams, one repeated (5-grams would all differ). One
+    space-free word of exactly 20 characters still counts as words (one word, no 4-gram: 0), not characters."""
+    from align.rewards.reasoning import repetition
+
+    assert repetition("a b c d a b c d") == pytest.approx(-0.2)
+    assert repetition("a" * 20) == 0.0
+    assert repetition("a" * 21) == pytest.approx(-(1 - 1 / 6))  # 21 - 16 + 1 = 6 character 16-grams, 1 distinct
+
+
 # --- align/data/encode.py ---------------------------------------------------------------------------------
 
 

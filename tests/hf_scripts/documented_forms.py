@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import AutoProcessor, LlavaForConditionalGeneration, pipeline
+from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 
 spec = json.loads(Path(sys.argv[1]).read_text())
 processor = AutoProcessor.from_pretrained(spec["folder"])
-model = LlavaForConditionalGeneration.from_pretrained(spec["folder"], dtype=torch.float32).eval()
+model = AutoModelForImageTextToText.from_pretrained(spec["folder"], dtype=torch.float32).eval()
 greedy = {"do_sample": False, "max_new_tokens": spec["max_new_tokens"]}
 chat = None
 out = {}
