@@ -3,7 +3,8 @@
 A block that cannot run here (GPUs, several nodes, the full demo, long training) carries
 ``<!-- not-run: reason -->`` on the line before it; those are listed as skipped with their reasons. The copy
 holds the tracked and unignored files (what a clone plus this change has) and a ``.venv`` that is this test's
-interpreter's environment, so ``source .venv/bin/activate`` works as it does after ``scripts/test.sh``.
+interpreter's environment, so ``source .venv/bin/activate`` works as it does after ``scripts/test.sh``; a block
+after one that activates it runs activated, as it would in the reader's shell.
 """
 
 from __future__ import annotations
@@ -72,9 +73,15 @@ def clone(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_runnable_blocks_run_as_written(clone: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(clone), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     env.update(TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    activated: set[str] = set()  # pages whose reader has run `source .venv/bin/activate` in an earlier block
     for where, body, _ in RUN:
+        page = where.split(":")[0]
+        # a reader goes on in the same shell: a later block of the page still has the activated environment
+        script = ("source .venv/bin/activate\n" if page in activated else "") + body
+        if "source .venv/bin/activate" in body:
+            activated.add(page)
         done = subprocess.run(
-            ["bash", "-euo", "pipefail", "-c", body],
+            ["bash", "-euo", "pipefail", "-c", script],
             cwd=clone,
             env=env,
             capture_output=True,

@@ -76,8 +76,11 @@ def test_soft_overlong_reward_matches_trl(limit: int, cache: int) -> None:
 
 def test_soft_overlong_needs_the_completion_ids_column() -> None:
     reward = load_reward("soft_overlong", {"max_completion_len": 8, "soft_punish_cache": 2})
-    with pytest.raises(RewardSetupError, match="completion_ids"):
+    head = r"reward 'soft_overlong' needs a 'completion_ids' column \(token ids per completion\): "
+    with pytest.raises(RewardSetupError, match=head + "no$"):
         reward(["a", "b"], solution=["1", "2"])
+    with pytest.raises(RewardSetupError, match=head + "1 values for 2$"):
+        reward(["a", "b"], completion_ids=[[1, 2]])
 
 
 # ------------------------------------------------------------------------------- dynamic sampling, pure parts
