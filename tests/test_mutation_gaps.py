@@ -384,7 +384,9 @@ def test_repetition_default_n_and_the_few_spaces_boundary() -> None:
 
     assert repetition("a b c d a b c d") == pytest.approx(-0.2)
     assert repetition("a" * 20) == 0.0
-    assert repetition("a" * 21) == pytest.approx(-(1 - 1 / 6))  # 21 - 16 + 1 = 6 character 16-grams, 1 distinct
+    assert repetition("a" * 21) == pytest.approx(
+        -(1 - 1 / 6)
+    )  # 21 - 16 + 1 = 6 character 16-grams, 1 distinct
 
 
 # --- align/data/encode.py ---------------------------------------------------------------------------------
