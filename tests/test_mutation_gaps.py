@@ -389,6 +389,70 @@ def test_repetition_default_n_and_the_few_spaces_boundary() -> None:
     )  # 21 - 16 + 1 = 6 character 16-grams, 1 distinct
 
 
+def test_valid_box_refuses_strings_bools_and_flat_boxes() -> None:
+    from align.rewards.boxes import valid_box
+
+    assert valid_box(["1", 2, 3, 4]) is None
+    assert valid_box([0, 0, True, 2]) is None  # a bool is not a coordinate, though float(True) is 1.0
+    assert valid_box([0, 1, 2, 1]) is None  # y2 == y1: no height
+    assert valid_box([0, 1, 2, 1.5]) == (0.0, 1.0, 2.0, 1.5)
+
+
+def test_clip_box_keeps_each_coordinate_in_its_place() -> None:
+    from align.rewards.boxes import clip_box
+
+    assert clip_box((5, 1, 10, 10), (20, 20)) == (5.0, 1.0, 10.0, 10.0)
+    assert clip_box((0, 0, 4, 8), (20, 20)) == (0.0, 0.0, 4.0, 8.0)
+    assert clip_box((-3, 2, 25, 30), (20, 10)) == (0.0, 2.0, 20.0, 10.0)
+
+
+def test_box_iou_of_offset_non_square_boxes_and_boxes_touching_on_one_axis() -> None:
+    """a = (0,0,4,4), b = (1,2,3,6): the overlap is 2 x 2 = 4, the union 16 + 8 - 4 = 20. Boxes side by side
+    (overlapping on one axis only) have IoU 0, whichever axis it is."""
+    from align.rewards.boxes import box_iou
+
+    assert box_iou((0, 0, 4, 4), (1, 2, 3, 6)) == pytest.approx(0.2)
+    assert box_iou((1, 2, 3, 6), (0, 0, 4, 4)) == pytest.approx(0.2)
+    assert box_iou((0, 0, 1, 1), (2, 0, 3, 1)) == 0.0
+    assert box_iou((0, 0, 1, 1), (0, 2, 1, 3)) == 0.0
+
+
+def test_iou_soft_image_size_must_be_two_positive_numbers() -> None:
+    from align.rewards.boxes import iou_soft
+
+    completion = "<think>r</think><answer>[0, 0, 1, 1]</answer>"
+    assert iou_soft(completion, [0, 0, 1, 1], image_size=(1, 1)) == 1.0  # a 1 x 1 image is an image
+    assert iou_soft(completion, [0, 0, 1, 1], image_size=(True, 5)) is None
+    assert iou_soft(completion, [0, 0, 1, 1], image_size=("10", 10)) is None
+
+
+@pytest.mark.parametrize("target", [(0, 5), (5, 0), 0])
+def test_box_mapping_refuses_an_empty_target(target) -> None:
+    from align.rewards.boxes import box_to_model_input
+
+    with pytest.raises(ValueError, match=r"^target_size must be > 0, got "):
+        box_to_model_input((0, 0, 1, 1), (10, 10), target, "squash")
+
+
+def test_box_mapping_offsets_are_whole_pixels_and_a_1_pixel_target_works() -> None:
+    """pad: a 10 x 7 image sits at y offset (10 - 7) // 2 = 1 on its 10 x 10 square; centre crop of a 13 x 10
+    image to 10 x 10 drops (13 - 10) // 2 = 1 column on the left. Both as the processors do, in whole pixels."""
+    from align.rewards.boxes import box_to_model_input
+
+    assert box_to_model_input((0, 0, 10, 7), (10, 7), 10, "pad") == (0.0, 1.0, 10.0, 8.0)
+    assert box_to_model_input((0, 0, 13, 10), (13, 10), 10, "shortest_edge_center_crop") == (
+        -1.0,
+        0.0,
+        12.0,
+        10.0,
+    )
+    assert box_to_model_input((0, 0, 10, 10), (10, 10), (1, 1), "squash") == (0.0, 0.0, 1.0, 1.0)
+    with pytest.raises(
+        ValueError, match=r"^resize must be one of shortest_edge_center_crop, squash, pad, got 'x'$"
+    ):
+        box_to_model_input((0, 0, 1, 1), (10, 10), 10, "x")
+
+
 # --- align/data/encode.py ---------------------------------------------------------------------------------
 
 
