@@ -55,7 +55,11 @@ def _scorable(rows: list, rewards: Sequence[str], strict: bool, paths: dict[str,
     kept, bad = [], []
     for s in rows:
         gold = gold_answer(s)
-        reason = "no gold answer" if gold is None else unscorable_gold(rewards, gold, s.meta.get("box"))
+        reason = (
+            "no gold answer"
+            if gold is None
+            else unscorable_gold(rewards, gold, s.meta.get("box"), s.meta.get("accu_reward_method"))
+        )
         if reason is None:
             kept.append(s)
         else:
@@ -230,6 +234,9 @@ def _predict(
         "box": rep([s.meta.get("box") for s in batch]),
         "image_size": rep(first_size),
     }
+    methods = [s.meta.get("accu_reward_method") for s in batch]
+    if any(m is not None for m in methods):
+        columns["accu_reward_method"] = rep(methods)
     matrix, _ = score_all(funcs, texts, columns, on_error="skip")
     return [
         {

@@ -29,9 +29,16 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The zoo root; parts are sub-folders named as in ``align.zoo.PARTS``."""
+    """The zoo root; parts are sub-folders named as in ``align.zoo.PARTS``.
+
+    ``ALIGN_TEST_ZOO=DIR`` reuses a zoo built there before (``scripts/mutation.sh`` builds one for all its
+    mutants instead of one per mutant); tests only read it.
+    """
     from align.zoo import build_zoo
 
+    prebuilt = os.environ.get("ALIGN_TEST_ZOO")
+    if prebuilt:
+        return Path(prebuilt)
     root = tmp_path_factory.mktemp("zoo")
     build_zoo(root)
     return root

@@ -278,12 +278,15 @@ def stage_row_check(kind: str | None, reward_funcs: Sequence[str] = DEFAULT_REWA
                     sample.origin, "gold", "GRPO rows need a gold answer (solution) for the rewards"
                 )
             box, family = sample.meta.get("box"), sample.meta.get("family")
-            reason = unscorable_gold(funcs, sample.answer, box)
+            method = sample.meta.get("accu_reward_method")
+            reason = unscorable_gold(funcs, sample.answer, box, method)
             if reason is not None:
                 return RowProblem(sample.origin, "gold", f"cannot be scored: {reason}")
-            key = (repr(sample.answer), repr(box), repr(family))
+            key = (repr(sample.answer), repr(box), repr(family), repr(method))
             if key not in judged:
-                failures = (gold_self_check(s, fn, sample.answer, box, family) for s, fn in rewards.items())
+                failures = (
+                    gold_self_check(s, fn, sample.answer, box, family, method) for s, fn in rewards.items()
+                )
                 judged[key] = next((f for f in failures if f is not None), None)
             return None if judged[key] is None else RowProblem(sample.origin, "gold", judged[key])
 

@@ -42,7 +42,10 @@ def reward_columns(samples, sizes, g: int, rollout: Rollout) -> dict[str, list]:
     """Dataset columns for the reward functions, one value per completion (question-major); ``completion_ids``
     (TRL's name) holds each completion's token ids, end-of-turn token included, padding left out."""
     rep = lambda values: [v for v in values for _ in range(g)]  # noqa: E731
+    # VLM-R1's per-row accuracy method, passed only where the data has it (custom rewards see TRL's columns)
+    methods = [s.meta.get("accu_reward_method") for s in samples]
     return {
+        **({"accu_reward_method": rep(methods)} if any(m is not None for m in methods) else {}),
         "solution": rep([s.answer for s in samples]),
         "box": rep([s.meta.get("box") for s in samples]),
         "image_size": rep([sz[0] if sz else None for sz in sizes]),

@@ -19,6 +19,21 @@ length     -                                :func:`~align.rewards.reasoning.leng
 repetition -                                :func:`~align.rewards.reasoning.repetition`: n-gram penalty
 ========== ================================ ============================================================
 
+The published systems' rewards, under their own names (:mod:`align.rewards.detection`):
+
+==================== ================================ =================================================
+name                 columns                          per-item function
+==================== ================================ =================================================
+detection_iou        ``solution``: a detection list   Visual-RFT's matched-IoU reward
+detection_confidence ``solution``: a detection list   Visual-RFT's confidence reward
+classification       ``solution``                     Visual-RFT's classification reward (containment)
+giou                 ``box``, optional ``image_size`` (1 + GIoU) / 2; ``coordinates`` states the answer's scale
+rec_format           -                                VLM-R1's REC format (a JSON box in ``<answer>``)
+==================== ================================ =================================================
+
+``accuracy`` also reads an optional ``accu_reward_method`` column (VLM-R1's): a row's own matcher
+(:data:`align.rewards.answers.METHODS`).
+
 Completions must be the full text, including a ``<think>\\n`` the chat template prefilled: pass them through
 :func:`with_prefill` first. :func:`load_reward` resolves a name or ``module:function`` (or
 ``path/file.py:function``); :func:`score_all` calls several rewards and contains their exceptions.
@@ -45,6 +60,7 @@ from align.rewards.answers import (
     gold_kind,
     gold_problem,
     gold_text,
+    method_kind,
     normalize_text,
     parse_choice,
     parse_number,
@@ -59,6 +75,16 @@ from align.rewards.boxes import (
     iou,
     iou_soft,
     parse_box,
+)
+from align.rewards.detection import (
+    as_corner_box,
+    classification,
+    detection_confidence,
+    detection_iou,
+    giou,
+    parse_corner_box,
+    parse_detections,
+    rec_format,
 )
 from align.rewards.extract import R1_PREFILL, extract_answer, extract_think, format_score, with_prefill
 from align.rewards.mathcheck import warm_up
@@ -78,11 +104,15 @@ __all__ = [
     "box_from_model_input",
     "box_iou",
     "box_to_model_input",
+    "classification",
     "clip_box",
+    "detection_confidence",
+    "detection_iou",
     "extract_answer",
     "extract_think",
     "format_reward",
     "format_score",
+    "giou",
     "gold_kind",
     "gold_problem",
     "gold_self_check",
@@ -97,9 +127,12 @@ __all__ = [
     "normalize_text",
     "parse_box",
     "parse_choice",
+    "parse_corner_box",
+    "parse_detections",
     "parse_number",
     "parse_yesno",
     "perfect_completion",
+    "rec_format",
     "repetition",
     "repetition_reward",
     "score_all",
@@ -134,14 +167,26 @@ def accuracy_reward(
     rel_tol: float = 1e-4,
     abs_tol: float = 1e-9,
     timeout: float = 1.0,
+    accu_reward_method: Sequence[Any] | None = None,
     **columns: Any,
 ) -> list[float | None]:
-    """:func:`accuracy` per completion against the ``solution`` column (``answer`` if there is none)."""
+    """:func:`accuracy` per completion against the ``solution`` column (``answer`` if there is none), with each
+    row's ``accu_reward_method`` when the data has that column (``None`` in it: the gold's shape decides)."""
     name = "solution" if solution is not None or answer is None else "answer"
     golds = _column("accuracy", name, solution if solution is not None else answer, len(completions))
+    methods = (
+        [None] * len(golds)
+        if accu_reward_method is None
+        else _column("accuracy", "accu_reward_method", accu_reward_method, len(golds))
+    )
+    for method in dict.fromkeys(m for m in methods if m is not None):
+        try:
+            method_kind(method)
+        except ValueError as err:
+            raise RewardSetupError(f"reward 'accuracy': {err}") from None
     return [
-        accuracy(c, g, rel_tol=rel_tol, abs_tol=abs_tol, timeout=timeout)
-        for c, g in zip(completions, golds, strict=True)
+        accuracy(c, g, rel_tol=rel_tol, abs_tol=abs_tol, timeout=timeout, method=m)
+        for c, g, m in zip(completions, golds, methods, strict=True)
     ]
 
 
@@ -178,6 +223,47 @@ def iou_soft_reward(
     return [iou_soft(c, b, s) for c, b, s in _boxes("iou_soft", completions, box, image_size)]
 
 
+def _golds(reward: str, completions: Sequence[Any], solution: object) -> list:
+    return list(zip(completions, _column(reward, "solution", solution, len(completions)), strict=True))
+
+
+def detection_iou_reward(
+    completions: Sequence[Any], solution: object = None, **columns: Any
+) -> list[float | None]:
+    """:func:`detection_iou` per completion against the ``solution`` column (a detection list)."""
+    return [detection_iou(c, g) for c, g in _golds("detection_iou", completions, solution)]
+
+
+def detection_confidence_reward(
+    completions: Sequence[Any], solution: object = None, **columns: Any
+) -> list[float | None]:
+    """:func:`detection_confidence` per completion against the ``solution`` column (a detection list)."""
+    return [detection_confidence(c, g) for c, g in _golds("detection_confidence", completions, solution)]
+
+
+def classification_reward(
+    completions: Sequence[Any], solution: object = None, **columns: Any
+) -> list[float | None]:
+    """:func:`classification` per completion against the ``solution`` column."""
+    return [classification(c, g) for c, g in _golds("classification", completions, solution)]
+
+
+def giou_reward(
+    completions: Sequence[Any],
+    box: object = None,
+    image_size: object = None,
+    coordinates: str = "pixels",
+    **columns: Any,
+) -> list[float | None]:
+    """:func:`giou` per completion against the ``box`` column, the answers read in ``coordinates``."""
+    return [giou(c, b, s, coordinates) for c, b, s in _boxes("giou", completions, box, image_size)]
+
+
+def rec_format_reward(completions: Sequence[Any], **columns: Any) -> list[float | None]:
+    """:func:`rec_format` per completion."""
+    return [rec_format(c) for c in completions]
+
+
 def length_reward(
     completions: Sequence[Any], target: int = 2000, scale: float = 1.0, **columns: Any
 ) -> list[float | None]:
@@ -200,15 +286,42 @@ REWARDS: dict[str, RewardFn] = {
     "length": length_reward,
     "repetition": repetition_reward,
     "soft_overlong": soft_overlong_reward,
+    "detection_iou": detection_iou_reward,
+    "detection_confidence": detection_confidence_reward,
+    "classification": classification_reward,
+    "giou": giou_reward,
+    "rec_format": rec_format_reward,
 }
+
+
+def _coordinates_problem(params: Mapping[str, Any]) -> str | None:
+    from align.rewards.detection import COORDINATES
+
+    value = params.get("coordinates", "pixels")
+    if value in COORDINATES:
+        return None
+    return f"coordinates: the scale of the answer's box, one of {', '.join(COORDINATES)}; got {value!r}"
+
+
 # Built-ins whose parameters need more than their names checked: name -> what is wrong with them, or None.
 PARAMETER_PROBLEMS: dict[str, Callable[[Mapping[str, Any]], str | None]] = {
     "soft_overlong": soft_overlong_problem,
+    "giou": _coordinates_problem,
 }
 
 
 DEFAULT_REWARD_FUNCS: tuple[str, ...] = ("accuracy", "format")  # GRPO's and `align eval`'s default
-GOLD_REWARDS: tuple[str, ...] = ("accuracy", "iou", "iou_soft")  # the built-ins that read a row's gold
+# the built-ins that read a row's gold
+GOLD_REWARDS: tuple[str, ...] = (
+    "accuracy",
+    "iou",
+    "iou_soft",
+    "giou",
+    "detection_iou",
+    "detection_confidence",
+    "classification",
+)
+BOX_REWARDS: tuple[str, ...] = ("iou", "iou_soft", "giou")  # the built-ins whose gold is the box column
 
 
 # math_verify's deadline when a row is checked before training: once per row, so generous, and not the 1 s of
@@ -216,28 +329,44 @@ GOLD_REWARDS: tuple[str, ...] = ("accuracy", "iou", "iou_soft")  # the built-ins
 CHECK_TIMEOUT = 10.0
 
 
-def unscorable_gold(reward_funcs: Sequence[str], solution: object, box: object = None) -> str | None:
+def unscorable_gold(
+    reward_funcs: Sequence[str], solution: object, box: object = None, method: object = None
+) -> str | None:
     """Why none of the configured built-in rewards that read a gold (:data:`GOLD_REWARDS`) can score a row
     with this ``solution`` and ``box``, or ``None`` if one of them can or none is configured.
 
     A pure function of the row: such a row would earn ``None`` ("not applicable") from each of those rewards
     on every completion, so the stages and ``align data check`` count it before training instead. Custom
-    ``module:function`` rewards may read anything and are not judged.
+    ``module:function`` rewards may read anything and are not judged. ``method``: the row's
+    ``accu_reward_method``.
     """
     reasons = []
     for spec in reward_funcs:
-        if spec == "accuracy":
+        if spec not in GOLD_REWARDS:
+            continue
+        if spec in BOX_REWARDS:
+            readable = as_corner_box(box) if spec == "giou" else as_box(box)
             reason = (
-                gold_problem(solution, CHECK_TIMEOUT)
-                if solution is not None
-                else "the row has no gold answer (solution)"
+                None if readable is not None else f"no valid gold box [x1, y1, x2, y2] (box: {box!r:.60})"
             )
-        elif spec in ("iou", "iou_soft"):
+        elif solution is None:
+            reason = "the row has no gold answer (solution)"
+        elif spec == "accuracy":
+            try:
+                reason = gold_problem(solution, CHECK_TIMEOUT, method)
+            except ValueError as err:
+                reason = str(err)
+        elif spec in ("detection_iou", "detection_confidence"):
+            readable = parse_detections(gold_text(solution))
             reason = (
-                None if as_box(box) is not None else f"no valid gold box [x1, y1, x2, y2] (box: {box!r:.60})"
+                None
+                if readable is not None
+                else (
+                    f"the gold {solution!r:.60} is not a list of objects with a box under Position, bbox_2d or bbox"
+                )
             )
         else:
-            continue
+            reason = None if classification("", solution) is not None else "the gold answer is blank"
         if reason is None:
             return None
         reasons.append(f"{spec} reward: {reason}")
@@ -246,7 +375,15 @@ def unscorable_gold(reward_funcs: Sequence[str], solution: object, box: object =
 
 # What each built-in reward gives a perfect completion; those that read no gold (length, repetition,
 # soft_overlong) are not judged by the self-check.
-REWARD_MAXIMUM: dict[str, float] = {"accuracy": 1.0, "format": 1.0, "iou": 1.0, "iou_soft": 1.0}
+REWARD_MAXIMUM: dict[str, float] = {
+    "accuracy": 1.0,
+    "format": 1.0,
+    **dict.fromkeys(BOX_REWARDS, 1.0),
+    **dict.fromkeys(("detection_iou", "detection_confidence", "classification"), 1.0),
+}
+# an image size on which the answer's scale (giou's ``coordinates``) equals pixels: the gold, written as the
+# perfect answer, then means itself
+_IDENTITY_SIZE = {"pixels": None, "norm1000": [1000.0, 1000.0], "norm1": [1.0, 1.0]}
 
 
 def perfect_completion(answer: str) -> str:
@@ -256,7 +393,7 @@ def perfect_completion(answer: str) -> str:
 
 
 def gold_self_check(
-    spec: str, reward: RewardFn, solution: object, box: object, family: object = None
+    spec: str, reward: RewardFn, solution: object, box: object, family: object = None, method: object = None
 ) -> str | None:
     """Why ``reward`` cannot reward its own row's gold, or ``None``: the gold written as a
     :func:`perfect_completion` (the ``solution``; the ``box`` for the box rewards, and when there is no
@@ -269,14 +406,21 @@ def gold_self_check(
     """
     if (spec in REWARDS and spec not in REWARD_MAXIMUM) or (spec not in REWARDS and not _reads_gold(reward)):
         return None
-    gold = box if spec in ("iou", "iou_soft") or solution is None else solution
-    if gold is None or (spec in ("iou", "iou_soft") and as_box(box) is None):
+    gold = box if spec in BOX_REWARDS or solution is None else solution
+    if gold is None or (spec in BOX_REWARDS and (as_corner_box if spec == "giou" else as_box)(box) is None):
         return None
     if isinstance(gold, (list, tuple)):
         answer = str([float(v) for v in gold])  # a box as a model writes it: [x1, y1, x2, y2]
     else:
         answer = gold_text(gold) or str(gold)  # <answer>3</answer> golds: their content
-    columns = {"solution": [solution], "box": [box], "family": [family], "image_size": [None]}
+    size = (
+        _IDENTITY_SIZE.get(getattr(reward, "params", {}).get("coordinates", "pixels"))
+        if spec == "giou"
+        else None
+    )
+    columns = {"solution": [solution], "box": [box], "family": [family], "image_size": [size]}
+    if method is not None:
+        columns["accu_reward_method"] = [method]
     if reward is REWARDS.get("accuracy"):
         columns["timeout"] = CHECK_TIMEOUT
     try:
@@ -346,6 +490,7 @@ def _bind(name: str, fn: RewardFn, params: Mapping[str, Any]) -> RewardFn:
         return fn(completions, **{**columns, **params})
 
     bound.__name__ = getattr(fn, "__name__", name)
+    bound.params = dict(params)  # type: ignore[attr-defined]  # read by gold_self_check
     return bound
 
 

@@ -21,6 +21,10 @@ text      anything else                                           equal after no
                                                                   articles (a/an/the), whitespace
 ========  ======================================================  =============================================
 
+A row may choose its matcher instead (VLM-R1's ``accu_reward_method`` column, :data:`METHODS`): ``default``
+(the table above), ``mcq`` / ``choice``, ``yes_no`` / ``yesno``, ``number``, ``math``, ``all_match`` / ``text``.
+The gold must then be readable that way (an ``mcq`` gold must name one option letter).
+
 A gold that is missing, blank, or (for math) unparseable or unsafe gives ``None``: the row is skipped, not
 scored 0; :func:`gold_problem` says why, so that data checks can count such rows up front. A completion without an answer scores 0.0. The answer is read by
 :func:`align.rewards.extract.extract_answer`.
@@ -38,6 +42,27 @@ from align.rewards.extract import extract_answer, fold_math, fold_text
 from align.rewards.mathcheck import MAX_DIGITS, math_equal, parse_gold, unsafe_reason
 
 GoldKind = Literal["choice", "yesno", "number", "math", "text"]
+# a row's accu_reward_method (VLM-R1's names, and the kinds' own) -> the matcher it forces; None: by the gold
+METHODS: dict[str, GoldKind | None] = {
+    "default": None,
+    "mcq": "choice",
+    "choice": "choice",
+    "yes_no": "yesno",
+    "yesno": "yesno",
+    "number": "number",
+    "math": "math",
+    "all_match": "text",
+    "text": "text",
+}
+# VLM-R1's methods that are not answer matching: what to use instead
+NOT_METHODS = {
+    "llm": "an LLM judge is not a rule-based reward: write it as a custom reward 'module:function'",
+    "map": "COCO mAP of detection lists: use the 'detection_iou' and 'detection_confidence' rewards",
+    "od_ap": "COCO AP of detection lists: use the 'detection_iou' and 'detection_confidence' rewards",
+    "od_ap50": "COCO AP50 of detection lists: use the 'detection_iou' and 'detection_confidence' rewards",
+    "odLength": "detection AP with a length term: use the 'detection_iou' and 'detection_confidence' rewards",
+    "weighted_sum": "VLM-R1's matched-box score: use the 'detection_iou' and 'detection_confidence' rewards",
+}
 
 _NUM = r"[-+]?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+)(?:e[-+]?\d{1,3})?"
 _WHOLE_NUMBER = re.compile(rf"({_NUM})%?")
@@ -229,14 +254,48 @@ def gold_kind(gold: object) -> GoldKind | None:
     return "text" if normalize_text(g) else None
 
 
-def gold_problem(gold: object, timeout: float = 1.0) -> str | None:
+def method_kind(method: object) -> GoldKind | None:
+    """The matcher a row's ``accu_reward_method`` forces (``None``: chosen by the gold); ``ValueError`` names
+    the methods there are, or what to use for VLM-R1's methods that are not answer matching."""
+    if method is None or method in METHODS:
+        return METHODS.get(method)  # type: ignore[arg-type]
+    if method in NOT_METHODS:
+        raise ValueError(f"accu_reward_method {method!r}: {NOT_METHODS[method]}")
+    raise ValueError(f"accu_reward_method {method!r}: expected one of {', '.join(METHODS)}")
+
+
+def _forced_gold(g: str, kind: GoldKind) -> str | None:
+    """Why a gold cannot be read by the matcher its row forces, or ``None``."""
+    if kind == "choice" and _gold_choice(g) is None:
+        return f"the gold answer {g!r:.60} names no option letter (accu_reward_method mcq)"
+    if kind == "yesno" and parse_yesno(g) is None:
+        return f"the gold answer {g!r:.60} is not yes or no (accu_reward_method yes_no)"
+    if kind == "number" and parse_number(g) is None:
+        return f"the gold answer {g!r:.60} is not a number (accu_reward_method number)"
+    if kind == "text" and not normalize_text(g):
+        return f"the gold answer {g!r:.60} has no letters or digits to compare with"
+    return None
+
+
+def _gold_choice(g: str) -> str | None:
+    letter = _CHOICE_GOLD.fullmatch(unicodedata.normalize("NFKC", g))
+    return (letter.group(1) or letter.group(2)).upper() if letter else parse_choice(g)
+
+
+def gold_problem(gold: object, timeout: float = 1.0, method: object = None) -> str | None:
     """Why :func:`accuracy` cannot score against ``gold`` (it would return ``None`` for every completion), or
-    ``None`` if it can. Pure; ``align data check`` and the stages use it to count such rows before training."""
+    ``None`` if it can. Pure; ``align data check`` and the stages use it to count such rows before training.
+    ``method``: the row's ``accu_reward_method`` (``ValueError`` if there is no such method)."""
+    forced = method_kind(method)
     text = gold_text(gold)
     if text is None:
         return f"the gold answer is a {type(gold).__name__} ({gold!r:.60}), not text or a finite number"
     g = _trim(text)
-    kind = gold_kind(gold)
+    kind = forced or gold_kind(gold)
+    if not g:
+        kind = None
+    elif forced is not None and forced != "math":
+        return _forced_gold(g, forced)
     if kind is None:
         if not g:
             return f"the gold answer {text!r:.60} is blank once $…$ / \\boxed{{…}} wrappers are removed"
@@ -250,21 +309,26 @@ def gold_problem(gold: object, timeout: float = 1.0) -> str | None:
 
 
 def accuracy(
-    completion: object, gold: object, *, rel_tol: float = 1e-4, abs_tol: float = 1e-9, timeout: float = 1.0
+    completion: object,
+    gold: object,
+    *,
+    rel_tol: float = 1e-4,
+    abs_tol: float = 1e-9,
+    timeout: float = 1.0,
+    method: object = None,
 ) -> float | None:
     """1.0 if the completion's answer matches ``gold``, 0.0 if not or if there is no answer, ``None`` if the
     gold is unusable (:func:`gold_problem` says why). ``rel_tol``/``abs_tol`` apply to non-integer numeric
-    golds; ``timeout`` (seconds) bounds math_verify."""
-    if gold_problem(gold, timeout) is not None:
+    golds; ``timeout`` (seconds) bounds math_verify; ``method``: the row's ``accu_reward_method``, if any."""
+    if gold_problem(gold, timeout, method) is not None:
         return None
-    kind = gold_kind(gold)
+    kind = method_kind(method) or gold_kind(gold)
     g = _trim(gold_text(gold) or "")
     answer = extract_answer(completion)
     if answer is None:
         return 0.0
     if kind == "choice":
-        letter = _CHOICE_GOLD.fullmatch(unicodedata.normalize("NFKC", g))
-        return float(parse_choice(answer) == (letter.group(1) or letter.group(2)).upper())
+        return float(parse_choice(answer) == _gold_choice(g))
     if kind == "yesno":
         return float(parse_yesno(answer) == parse_yesno(g))
     if kind == "number":
