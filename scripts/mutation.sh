@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Mutation testing (mutmut 3) of the modules that decide numbers. Not part of CI: a full pass takes hours.
 #
-#   bash scripts/mutation.sh [MODULE ...]     # e.g. grpo/loss rewards/extract data/batching; no argument: ORDER below
+#   bash scripts/mutation.sh [MODULE ...]     # e.g. grpo/loss rewards/extract stages/sft; no argument: ORDER below
 #
 # Each MODULE is one shard: a folder under .mutation/<shard>/ holding a copy of align/ and tests/ and a
 # pyproject.toml with a [tool.mutmut] section that mutates only that module's files and runs only the test
@@ -28,9 +28,9 @@ declare -A FILES TESTS MARKS
 FILES[grpo/loss]="align/grpo/loss.py"
 TESTS[grpo/loss]="tests/test_mutation_gaps.py tests/test_grpo_loss.py tests/test_grpo_variants.py tests/test_vllm_importance_sampling.py"
 FILES[rewards]="align/rewards/*"
-TESTS[rewards]="tests/test_mutation_gaps.py tests/test_rewards.py tests/test_bad_rows.py tests/test_data_check.py"
+TESTS[rewards]="tests/test_mutation_gaps.py tests/test_rewards.py tests/test_rewards_published.py tests/test_gold_self_check.py tests/test_bad_rows.py tests/test_data_check.py"
 # rewards/ is ~1600 mutants: its files are also shards of their own (rewards/init is rewards/__init__.py)
-for f in extract mathcheck answers init boxes overlong reasoning; do
+for f in extract mathcheck answers init boxes overlong reasoning detection; do
   FILES[rewards/$f]="align/rewards/${f/#init/__init__}.py"
   TESTS[rewards/$f]="${TESTS[rewards]}"
 done
@@ -52,19 +52,36 @@ TESTS[grpo/sampler]="tests/test_mutation_gaps.py tests/test_sampler.py tests/tes
 FILES[grpo/logps]="align/grpo/logps.py"
 TESTS[grpo/logps]="tests/test_mutation_gaps.py tests/test_sampler.py tests/test_grpo_prefix_checkpointing.py tests/test_grpo_loss.py"
 FILES[stages]="align/stages/*"
-TESTS[stages]="tests/test_mutation_gaps.py tests/test_grpo_wiring.py tests/test_sft_wiring.py tests/test_stages.py tests/test_grpo_stage.py"
+TESTS[stages]="tests/test_mutation_gaps.py tests/test_grpo_wiring.py tests/test_sft_wiring.py tests/test_stages.py tests/test_grpo_stage.py tests/test_grpo_variants.py"
+# stages/ is ~2000 mutants: its files are also shards of their own, each with the tests that run it
+FILES[stages/grpo]="align/stages/grpo.py"
+TESTS[stages/grpo]="tests/test_mutation_gaps.py tests/test_grpo_wiring.py tests/test_grpo_stage.py tests/test_grpo_variants.py"
+FILES[stages/sft]="align/stages/sft.py align/stages/projector.py"
+TESTS[stages/sft]="tests/test_mutation_gaps.py tests/test_sft_wiring.py tests/test_stages.py"
+FILES[stages/common]="align/stages/common.py"
+TESTS[stages/common]="${TESTS[stages]}"
 # -m per module (default "not distributed"): the pure-arithmetic modules leave out the "slow" end-to-end CLI
 # runs too. Their mutants must die in unit tests; one stage run costs seconds per mutant, hundreds of times.
 for m in grpo/loss rewards rewards/extract rewards/mathcheck rewards/answers rewards/init rewards/boxes \
-  rewards/overlong rewards/reasoning data/batching data/encode; do MARKS[$m]="not distributed and not slow"; done
+  rewards/overlong rewards/reasoning rewards/detection data/batching data/encode; do MARKS[$m]="not distributed and not slow"; done
 ORDER="grpo/loss rewards data/batching data/encode grpo/rollout checkpoint export grpo/sampler grpo/logps stages"
 
 "$PYTHON" -c "import mutmut" 2>/dev/null || { echo "mutmut is missing: pip install -e '.[dev]'"; exit 1; }
 modules=("$@")
 [ ${#modules[@]} -gt 0 ] || read -ra modules <<< "$ORDER"
 for m in "${modules[@]}"; do
-  [ -n "${FILES[$m]:-}" ] || { echo "unknown module $m (one of: $ORDER, or rewards/FILE)"; exit 2; }
+  [ -n "${FILES[$m]:-}" ] || { echo "unknown module $m (one of: $ORDER, rewards/FILE or stages/{grpo,sft,common})"; exit 2; }
 done
+
+# one tiny zoo for every mutant of every shard (tests/conftest.py reads ALIGN_TEST_ZOO): building it costs
+# seconds, which each of thousands of mutants would pay again
+mkdir -p "$OUTDIR"
+if [ ! -f "$OUTDIR/zoo/.complete" ]; then
+  rm -rf "$OUTDIR/zoo"
+  "$PYTHON" -c "import sys; from align.zoo import build_zoo; build_zoo(sys.argv[1])" "$OUTDIR/zoo" > /dev/null
+  touch "$OUTDIR/zoo/.complete"
+fi
+export ALIGN_TEST_ZOO="$OUTDIR/zoo"
 
 toml_list() { local out="" x; for x in "$@"; do out+="\"$x\", "; done; echo "[${out%, }]"; }
 
