@@ -453,6 +453,115 @@ def test_box_mapping_offsets_are_whole_pixels_and_a_1_pixel_target_works() -> No
         box_to_model_input((0, 0, 1, 1), (10, 10), 10, "x")
 
 
+@pytest.mark.parametrize(
+    ("text", "trimmed"),
+    [
+        ("$\\boxed{\\text{\\mathrm{B}}}$", "\\mathrm{B}"),  # three layers come off, not a fourth
+        ("$X$", "X"),
+        ("\\( 42 \\)", "42"),
+        ("\\(42\\)", "42"),  # exactly the two characters of each delimiter come off
+        ("\\(x+1", "\\(x+1"),  # opened, never closed: not a wrapper
+        ("\\boxed{1\n2}", "1\n2"),  # a boxed answer over two lines
+    ],
+)
+def test_trim_takes_off_whole_answer_wrappers_only(text: str, trimmed: str) -> None:
+    from align.rewards.answers import _trim
+
+    assert _trim(text) == trimmed
+
+
+def test_number_parsing_bounds_and_latex_wrappers() -> None:
+    from fractions import Fraction
+
+    from align.rewards.answers import last_number, parse_number
+
+    assert parse_number("\\text{3}") == (Fraction(3), True)
+    assert parse_number("1" * 100) == (Fraction(int("1" * 100)), True)  # MAX_DIGITS digits still count
+    assert parse_number("1" * 101) is None
+    assert last_number("there are " + "1" * 100) == int("1" * 100)
+    assert last_number("there are " + "1" * 101) is None
+
+
+@pytest.mark.parametrize(
+    ("answer", "choice"),
+    [
+        ("`B`", "B"),
+        ("X", "X"),
+        ("(X)", "X"),
+        ("cat", None),
+        ("3", None),
+        ("é", None),
+        ("the answer is b  so", "B"),
+    ],
+)
+def test_parse_choice_edge_cases(answer: str, choice) -> None:
+    from align.rewards.answers import parse_choice
+
+    assert parse_choice(answer) == choice
+
+
+def test_gold_text_is_the_last_answer_block_and_accuracy_reads_it() -> None:
+    from align.rewards.answers import accuracy, gold_problem, gold_text
+
+    assert gold_text("<answer>2</answer> then <answer> 3 </answer>") == "3"
+    assert gold_text("<answer>3</answer>") == "3"
+    assert accuracy("<think>r</think><answer>3</answer>", "<answer>3</answer>") == 1.0
+    assert gold_problem("$$") == "the gold answer '$$' is blank once $…$ / \\boxed{…} wrappers are removed"
+    assert gold_problem([1]) == "the gold answer is a list ([1]), not text or a finite number"
+
+
+@pytest.mark.parametrize(
+    ("answer", "gold", "kwargs", "expected"),
+    [
+        ("no", "false", {}, 1.0),  # a false gold is a yes/no gold
+        ("B", "(b)", {}, 1.0),  # a bracketed small letter is an option
+        ("1e-3", "0.001", {}, 1.0),  # the whole answer is one number: not its last digits in prose
+        ("1000.55", "1000.5", {}, 1.0),  # within rel_tol * |gold| = 0.1
+        ("0.50048828125", "0.5", {"rel_tol": 2.0**-10, "abs_tol": 0.0}, 1.0),  # exactly on the tolerance
+        ("0.5004882813", "0.5", {"rel_tol": 2.0**-10, "abs_tol": 0.0}, 0.0),
+    ],
+)
+def test_accuracy_number_and_choice_edges(answer: str, gold: str, kwargs: dict, expected: float) -> None:
+    from align.rewards.answers import accuracy
+
+    assert accuracy(f"<think>r</think><answer>{answer}</answer>", gold, **kwargs) == expected
+
+
+def test_math_deadlines_reach_math_verify(monkeypatch) -> None:
+    """The ``timeout`` given to gold_problem / accuracy (default 1 s) is the deadline math_verify gets."""
+    import align.rewards.answers as answers
+
+    seen: list[tuple[str, float]] = []
+    real_parse, real_equal = answers.parse_gold, answers.math_equal
+
+    def parse_gold(gold, timeout=99.0):
+        seen.append(("parse", timeout))
+        return real_parse(gold, timeout)
+
+    def math_equal(answer, gold, timeout=99.0):
+        seen.append(("equal", timeout))
+        return real_equal(answer, gold, timeout)
+
+    monkeypatch.setattr(answers, "parse_gold", parse_gold)
+    monkeypatch.setattr(answers, "math_equal", math_equal)
+    assert answers.gold_problem("x^2") is None
+    assert answers.gold_problem("x^2", timeout=5.0) is None
+    assert answers.accuracy("<answer>x^2</answer>", "x^2", timeout=3.0) == 1.0
+    assert (
+        answers.accuracy("<answer>\\frac{1}{2}</answer>", "0.5", timeout=4.0) == 1.0
+    )  # number gold, no number
+    assert answers.accuracy("<answer>x^2</answer>", "x^2") == 1.0
+    assert seen == [
+        ("parse", 1.0),
+        ("parse", 5.0),
+        ("parse", 3.0),
+        ("equal", 3.0),
+        ("equal", 4.0),
+        ("parse", 1.0),
+        ("equal", 1.0),
+    ]
+
+
 # --- align/data/encode.py ---------------------------------------------------------------------------------
 
 
