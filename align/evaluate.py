@@ -42,12 +42,8 @@ DEFAULT_REWARDS = ("accuracy", "format")
 
 
 def gold_answer(sample) -> str | None:
-    """The row's solution, or the answer inside the final assistant turn of an SFT row."""
-    if sample.answer is not None:
-        return sample.answer
-    if sample.messages and sample.messages[-1]["role"] == "assistant":
-        return extract_answer(sample.messages[-1]["content"])
-    return None
+    """The row's solution, or the answer inside the final assistant turn of an SFT row (:attr:`Sample.gold`)."""
+    return sample.gold
 
 
 def _scorable(rows: list, rewards: Sequence[str], strict: bool, paths: dict[str, str]) -> list:

@@ -289,7 +289,11 @@ def test_hf_load_from_disk_with_decoded_images_and_splits(tmp_path):
     train = rows(source(tmp_path / "dd", "hf"))
     assert isinstance(train[0], Sample) and isinstance(train[0].images[0], Image.Image)
     assert train[0].images[0].size == (8, 6) and train[0].origin == f"{tmp_path}/dd[0]"
-    assert isinstance(train[1], RowProblem) and train[1].reason == "0 <image> placeholders but 1 image"
+    assert isinstance(train[1], RowProblem)
+    assert train[1].reason.startswith(
+        "0 <image> placeholders but 1 image (rows written without placeholders: "
+    )
+    assert "set insert_image_placeholders: true on the source" in train[1].reason
     assert len(rows(source(tmp_path / "dd", "hf", split="test"))) == 1
     (missing,) = rows(source(tmp_path / "dd", "hf", split="validation"))
     assert "no split 'validation' (splits: train, test)" in missing.reason
@@ -512,3 +516,76 @@ def test_filtered_rows_are_not_problems():
 def test_utf8_bom_is_accepted(tmp_path, body):
     (sample,) = rows(source(write(tmp_path / "bom.json", b"\xef\xbb\xbf" + body), "rl"))
     assert isinstance(sample, Sample) and sample.answer == "a"
+
+
+# ------------------------------------------------ published layouts: no placeholders, golds in conversations
+
+
+def _jsonl(path: Path, records: list[dict]) -> Path:
+    Image.new("RGB", (8, 6), (1, 2, 3)).save(path.parent / "a.png")
+    return write(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_conversations_without_placeholders_are_refused_naming_the_key_or_get_them_when_asked(
+    tmp_path,
+) -> None:
+    """ms-swift and R1-Onevision's RL rows name their images beside messages with no <image> in them."""
+    record = {
+        "images": ["a.png"],
+        "messages": [
+            {"role": "system", "content": "Think first."},
+            {"role": "user", "content": "How many?"},
+            {"role": "assistant", "content": "<answer>2</answer>"},
+        ],
+    }
+    path = _jsonl(tmp_path / "swift.jsonl", [record])
+    (refused,) = rows(source(path, "messages"))
+    assert isinstance(refused, RowProblem) and "insert_image_placeholders: true" in refused.reason
+    (sample,) = rows(source(path, "messages", insert_image_placeholders=True))
+    assert [m["content"] for m in sample.messages] == [
+        "Think first.",
+        "<image>\nHow many?",
+        "<answer>2</answer>",
+    ]
+    two = _jsonl(tmp_path / "two.jsonl", [{**record, "images": ["a.png", "a.png"]}])
+    (sample,) = rows(source(two, "messages", insert_image_placeholders=True))
+    assert sample.messages[1]["content"] == "<image>\n<image>\nHow many?"
+    # a row that has placeholders is read as written, a wrong count still refused
+    wrong = _jsonl(
+        tmp_path / "wrong.jsonl",
+        [
+            {
+                **record,
+                "images": ["a.png", "a.png"],
+                "messages": [
+                    {"role": "user", "content": "<image>\nHow many?"},
+                    {"role": "assistant", "content": "2"},
+                ],
+            }
+        ],
+    )
+    (refused,) = rows(source(wrong, "messages", insert_image_placeholders=True))
+    assert refused.reason == "1 <image> placeholder but 2 images"
+
+
+@pytest.mark.parametrize(
+    ("last", "gold"),
+    [
+        ("<answer>3</answer>", "3"),  # VLM-R1 grpo_jsonl: the gpt turn, its <answer> content
+        ("<think>count</think><answer>B</answer>", "B"),
+        ("left", "left"),  # VisualThinker SAT: the answer as written
+    ],
+)
+def test_the_gold_of_a_conversation_row_is_its_last_assistant_turn(tmp_path, last: str, gold: str) -> None:
+    record = {
+        "id": 1,
+        "image": "a.png",
+        "conversations": [{"from": "human", "value": "<image>How many?"}, {"from": "gpt", "value": last}],
+        "accu_reward_method": "default",
+    }
+    (sample,) = rows(source(_jsonl(tmp_path / "vlmr1.jsonl", [record]), "llava"))
+    assert sample.answer is None and sample.gold == gold
+    assert sample.meta["accu_reward_method"] == "default"
+    question = Sample("s", "x:1", [{"role": "user", "content": "q"}], answer="7")
+    assert question.gold == "7"
+    assert Sample("s", "x:1", [{"role": "user", "content": "q"}]).gold is None

@@ -58,7 +58,12 @@ def test_example_rows_pass_the_checks(attrs: dict[str, str], row: str, length_fn
         Image.new("RGB", (64, 48), (200, 30, 30)).save(tmp_path / path)
     data = tmp_path / "rows.jsonl"
     data.write_text(row + "\n")
-    source = DataSource(name="example", path=str(data), format=attrs["format"])
+    source = DataSource(
+        name="example",
+        path=str(data),
+        format=attrs["format"],
+        insert_image_placeholders=attrs.get("insert_image_placeholders") == "true",
+    )
     rewards = attrs["rewards"].split(",") if "rewards" in attrs else list(DEFAULT_REWARD_FUNCS)
     report = check_sources(
         [source],

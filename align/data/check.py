@@ -273,20 +273,22 @@ def stage_row_check(kind: str | None, reward_funcs: Sequence[str] = DEFAULT_REWA
         judged: dict[tuple, str | None] = {}  # golds repeat (counting answers): each is scored once
 
         def needs_gold(sample: Sample) -> RowProblem | None:
-            if sample.answer is None:
+            gold = sample.gold
+            if gold is None:
                 return RowProblem(
-                    sample.origin, "gold", "GRPO rows need a gold answer (solution) for the rewards"
+                    sample.origin,
+                    "gold",
+                    "GRPO rows need a gold answer for the rewards: a solution, or a conversation that ends with "
+                    f"the assistant's answer (last turn: {sample.messages[-1]['role'] if sample.messages else 'none'})",
                 )
             box, family = sample.meta.get("box"), sample.meta.get("family")
             method = sample.meta.get("accu_reward_method")
-            reason = unscorable_gold(funcs, sample.answer, box, method)
+            reason = unscorable_gold(funcs, gold, box, method)
             if reason is not None:
                 return RowProblem(sample.origin, "gold", f"cannot be scored: {reason}")
-            key = (repr(sample.answer), repr(box), repr(family), repr(method))
+            key = (repr(gold), repr(box), repr(family), repr(method))
             if key not in judged:
-                failures = (
-                    gold_self_check(s, fn, sample.answer, box, family, method) for s, fn in rewards.items()
-                )
+                failures = (gold_self_check(s, fn, gold, box, family, method) for s, fn in rewards.items())
                 judged[key] = next((f for f in failures if f is not None), None)
             return None if judged[key] is None else RowProblem(sample.origin, "gold", judged[key])
 

@@ -62,6 +62,9 @@ class DataSource:
     columns: dict[str, str] = field(default_factory=dict)  # hf only: our name (image/question/...) -> column
     split: str | None = None  # hf only: split to read (default "train")
     allow_outside_root: bool = False  # allow absolute image paths and paths escaping image_root
+    # conversation rows with images but no <image> in any turn (ms-swift, R1-Onevision RL rows): one
+    # placeholder per image at the start of the first user turn; false: such rows are refused, naming this key
+    insert_image_placeholders: bool = False
 
     def check(self) -> None:
         if not self.name.strip():

@@ -58,7 +58,12 @@ def read_source(source: DataSource) -> Iterator[Row]:
     path = Path(source.path)
     root = Path(source.image_root) if source.image_root else (path if path.is_dir() else path.parent)
     ctx = RowContext(
-        source.name, root, source.allow_outside_root, source.system_prompt, source.question_template
+        source.name,
+        root,
+        source.allow_outside_root,
+        source.system_prompt,
+        source.question_template,
+        source.insert_image_placeholders,
     )
     if source.format == "hf":
         yield from read_hf(source, ctx)

@@ -56,6 +56,7 @@ class RowContext:
     allow_outside_root: bool
     system_prompt: str | None
     question_template: str
+    insert_image_placeholders: bool = False  # conversations without <image>: one per image, first user turn
 
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -159,9 +160,22 @@ def finish_messages(
     if needs_assistant and not any(m["role"] == "assistant" for m in messages):
         raise RowError("answer", "no assistant turn to learn from")
     n = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
+    if n == 0 and images and ctx.insert_image_placeholders:
+        # ms-swift, R1-Onevision's RL rows: the images go before the first user turn's text
+        first = next(i for i, m in enumerate(messages) if m["role"] == "user")
+        messages = [dict(m) for m in messages]
+        messages[first]["content"] = f"{IMAGE_PLACEHOLDER}\n" * len(images) + messages[first]["content"]
+        n = len(images)
     if n != len(images):
+        hint = (
+            " (rows written without placeholders: set insert_image_placeholders: true on the source to put "
+            "them at the start of the first user turn)"
+            if n == 0
+            else ""
+        )
         raise RowError(
-            "placeholders", f"{_n(n, IMAGE_PLACEHOLDER + ' placeholder')} but {_n(len(images), 'image')}"
+            "placeholders",
+            f"{_n(n, IMAGE_PLACEHOLDER + ' placeholder')} but {_n(len(images), 'image')}{hint}",
         )
     if ctx.system_prompt and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": ctx.system_prompt}, *messages]
@@ -266,8 +280,27 @@ def conversation_row(record: dict, field: str, image_field: str, ctx: RowContext
     if field not in record:
         raise RowError("row", f"missing '{field}'")
     messages = row_turns(record[field], field, images, ctx)
-    messages = finish_messages(messages, images, ctx, needs_assistant=True)
-    return Sample(ctx.source, "", messages, images, meta=row_meta(record, {field, image_field}))
+    if "solution" not in record:
+        messages = finish_messages(messages, images, ctx, needs_assistant=True)
+        return Sample(ctx.source, "", messages, images, meta=row_meta(record, {field, image_field}))
+    # a GRPO conversation with its gold beside it (ms-swift, open-r1-multimodal): the prompt is the whole
+    # conversation, the solution the gold
+    answer, meta = _gold_and_meta(record, record["solution"], {field, image_field, "solution"})
+    messages = finish_messages(messages, images, ctx, needs_assistant=False)
+    return Sample(ctx.source, "", messages, images, answer=answer, meta=meta)
+
+
+def _gold_and_meta(record: dict, solution: Any, used: set[str]) -> tuple[str, dict[str, Any]]:
+    """The gold text of ``solution`` and the row's metadata, a box gold validated and kept as ``meta["box"]``."""
+    if solution is None or (isinstance(solution, str) and not solution.strip()):
+        raise RowError("answer", "missing or empty solution")
+    meta = row_meta(record, used)
+    # a solution written as a list of numbers is a box whatever the family says: it must be a valid one
+    declared = meta.get("family") == "grounding" or "box" in meta or _number_list(solution)
+    box = _box(meta.pop("box", solution), declared)
+    if box is not None:
+        meta["box"] = box
+    return gold_text(solution, "solution"), meta
 
 
 def question_row(
@@ -277,15 +310,7 @@ def question_row(
     question = _text(question, "question") if question is not None else None
     if not question or not question.strip():
         raise RowError("row", "missing or empty question ('problem' or 'question')")
-    if solution is None or (isinstance(solution, str) and not solution.strip()):
-        raise RowError("answer", "missing or empty solution")
-    meta = row_meta(record, used)
-    # a solution written as a list of numbers is a box whatever the family says: it must be a valid one
-    declared = meta.get("family") == "grounding" or "box" in meta or _number_list(solution)
-    box = _box(meta.pop("box", solution), declared)
-    if box is not None:
-        meta["box"] = box
-    answer = gold_text(solution, "solution")
+    answer, meta = _gold_and_meta(record, solution, used)
     user = ctx.question_template.format(question=question)
     if images and IMAGE_PLACEHOLDER not in user:
         user = f"{IMAGE_PLACEHOLDER}\n" * len(images) + user

@@ -25,5 +25,18 @@ class Sample:
     meta: dict[str, Any] = field(default_factory=dict)  # e.g. {"family": "count", "box": [x1, y1, x2, y2]}
 
     @property
+    def gold(self) -> str | None:
+        """The gold answer GRPO and evaluation score against: the row's ``answer`` (solution), else the final
+        assistant turn of a conversation row (VLM-R1's ``grpo_jsonl``, VisualThinker's SAT rows), as its
+        ``<answer>`` block when it has one; the prompt is then the turns before it."""
+        if self.answer is not None:
+            return self.answer
+        if self.messages and self.messages[-1]["role"] == "assistant":
+            from align.rewards.extract import extract_answer
+
+            return extract_answer(self.messages[-1]["content"])
+        return None
+
+    @property
     def n_placeholders(self) -> int:
         return sum(m["content"].count(IMAGE_PLACEHOLDER) for m in self.messages)

@@ -46,7 +46,7 @@ def reward_columns(samples, sizes, g: int, rollout: Rollout) -> dict[str, list]:
     methods = [s.meta.get("accu_reward_method") for s in samples]
     return {
         **({"accu_reward_method": rep(methods)} if any(m is not None for m in methods) else {}),
-        "solution": rep([s.answer for s in samples]),
+        "solution": rep([s.gold for s in samples]),
         "box": rep([s.meta.get("box") for s in samples]),
         "image_size": rep([sz[0] if sz else None for sz in sizes]),
         "family": rep([s.meta.get("family") for s in samples]),

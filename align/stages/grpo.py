@@ -746,7 +746,7 @@ def _log_completions(s: GRPORun, batches: list[RolloutBatch], done: int) -> None
         record = {
             "step": done,
             "origin": sample.origin,
-            "gold": sample.answer,
+            "gold": sample.gold,
             "completion": b.texts[i],
             "rewards": dict(zip(s.rewards, b.scores[i], strict=True)),
         }
