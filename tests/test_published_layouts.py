@@ -98,3 +98,88 @@ def test_grpo_trains_two_steps_on_the_published_rows(
     questions = [json.loads(line) for line in layouts["llava"].with_name("rl.jsonl").read_text().splitlines()]
     logged = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
     assert logged and {row["gold"] for row in logged} <= {q["solution"] for q in questions}
+
+
+# ------------------------------------------------------------- raw prompts for base models (R1-Zero style)
+
+R1_ZERO = (
+    "A conversation between User and Assistant. The user asks a question about the image, and the Assistant "
+    "solves it.\nUser: {question}\nAssistant: Let me solve this step by step.\n<think>"
+)
+
+
+@pytest.mark.parametrize(
+    ("template", "prefill"),
+    [(R1_ZERO, "<think>"), ("Q: {question}\nA: <think>\n", "<think>\n"), ("Q: {question}\nA:", "")],
+)
+def test_raw_prefill_is_the_templates_closing_think(template: str, prefill: str) -> None:
+    from align.data.encode import raw_prefill
+
+    assert raw_prefill(template) == prefill
+
+
+def test_a_raw_prompt_is_the_template_after_bos_with_the_image_expanded(siglip_qwen2: Path) -> None:
+    from transformers import AutoProcessor
+
+    from align.checkpoint import image_seq_len
+    from align.data.encode import encode_prompt
+    from align.data.sample import Sample
+    from align.errors import AlignError
+
+    processor = AutoProcessor.from_pretrained(siglip_qwen2)
+    tokenizer, n = processor.tokenizer, image_seq_len(processor)
+    image_id = tokenizer.convert_tokens_to_ids(processor.image_token)
+    sample = Sample(
+        "s", "rows.jsonl:1", [{"role": "user", "content": "<image>\nHow many?"}], images=["a.png"]
+    )
+    enc = encode_prompt(sample, tokenizer, image_id, n, R1_ZERO)
+    text = R1_ZERO.replace("{question}", "<image>\nHow many?")
+    before, after = text.split("<image>")
+    expected = (
+        [tokenizer.bos_token_id]
+        + tokenizer(before, add_special_tokens=False)["input_ids"]
+        + [image_id] * n
+        + tokenizer(after, add_special_tokens=False)["input_ids"]
+    )
+    assert enc.input_ids == expected and enc.n_image_tokens == n
+    chat = encode_prompt(sample, tokenizer, image_id, n)  # without the template: the chat template's prompt
+    assert tokenizer.decode(chat.input_ids).endswith("<｜Assistant｜><think>\n")
+    system = Sample(
+        "s", "rows.jsonl:2", [{"role": "system", "content": "S"}, sample.messages[0]], images=["a.png"]
+    )
+    with pytest.raises(AlignError, match=r"rows.jsonl:2: grpo.prompt_template takes rows of one user turn"):
+        encode_prompt(system, tokenizer, image_id, n, R1_ZERO)
+
+
+def test_a_prompt_template_without_its_question_is_refused(siglip_qwen2: Path) -> None:
+    args = [
+        "grpo",
+        str(ROOT / "recipes/tiny/grpo.yaml"),
+        f"model={siglip_qwen2}",
+        "grpo.prompt_template='Q: A:'",
+    ]
+    rc, printed = _cli(args)
+    assert rc == 2 and "grpo.prompt_template: must hold {question} exactly once" in printed, printed
+
+
+@pytest.mark.slow
+def test_grpo_on_a_raw_prompt_prefills_think_and_scores_with_it(
+    layouts, siglip_qwen2: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    questions = layouts["llava"].with_name("rl.jsonl")
+    args = [
+        "grpo",
+        str(ROOT / "recipes/tiny/grpo.yaml"),
+        f"model={siglip_qwen2}",
+        f"output_dir={out}",
+        f"data.sources.0.path={questions}",
+        "data.sources.0.question_template='{question}'",
+        f"grpo.prompt_template='{R1_ZERO.replace(chr(10), chr(92) + 'n')}'",
+        "run.max_steps=2",
+    ]
+    rc, printed = _cli(args)
+    assert rc == 0, printed
+    logged = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
+    assert logged and all(row["completion"].startswith("<think>") for row in logged)
+    assert "Let me solve this step by step" in (out / "recipe.resolved.yaml").read_text()

@@ -217,13 +217,43 @@ def encode_sft(sample: Sample, tokenizer: Any, image_token_id: int, image_seq_le
     )
 
 
-def encode_prompt(sample: Sample, tokenizer: Any, image_token_id: int, image_seq_len: int) -> Encoded:
-    """The generation prompt only (GRPO rollouts, evaluation); a trailing assistant message is left out."""
+def raw_prefill(prompt_template: str) -> str:
+    """The prefill of a raw prompt template: from its last ``<think>`` when the template ends with it
+    (VisualThinker-R1-Zero's ``...Assistant: Let me solve this step by step.\n<think>``), else nothing."""
+    _, tag, tail = prompt_template.rpartition("<think>")
+    return tag + tail if tag and not tail.strip() else ""
+
+
+def _raw_prompt(tokenizer: Any, history: list[dict[str, str]], prompt_template: str, origin: str) -> str:
+    """A base model's prompt: the template with the row's one user turn as ``{question}``, after the BOS the
+    tokenizer would add; no chat template."""
+    roles = [m["role"] for m in history]
+    if roles != ["user"]:
+        raise AlignError(
+            f"{origin}: grpo.prompt_template takes rows of one user turn (the question), got turns {roles}"
+        )
+    return (tokenizer.bos_token or "") + prompt_template.replace("{question}", history[0]["content"])
+
+
+def encode_prompt(
+    sample: Sample,
+    tokenizer: Any,
+    image_token_id: int,
+    image_seq_len: int,
+    prompt_template: str | None = None,
+) -> Encoded:
+    """The generation prompt only (GRPO rollouts, evaluation); a trailing assistant message is left out.
+
+    ``prompt_template``: a raw prompt for base models (``{question}`` is the user turn) instead of the chat
+    template."""
     messages = sample.messages
     history = messages[:-1] if messages and messages[-1]["role"] == "assistant" else messages
     _check_images(sample, history)
     image_token = _image_token(tokenizer, image_token_id)
-    prompt = _render(tokenizer, history, True, sample.origin)
+    if prompt_template is not None:
+        prompt = _raw_prompt(tokenizer, history, prompt_template, sample.origin)
+    else:
+        prompt = _render(tokenizer, history, True, sample.origin)
     ids, _ = _tokenize_prompt(tokenizer, prompt, image_token, image_token_id, image_seq_len)
     return _finish(sample, ids, [IGNORE_INDEX] * len(ids), len(ids), image_token_id, image_seq_len)
 
