@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from align.cli import main
 from align.data.synth import synthesize
@@ -175,11 +176,11 @@ def test_grpo_on_a_raw_prompt_prefills_think_and_scores_with_it(
         f"output_dir={out}",
         f"data.sources.0.path={questions}",
         "data.sources.0.question_template='{question}'",
-        f"grpo.prompt_template='{R1_ZERO.replace(chr(10), chr(92) + 'n')}'",
+        f'grpo.prompt_template="{R1_ZERO.replace(chr(10), chr(92) + "n")}"',  # YAML double quotes: \n is a newline
         "run.max_steps=2",
     ]
     rc, printed = _cli(args)
     assert rc == 0, printed
     logged = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
     assert logged and all(row["completion"].startswith("<think>") for row in logged)
-    assert "Let me solve this step by step" in (out / "recipe.resolved.yaml").read_text()
+    assert yaml.safe_load((out / "recipe.resolved.yaml").read_text())["grpo"]["prompt_template"] == R1_ZERO
