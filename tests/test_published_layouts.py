@@ -184,3 +184,43 @@ def test_grpo_on_a_raw_prompt_prefills_think_and_scores_with_it(
     logged = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()]
     assert logged and all(row["completion"].startswith("<think>") for row in logged)
     assert yaml.safe_load((out / "recipe.resolved.yaml").read_text())["grpo"]["prompt_template"] == R1_ZERO
+
+
+# --------------------------------------------------------- align-anything's prompt / image / response rows
+
+
+def test_align_anything_rows_are_sft_conversations(tmp_path: Path) -> None:
+    """``format: hf`` on a JSON file of ``prompt`` / ``image`` / ``response`` rows (align-anything's
+    text-image-to-text layout): the prompt (with its image) and the response become one SFT conversation."""
+    from PIL import Image
+
+    from align.config import from_dict
+    from align.data.config import DataSource
+    from align.data.readers import read_source
+
+    Image.new("RGB", (8, 6), (9, 9, 9)).save(tmp_path / "a.png")
+    rows = [
+        {
+            "prompt": "What is shown?",
+            "image": "a.png",
+            "response": "<think>\nA grey square.\n</think>\n\nA square.",
+        },
+        {"prompt": "Colour?", "image": "a.png", "response": "  "},
+    ]
+    (tmp_path / "aa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    source = from_dict(DataSource, {"name": "aa", "path": str(tmp_path / "aa.jsonl"), "format": "hf"})
+    good, bad = list(read_source(source))
+    assert [m["role"] for m in good.messages] == ["user", "assistant"]
+    assert good.messages[0]["content"] == "<image>\nWhat is shown?" and good.answer is None
+    assert good.messages[1]["content"] == rows[0]["response"] and len(good.images) == 1
+    assert bad.reason == "empty or missing response (response)"
+    mapped = from_dict(
+        DataSource,
+        {
+            "name": "aa",
+            "path": str(tmp_path / "aa.jsonl"),
+            "format": "hf",
+            "columns": {"response": "response"},
+        },
+    )
+    assert next(iter(read_source(mapped))).messages == good.messages

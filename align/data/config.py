@@ -25,7 +25,7 @@ from align.config import MAX_SEED, MAX_TOKENS, RecipeError, ranged
 
 SourceFormat = Literal["llava", "messages", "rl", "r1_onevision", "hf"]
 # Our names for the columns of a Hugging Face dataset; `columns:` maps them to the dataset's own names.
-HF_COLUMNS = ("image", "question", "answer", "messages")
+HF_COLUMNS = ("image", "question", "answer", "messages", "response")
 # PIL's own default for Image.MAX_IMAGE_PIXELS (a warning there, an error here).
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 

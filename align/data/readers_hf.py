@@ -2,8 +2,10 @@
 
 ``path`` is a ``load_from_disk`` folder (a DatasetDict picks ``split``, default ``train``) or parquet / JSON
 file(s), read with ``load_dataset("parquet" | "json", data_files=path)``. Rows with a messages column
-(``messages`` / ``conversations``) are conversations; otherwise a question column (``problem`` / ``question``)
-and an answer column (``solution`` / ``answer``) make RL-style rows. ``columns:`` maps our names to other
+(``messages`` / ``conversations``) are conversations; otherwise a question column (``problem`` / ``question`` /
+``prompt``) and an answer column (``solution`` / ``answer``) make RL-style rows, and a ``response`` column
+(align-anything's ``prompt`` / ``image`` / ``response`` rows) makes the question and its response an SFT
+conversation (with a gold too when there is an answer column). ``columns:`` maps our names to other
 column names. Image columns may hold decoded images (``datasets.Image``), encoded bytes, or paths resolved
 against ``image_root``. Origins are ``path[index]``. ``datasets`` is imported only when such a source is read.
 """
@@ -33,8 +35,9 @@ from align.errors import AlignError
 
 _HF_DEFAULTS = {
     "image": ("image", "images"),
-    "question": ("problem", "question"),
+    "question": ("problem", "question", "prompt"),
     "answer": ("solution", "answer"),
+    "response": ("response",),
     "messages": ("messages", "conversations"),
 }
 
@@ -81,6 +84,25 @@ def _hf_columns(source: DataSource, names: list[str]) -> dict[str, str]:
     return columns
 
 
+def _response_row(
+    record: dict, columns: dict[str, str], images: list, used: set[str], ctx: RowContext, origin: str
+) -> Sample:
+    """A question and its response as an SFT conversation; its answer column, if any, is the gold."""
+    response = record[columns["response"]]
+    if not isinstance(response, str) or not response.strip():
+        raise RowError("answer", f"empty or missing response ({columns['response']})")
+    question, solution = record[columns["question"]], record.get(columns.get("answer", ""))
+    if solution is None:
+        # question_row needs a gold; the response stands in for it and is dropped again below
+        sample = question_row(record, question, response, images, used, ctx)
+        sample.answer = None
+    else:
+        sample = question_row(record, question, solution, images, used, ctx)
+    sample.messages = [*sample.messages, {"role": "assistant", "content": response}]
+    sample.origin = origin
+    return sample
+
+
 def read_hf(source: DataSource, ctx: RowContext) -> Iterator[Row]:
     """Every row of an hf source; a dataset that cannot be loaded is one file-level RowProblem."""
     try:
@@ -102,6 +124,8 @@ def read_hf(source: DataSource, ctx: RowContext) -> Iterator[Row]:
                 messages = row_turns(record[columns["messages"]], columns["messages"], images, ctx)
                 messages = finish_messages(messages, images, ctx, needs_assistant=True)
                 yield Sample(ctx.source, origin, messages, images, meta=row_meta(record, used))
+            elif "response" in columns:
+                yield _response_row(record, columns, images, used, ctx, origin)
             else:
                 question = record[columns["question"]]
                 solution = record.get(columns["answer"]) if "answer" in columns else None
