@@ -562,6 +562,149 @@ def test_math_deadlines_reach_math_verify(monkeypatch) -> None:
     ]
 
 
+# --- align/rewards/mathcheck.py ---------------------------------------------------------------------------
+
+
+def test_brace_group_ends_after_its_own_close() -> None:
+    from align.rewards.mathcheck import _brace_group
+
+    assert _brace_group("{a{b}c}d", 0, "{", "}") == 7
+    assert _brace_group("x(1)", 1, "(", ")") == 4
+    assert _brace_group("{never", 0, "{", "}") == 6
+
+
+@pytest.mark.parametrize(
+    ("text", "found"),
+    [
+        ("x^ 2 y", [("2", "y")]),  # spaces before the exponent skipped
+        ("x^Xy", [("X", "y")]),  # one token, not a group
+        ("x^(2)+1", [("(2)", "+1")]),  # a bracket group closes with its own bracket
+        ("x^{2}+1", [("{2}", "+1")]),
+        ("x^2+1", [("2", "+1")]),
+        ("x^2\t^3", [("2", "\t^3"), ("3", "")]),  # only spaces are skipped after it
+    ],
+)
+def test_exponents_table(text: str, found: list) -> None:
+    from align.rewards.mathcheck import _exponents
+
+    assert list(_exponents(text)) == found
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("1+" * 256, None),  # exactly MAX_CHARS characters
+        ("1+" * 256 + "1", "longer than 512 characters"),
+        ("x^2 ^3", "a power tower"),
+        ("x^2X^3", None),
+        ("10000 choose 2", "a factorial or binomial of a power or of a number >= 1000"),
+        ("1000!", "a factorial or binomial of a power or of a number >= 1000"),
+        ("999!", None),
+        ("XXXXXXX", None),
+        ("(X(X(X(X(X(X(X", "brackets nested deeper than 6"),
+        ("()()()()()()()", None),
+        ("(()((((((", "brackets nested deeper than 6"),
+        ("()((((((", None),
+    ],
+)
+def test_unsafe_reason_bounds_table(text: str, reason) -> None:
+    from align.rewards.mathcheck import unsafe_reason
+
+    assert unsafe_reason(text) == reason
+
+
+def test_call_before_reports_a_missed_deadline() -> None:
+    import time
+
+    from align.rewards.mathcheck import _call_before
+
+    assert _call_before(0.05, lambda: time.sleep(2)) == (False, None)
+    assert _call_before(1.0, lambda: 7) == (True, 7)
+
+
+def test_only_math_verifys_timeout_notice_is_dropped() -> None:
+    import logging
+
+    from align.rewards.mathcheck import _DropTimeoutNotice
+
+    def record(message: str) -> logging.LogRecord:
+        return logging.LogRecord("math_verify", logging.WARNING, "f", 1, message, None, None)
+
+    notice = _DropTimeoutNotice()
+    assert notice.filter(record("Timeout is disabled as timeout_seconds is None")) is False
+    assert notice.filter(record("timeout is disabled")) is True
+    assert notice.filter(record("something else")) is True
+
+
+def test_prose_detection_ignores_latex_commands() -> None:
+    from align.rewards.mathcheck import _looks_like_prose
+
+    assert _looks_like_prose("the answer is 3") is True
+    assert _looks_like_prose("\\frac{1}{2}") is False
+    assert _looks_like_prose("\\text{ab}\\text{cd}") is False
+
+
+class _FakeMathVerify:
+    """Records what mathcheck asks of math_verify; parse gives [] for texts in ``empty``."""
+
+    def __init__(self, empty: tuple[str, ...] = ()):
+        self.parsed: list[tuple[object, dict]] = []
+        self.empty = empty
+
+    def parse(self, text, **options):
+        self.parsed.append((text, options))
+        return [] if text in self.empty else [text]
+
+    def verify(self, gold, pred, timeout_seconds=None):
+        return gold == pred
+
+
+GOLD_OPTIONS = {"parsing_timeout": None, "extraction_mode": "first_match", "fallback_mode": "no_fallback"}
+PRED_OPTIONS = {"parsing_timeout": None, "extraction_mode": "any_match", "fallback_mode": "first_match"}
+
+
+def test_parse_options_and_delimiters(monkeypatch) -> None:
+    import align.rewards.mathcheck as mathcheck
+
+    fake = _FakeMathVerify(empty=("$x^2$",))
+    monkeypatch.setattr(mathcheck, "_math_verify", lambda: fake)
+    mathcheck._parse("$x^2$", gold=True)  # delimited: parsed as written
+    mathcheck._parse("x^2", gold=False)  # bare: wrapped in $…$ first, then as written when that is empty
+    mathcheck._parse("the answer is 3", gold=False)  # prose: as written
+    assert fake.parsed == [
+        ("$x^2$", GOLD_OPTIONS),
+        ("$x^2$", PRED_OPTIONS),
+        ("x^2", PRED_OPTIONS),
+        ("the answer is 3", PRED_OPTIONS),
+    ]
+
+
+def test_math_equal_deadlines(monkeypatch) -> None:
+    """parse_gold and math_equal default to 1 s; the prediction gets what is left of ``timeout`` after the
+    gold was parsed, and nothing (False) when none is left."""
+    import align.rewards.mathcheck as mathcheck
+
+    fake = _FakeMathVerify()
+    deadlines: list[float] = []
+
+    def call_before(seconds, fn):
+        deadlines.append(seconds)
+        return True, fn()
+
+    clock = iter([10.0, 10.25, 20.0, 21.0, 30.0, 31.5])
+    monkeypatch.setattr(mathcheck, "_math_verify", lambda: fake)
+    monkeypatch.setattr(mathcheck, "_call_before", call_before)
+    monkeypatch.setattr(mathcheck.time, "monotonic", lambda: next(clock))
+    assert mathcheck.parse_gold("3") == ["$3$"] and deadlines == [1.0]
+    assert mathcheck.math_equal("3", "3") is True  # 0.25 s spent on the gold: 0.75 s left
+    assert deadlines == [1.0, 1.0, 0.75]
+    assert fake.parsed[-1] == ("$3$", PRED_OPTIONS)
+    assert mathcheck.math_equal("3", "3", timeout=1.0) is False  # exactly none left: not checked
+    assert deadlines == [1.0, 1.0, 0.75, 1.0]
+    assert mathcheck.math_equal("3", "3", timeout=5.0) is True  # 1.5 s spent: 3.5 s left
+    assert deadlines[-2:] == [5.0, 3.5]
+
+
 # --- align/data/encode.py ---------------------------------------------------------------------------------
 
 
