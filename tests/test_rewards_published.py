@@ -188,6 +188,36 @@ def test_giou_scale_is_checked() -> None:
     assert parse_corner_box("[1, 2, 3, 4]") == (1.0, 2.0, 3.0, 4.0)
 
 
+def test_detection_list_bounds() -> None:
+    """Texts up to 100,000 characters and lists up to 1000 objects are read; beyond, refused unread. A cut-off
+    list keeps its complete objects even when they hold JSON words (true) Python's literals lack."""
+    item = "{'Position': [0, 0, 10, 10]}"
+    padded = lambda n: "[" + item + " " * (n - len(item) - 2) + "]"  # noqa: E731
+    assert parse_detections(padded(100_000)) == [((0.0, 0.0, 10.0, 10.0), 1.0)]
+    assert parse_detections(padded(100_001)) is None
+    assert parse_detections(" " * 100_001 + "x") is None
+    many = "[" + ", ".join(f"{{'bbox': [{i}, 0, {i + 1}, 1]}}" for i in range(1000)) + "]"
+    assert len(parse_detections(many)) == 1000
+    assert parse_detections(many[:-1] + ", " + item + "]") is None  # 1001 objects
+    cut = '[{"bbox": [1, 2, 3, 4], "kept": true}, {"bbox": [5, 6'
+    assert parse_detections(cut) == [((1.0, 2.0, 3.0, 4.0), 1.0)]
+    assert parse_detections("[{'label': 'dog'}]") is None  # an object without a box
+
+
+def test_a_match_needs_more_than_half_overlap() -> None:
+    """IoU exactly 0.5 ([0,0,10,5] inside [0,0,10,10]) is not a match, as in Visual-RFT (> 0.5)."""
+    gold = "[{'Position': [0, 0, 10, 10], 'Confidence': 1}]"
+    assert detection_iou(said("[{'Position': [0, 0, 10, 5], 'Confidence': 1}]"), gold) == 0.0
+    assert detection_iou(said("[{'Position': [0, 0, 10, 5.1], 'Confidence': 1}]"), gold) == pytest.approx(
+        0.51
+    )
+
+
+def test_giou_defaults_to_pixels_and_a_missing_normalised_box_scores_0() -> None:
+    assert giou(said("[0, 0, 2, 2]"), [0, 0, 2, 2]) == 1.0
+    assert giou(said("no box"), [20, 10, 120, 50], [200, 100], "norm1000") == 0.0
+
+
 # ------------------------------------------------------------------------- VLM-R1's per-row accuracy method
 
 
