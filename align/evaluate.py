@@ -31,7 +31,7 @@ import torch
 
 from align.checkpoint import eos_token_ids, image_seq_len, load_llava, resolve_model_folder
 from align.data.config import DEFAULT_MAX_IMAGE_PIXELS, DataSource
-from align.data.encode import encode_prompt, generation_prefill
+from align.data.encode import encode_prompt, generation_prefill, raw_prefill
 from align.data.images import pixel_values
 from align.data.mixing import build_mix, format_table
 from align.errors import AlignError
@@ -145,6 +145,7 @@ def evaluate(
     limit: int | None = None,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     strict: bool = False,
+    prompt_template: str | None = None,
     model=None,
     processor=None,
     progress: Callable[[str], None] | None = None,
@@ -154,13 +155,14 @@ def evaluate(
     Rows without a gold answer ``rewards`` can score are skipped and counted per file (``strict``: an
     AlignError listing them). ``model``/``processor`` may be passed in (already loaded) to skip loading
     ``model_dir``. ``progress`` gets one line per generation batch (``align eval`` prints them: a long
-    evaluation otherwise says nothing for minutes).
+    evaluation otherwise says nothing for minutes). ``prompt_template``: a raw prompt for base models, as
+    ``grpo.prompt_template``.
     """
     if model is None:
         model, processor = load_llava(resolve_model_folder(model_dir))
     model.eval()
     tokenizer = processor.tokenizer
-    prefill = generation_prefill(tokenizer)
+    prefill = raw_prefill(prompt_template) if prompt_template is not None else generation_prefill(tokenizer)
     funcs = {name: load_reward(name) for name in rewards}
     warm_up()
     rows, _ = build_mix(sources, seed, strict=True)
@@ -184,7 +186,9 @@ def evaluate(
     t0 = time.perf_counter()
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
-        predictions += _predict(model, processor, batch, sampling, generator, funcs, prefill, max_pixels)
+        predictions += _predict(
+            model, processor, batch, sampling, generator, funcs, (prefill, prompt_template), max_pixels
+        )
         if progress is not None:
             done = min(start + batch_size, len(rows))
             progress(
@@ -204,12 +208,15 @@ def evaluate(
 
 
 def _predict(
-    model, processor, batch, sampling: SamplingSettings, generator, funcs, prefill, max_pixels
+    model, processor, batch, sampling: SamplingSettings, generator, funcs, prompting, max_pixels
 ) -> list[dict]:
-    """One generation batch: each row's completions, the answer each extracts, and their rewards."""
+    """One generation batch: each row's completions, the answer each extracts, and their rewards.
+    ``prompting``: (the prefill, the raw prompt template or None for the chat template)."""
     tokenizer, samples = processor.tokenizer, sampling.num_generations
+    prefill, template = prompting
     n_image_tokens = image_seq_len(processor)
-    prompts = [encode_prompt(s, tokenizer, model.config.image_token_id, n_image_tokens) for s in batch]
+    image_id = model.config.image_token_id
+    prompts = [encode_prompt(s, tokenizer, image_id, n_image_tokens, template) for s in batch]
     pixels, sizes = pixel_values(
         [im for s in batch for im in s.images],
         processor.image_processor,
@@ -284,6 +291,11 @@ def add_arguments(parser) -> None:
         "--question-template", default="{question}", help="rl/hf rows: how a question is asked"
     )
     parser.add_argument(
+        "--prompt-template",
+        default=None,
+        help="a raw prompt for base models, {question} = the row's question (as grpo.prompt_template)",
+    )
+    parser.add_argument(
         "--rewards", default=",".join(DEFAULT_REWARDS), help="comma-separated names or module:fn"
     )
     parser.add_argument("--samples", type=int, default=1, help="completions per question (pass@k)")
@@ -302,6 +314,10 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    if args.prompt_template is not None and args.prompt_template.count("{question}") != 1:
+        raise AlignError(
+            f"--prompt-template must hold {{question}} exactly once, got {args.prompt_template!r:.80}"
+        )
     sources = []
     for i, path in enumerate(args.data):
         sources.append(
@@ -328,6 +344,7 @@ def run(args) -> int:
         seed=args.seed,
         limit=args.limit,
         strict=args.strict,
+        prompt_template=args.prompt_template,
         progress=lambda line: print(line, flush=True),
     )
     print(summary["table"])

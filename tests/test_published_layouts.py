@@ -224,3 +224,14 @@ def test_align_anything_rows_are_sft_conversations(tmp_path: Path) -> None:
         },
     )
     assert next(iter(read_source(mapped))).messages == good.messages
+
+
+def test_eval_takes_the_same_raw_prompt(layouts, siglip_qwen2: Path, tmp_path: Path) -> None:
+    questions = layouts["llava"].with_name("rl.jsonl")
+    args = ["eval", str(siglip_qwen2), "--data", str(questions), "--limit", "2", "--max-new-tokens", "4"]
+    rc, printed = _cli([*args, "--out", str(tmp_path / "e"), "--prompt-template", R1_ZERO])
+    assert rc == 0, printed
+    predictions = [json.loads(line) for line in (tmp_path / "e/predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 2 and all(p["completion"].startswith("<think>") for p in predictions)
+    rc, printed = _cli([*args, "--out", str(tmp_path / "f"), "--prompt-template", "Q: A:"])
+    assert rc == 2 and "--prompt-template must hold {question} exactly once" in printed
