@@ -705,6 +705,43 @@ def test_math_equal_deadlines(monkeypatch) -> None:
     assert deadlines[-2:] == [5.0, 3.5]
 
 
+# --- align/grpo/rollout.py --------------------------------------------------------------------------------
+
+
+def test_skip_pooling_head_turns_off_siglips_head_only(siglip_qwen2, zoo, tmp_path) -> None:
+    """SigLIP's attention-pooling head is switched off once (True), and again is a no-op (False); the image
+    features Llava reads do not change; a CLIP tower has no head (False)."""
+    import contextlib
+    import io
+
+    from align.assemble import AssembleRecipe, assemble
+    from align.checkpoint import load_llava
+    from align.config import from_dict
+    from align.grpo.rollout import skip_pooling_head
+
+    model, _ = load_llava(siglip_qwen2)
+    tower = model.model.vision_tower
+    inner = getattr(tower, "vision_model", tower)  # transformers 5: the SigLIP tower is the vision model itself
+    pixels = torch.randn(1, 3, model.config.vision_config.image_size, model.config.vision_config.image_size)
+    with torch.no_grad():
+        before = tower(pixel_values=pixels)
+    assert inner.use_head is True and before.pooler_output is not None
+    assert skip_pooling_head(model) is True and inner.use_head is False
+    assert skip_pooling_head(model) is False and inner.use_head is False
+    with torch.no_grad():
+        after = tower(pixel_values=pixels)
+    assert torch.equal(before.last_hidden_state, after.last_hidden_state) and after.pooler_output is None
+    recipe = {
+        "kind": "assemble",
+        "vision": {"source": "hf", "name_or_path": str(zoo / "clip-hf")},
+        "llm": {"name_or_path": str(zoo / "qwen2-r1")},
+        "output_dir": str(tmp_path / "clip"),
+    }
+    with contextlib.redirect_stdout(io.StringIO()):
+        clip, _ = load_llava(assemble(from_dict(AssembleRecipe, recipe)))
+    assert skip_pooling_head(clip) is False
+
+
 # --- align/data/encode.py ---------------------------------------------------------------------------------
 
 
