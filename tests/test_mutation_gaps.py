@@ -709,8 +709,8 @@ def test_math_equal_deadlines(monkeypatch) -> None:
 
 
 def test_skip_pooling_head_turns_off_siglips_head_only(siglip_qwen2, zoo, tmp_path) -> None:
-    """SigLIP's attention-pooling head is switched off once (True), and again is a no-op (False); the image
-    features Llava reads do not change; a CLIP tower has no head (False)."""
+    """SigLIP's attention-pooling head is switched off once (True), and again is a no-op (False); the hidden
+    states Llava reads do not change and the pooled output is no longer computed; a CLIP tower has no head."""
     import contextlib
     import io
 
