@@ -721,7 +721,9 @@ def test_skip_pooling_head_turns_off_siglips_head_only(siglip_qwen2, zoo, tmp_pa
 
     model, _ = load_llava(siglip_qwen2)
     tower = model.model.vision_tower
-    inner = getattr(tower, "vision_model", tower)  # transformers 5: the SigLIP tower is the vision model itself
+    inner = getattr(
+        tower, "vision_model", tower
+    )  # transformers 5: the SigLIP tower is the vision model itself
     pixels = torch.randn(1, 3, model.config.vision_config.image_size, model.config.vision_config.image_size)
     with torch.no_grad():
         before = tower(pixel_values=pixels)
@@ -740,6 +742,158 @@ def test_skip_pooling_head_turns_off_siglips_head_only(siglip_qwen2, zoo, tmp_pa
     with contextlib.redirect_stdout(io.StringIO()):
         clip, _ = load_llava(assemble(from_dict(AssembleRecipe, recipe)))
     assert skip_pooling_head(clip) is False
+
+
+def _batch(widths_images: list[tuple[int, int]], g: int, width: int, first_id: int, logps: bool = True):
+    """A scored RolloutBatch of questions with (images) each, ``g`` completions of ``width`` tokens; every
+    value is distinct so that a misplaced row or pixel shows."""
+    from align.data.sample import Sample
+    from align.grpo.rollout import RolloutBatch
+    from align.grpo.sampler import Rollout
+
+    n_q = len(widths_images)
+    n = n_q * g
+    n_images = sum(k for _, k in widths_images)
+    ids = torch.arange(first_id, first_id + n * width).reshape(n, width)
+    rollout = Rollout(
+        ids,
+        torch.ones(n, width, dtype=torch.long),
+        torch.full((n,), width),
+        torch.zeros(n, dtype=torch.bool),
+        -torch.rand(n, width) if logps else None,
+    )
+    pixels = (
+        torch.arange(n_images * 3, dtype=torch.float).reshape(n_images, 3, 1, 1) + first_id
+        if n_images
+        else None
+    )
+    b = RolloutBatch(
+        [Sample("s", f"q{first_id + q}", [{"role": "user", "content": "q"}]) for q in range(n_q)],
+        [[first_id + q] for q in range(n_q)],
+        pixels,
+        [k for _, k in widths_images],
+        [[(w, w)] * k for w, k in widths_images],
+        rollout,
+    )
+    b.texts = [f"t{first_id + i}" for i in range(n)]
+    b.scores = [[float(i)] for i in range(n)]
+    b.per_func = torch.arange(n, dtype=torch.float).unsqueeze(1)
+    b.rewards = torch.arange(n, dtype=torch.float)
+    b.mask = torch.ones(n, width)
+    b.ref_logps = -torch.rand(n, width) if logps else None
+    return b
+
+
+def test_split_groups_gives_each_question_its_own_images() -> None:
+    from align.grpo.rollout import split_groups
+
+    b = _batch([(8, 1), (9, 2), (10, 1)], g=2, width=3, first_id=0)
+    pieces = split_groups(b, 2)
+    assert [p.images_per_prompt for p in pieces] == [[1], [2], [1]]
+    assert torch.equal(pieces[0].pixels, b.pixels[0:1])
+    assert torch.equal(pieces[1].pixels, b.pixels[1:3])
+    assert torch.equal(pieces[2].pixels, b.pixels[3:4])
+    assert torch.equal(pieces[2].rollout.completion_ids, b.rollout.completion_ids[4:6])
+
+
+def test_merge_groups_pads_to_the_widest_piece_and_keeps_everything_in_order() -> None:
+    from align.grpo.rollout import merge_groups, split_groups
+
+    narrow = split_groups(_batch([(8, 1), (9, 0)], g=2, width=3, first_id=0), 2)
+    wide = split_groups(_batch([(10, 2)], g=2, width=5, first_id=100), 2)
+    merged = merge_groups([narrow[1], wide[0], narrow[0]], pad_token_id=-7)
+    assert merged.sizes == [[], [(10, 10), (10, 10)], [(8, 8)]]
+    assert merged.images_per_prompt == [0, 2, 1]
+    assert torch.equal(merged.pixels, torch.cat([wide[0].pixels, narrow[0].pixels]))
+    ids = merged.rollout.completion_ids
+    assert ids.shape == (6, 5) and torch.equal(ids[:2, 3:], torch.full((2, 2), -7))
+    assert torch.equal(merged.rollout.completion_mask[:2, 3:], torch.zeros(2, 2, dtype=torch.long))
+    assert torch.equal(merged.mask[:2, 3:], torch.zeros(2, 2))
+    # log-probs pad with 0, as the sampler pads them
+    assert torch.equal(merged.rollout.logps[:2, 3:], torch.zeros(2, 2))
+    assert torch.equal(merged.ref_logps[:2, 3:], torch.zeros(2, 2))
+    assert torch.equal(merged.ref_logps[2:4], wide[0].ref_logps)
+    assert merged.texts == [*narrow[1].texts, *wide[0].texts, *narrow[0].texts]
+    alone = merge_groups([narrow[1]], pad_token_id=-7)  # one piece, no images
+    assert alone.pixels is None and torch.equal(alone.rollout.logps, narrow[1].rollout.logps)
+    plain = split_groups(_batch([(8, 0)], g=2, width=3, first_id=0, logps=False), 2)
+    assert merge_groups(plain, pad_token_id=0).ref_logps is None
+
+
+def test_reward_columns_are_the_rows_columns_per_completion() -> None:
+    """Question-major, each value repeated for the question's G completions; the gold of a conversation row is
+    its last assistant turn; accu_reward_method only when some row has one."""
+    from align.data.sample import Sample
+    from align.grpo.rollout import reward_columns
+    from align.grpo.sampler import Rollout
+
+    rows = [
+        Sample(
+            "s",
+            "a:1",
+            [{"role": "user", "content": "<image>q"}],
+            ["x.png"],
+            answer="3",
+            meta={"box": [1, 2, 3, 4]},
+        ),
+        Sample(
+            "s",
+            "a:2",
+            [{"role": "user", "content": "q"}, {"role": "assistant", "content": "<answer>B</answer>"}],
+            meta={"family": "choice", "accu_reward_method": "mcq"},
+        ),
+    ]
+    rollout = Rollout(
+        torch.tensor([[5, 6, 0], [7, 0, 0], [8, 9, 1], [2, 0, 0]]),
+        torch.ones(4, 3, dtype=torch.long),
+        torch.tensor([2, 1, 3, 1]),
+        torch.zeros(4, dtype=torch.bool),
+    )
+    columns = reward_columns(rows, [[(64, 48)], []], 2, rollout)
+    assert columns == {
+        "accu_reward_method": [None, None, "mcq", "mcq"],
+        "solution": ["3", "3", "B", "B"],
+        "box": [[1, 2, 3, 4], [1, 2, 3, 4], None, None],
+        "image_size": [(64, 48), (64, 48), None, None],
+        "family": [None, None, "choice", "choice"],
+        "completion_ids": [[5, 6], [7], [8, 9, 1], [2]],
+    }
+    without = reward_columns(rows[:1], [[(64, 48)]], 2, rollout)
+    assert "accu_reward_method" not in without
+
+
+def test_lora_reference_is_the_policy_without_adapters_at_the_sampling_temperature(siglip_qwen2) -> None:
+    """With LoRA the reference is the policy with its adapters off, scored at the recipe's temperature; a
+    policy without adapters and no reference model is a setup error."""
+    from align.checkpoint import load_llava
+    from align.grpo.logps import completion_logps
+    from align.grpo.rollout import RolloutBatch, reference_logps
+    from align.grpo.sampler import Rollout
+    from align.lora import ALL_LINEAR, apply_lora
+    from align.model import llava_of
+
+    base, _ = load_llava(siglip_qwen2)
+    ids = torch.tensor([[11, 12, 13], [14, 15, 0]])
+    b = RolloutBatch(
+        [None], [[1, 5, 6, 7]], None, [0], [[]],
+        Rollout(ids, torch.tensor([[1, 1, 1], [1, 1, 0]]), torch.tensor([3, 2]), torch.zeros(2, dtype=torch.bool)),
+    )  # fmt: skip
+    with torch.no_grad():
+        expected = completion_logps(base, b.completions(), temperature=0.7, shared_prefix=True)
+    with pytest.raises(
+        ValueError, match=r"^reference_logps: without a reference model the policy must carry LoRA adapters$"
+    ):
+        reference_logps(None, base, b, 0.7, True)
+    policy = apply_lora(base, 4, 8, 0.0, [ALL_LINEAR])
+    with torch.no_grad():  # adapters that change the output: the reference must not see them
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    got = reference_logps(None, policy, b, 0.7, True)
+    assert torch.allclose(got, expected, atol=1e-5)
+    with torch.no_grad():
+        adapted = completion_logps(llava_of(policy), b.completions(), temperature=0.7, shared_prefix=True)
+    assert not torch.allclose(adapted, expected, atol=1e-3)
 
 
 # --- align/data/encode.py ---------------------------------------------------------------------------------
