@@ -896,6 +896,62 @@ def test_lora_reference_is_the_policy_without_adapters_at_the_sampling_temperatu
     assert not torch.allclose(adapted, expected, atol=1e-3)
 
 
+class _OneProcess:
+    """The engine's Dist reductions for a single process: sums and means of one rank are the values."""
+
+    def all_sum(self, value):
+        return value
+
+    def all_reduce_mean(self, value):
+        return value
+
+
+@pytest.mark.parametrize(
+    ("rewards", "std"),
+    [
+        ([1.0, 3.0, float("nan"), 5.0], 2.0),  # mean 3, squares 4 + 0 + 4 over n - 1 = 2
+        ([1.0, 3.0], 2.0**0.5),
+        ([7.0, float("nan")], 0.0),  # one value: no spread
+        ([float("nan")], 0.0),
+    ],
+)
+def test_global_std_is_the_sample_std_of_the_scored_rewards(rewards: list, std: float) -> None:
+    from align.grpo.rollout import global_std
+
+    assert global_std(_OneProcess(), torch.tensor(rewards)) == pytest.approx(std)
+
+
+def test_rollout_metrics_row() -> None:
+    """Every logged number of a round, worked out by hand: per-function means (NaN left out; 0 when all are
+    NaN) and batch stds, TRL's reward_std (the mean of the group stds), the zero-std share, lengths."""
+    from align.grpo.rollout import rollout_metrics
+
+    b = _batch([(8, 0), (8, 0)], g=2, width=3, first_id=0)
+    nan = float("nan")
+    b.per_func = torch.tensor([[1.0, nan], [3.0, nan], [2.0, nan], [2.0, nan]])
+    b.rewards = torch.tensor([1.0, 3.0, 2.0, 2.0])
+    b.rollout.lengths = torch.tensor([1, 2, 3, 2])
+    b.rollout.is_truncated = torch.tensor([False, False, True, False])
+    row = rollout_metrics(_OneProcess(), [b], ["a", "b"], {"a": 0, "b": 4}, [False, True], 2)
+    assert row == pytest.approx(
+        {
+            "reward/a": 2.0,
+            "reward_std/a": (2 / 3) ** 0.5,  # squares 1 + 1 + 0 + 0 over 3
+            "reward_errors/a": 0,
+            "reward/b": 0.0,
+            "reward_std/b": 0.0,
+            "reward_errors/b": 4,
+            "reward": 2.0,
+            "reward_std": (2**0.5 + 0.0) / 2,  # groups [1, 3] and [2, 2]
+            "frac_reward_zero_std": 0.5,
+            "completion_length": 2.0,
+            "completion_length_max": 3.0,
+            "truncated_share": 0.25,
+            "completion_tokens": 8.0,
+        }
+    )
+
+
 # --- align/data/encode.py ---------------------------------------------------------------------------------
 
 
