@@ -952,6 +952,38 @@ def test_rollout_metrics_row() -> None:
     )
 
 
+# --- align/export.py --------------------------------------------------------------------------------------
+
+
+def test_source_dtype_reads_the_text_config_then_the_config() -> None:
+    """The export keeps the source's dtype: the text model's, else the top-level one, else fp32; a config
+    that lacks the attribute altogether is fp32, not an error."""
+    from types import SimpleNamespace as NS
+
+    from align.export import _source_dtype
+
+    assert _source_dtype(NS(text_config=NS(dtype="bfloat16"), dtype=None)) == torch.bfloat16
+    assert _source_dtype(NS(text_config=NS(dtype=None), dtype="bfloat16")) == torch.bfloat16
+    assert _source_dtype(NS(text_config=NS(dtype="float32"), dtype="bfloat16")) == torch.float32
+    assert _source_dtype(NS(text_config=NS(), dtype=torch.bfloat16)) == torch.bfloat16
+    assert _source_dtype(NS(text_config=NS())) == torch.float32
+
+
+def test_parse_size_accepts_one_byte_and_pickle_files_are_found_by_suffix(tmp_path) -> None:
+    from align.export import parse_size, pickle_files
+
+    assert parse_size("1") == 1
+    assert parse_size("2kib") == 2048
+    for name in ("model.safetensors", "a.bin", "sub/b.PT", "c.pkl", "notes.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    assert [p.relative_to(tmp_path).as_posix() for p in pickle_files(tmp_path)] == [
+        "a.bin",
+        "c.pkl",
+        "sub/b.PT",
+    ]
+
+
 # --- align/data/encode.py ---------------------------------------------------------------------------------
 
 
