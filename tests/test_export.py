@@ -291,3 +291,31 @@ def test_exported_files_follow_the_umask(source: Path, tmp_path: Path) -> None:
         os.umask(before)
     assert stat.S_IMODE(out.stat().st_mode) == 0o755
     assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o644}
+
+
+def test_card_states_the_dtype_and_the_r1_prefill(fp32: Path, bf16: Path) -> None:
+    fp32_card, bf16_card = (fp32 / "README.md").read_text(), (bf16 / "README.md").read_text()
+    assert "safetensors, fp32)" in fp32_card and "safetensors, bf16)" in bf16_card
+    assert "The chat template prefills `<think>\\n`" in fp32_card
+
+
+def test_reexport_replaces_a_previous_export_and_pickles_are_never_published(
+    source: Path, tmp_path: Path, monkeypatch
+) -> None:
+    import align.checkpoint
+
+    out = export(source, tmp_path / "out", "fp32")
+    (out / "stale.txt").write_text("from the previous export")
+    assert export(source, out, "fp32") == out and not (out / "stale.txt").exists()
+    real_save = align.checkpoint.save_llava
+
+    def save_with_a_pickle(folder, **kwargs):
+        real_save(folder, **kwargs)
+        (Path(folder) / "optimizer.pt").write_bytes(b"\x80")
+
+    monkeypatch.setattr(align.checkpoint, "save_llava", save_with_a_pickle)
+    with pytest.raises(
+        AlignError, match=r"export wrote pickle files \['optimizer.pt'\]; refusing to publish"
+    ):
+        export(source, tmp_path / "pickled", "fp32")
+    assert not (tmp_path / "pickled").exists()
