@@ -235,3 +235,46 @@ def test_eval_takes_the_same_raw_prompt(layouts, siglip_qwen2: Path, tmp_path: P
     assert len(predictions) == 2 and all(p["completion"].startswith("<think>") for p in predictions)
     rc, printed = _cli([*args, "--out", str(tmp_path / "f"), "--prompt-template", "Q: A:"])
     assert rc == 2 and "--prompt-template must hold {question} exactly once" in printed
+
+
+def test_a_vlm_r1_rec_row_gives_its_gpt_box_to_the_grounding_rewards(
+    tmp_path: Path, siglip_qwen2: Path
+) -> None:
+    """VLM-R1's REC rows answer with a box in the gpt turn: it is the row's box for iou / iou_soft / giou."""
+    from PIL import Image
+
+    Image.new("RGB", (64, 48), (9, 9, 9)).save(tmp_path / "a.png")
+    rows = [
+        {
+            "image": "a.png",
+            "conversations": [
+                {"from": "human", "value": "<image>Where is the dog? Output its bounding box."},
+                {"from": "gpt", "value": "<answer>[4, 6, 30, 40]</answer>"},
+            ],
+        },
+        {
+            "image": "a.png",
+            "conversations": [
+                {"from": "human", "value": "<image>Q"},
+                {"from": "gpt", "value": "[9, 9, 3, 3]"},
+            ],
+            "family": "grounding",
+        },
+    ]
+    data = tmp_path / "rec.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["data", "check", str(ROOT / "recipes/tiny/grpo.yaml"), f"--model={siglip_qwen2}"]
+    keys = [
+        f"data.sources.0.path={data}",
+        "data.sources.0.format=llava",
+        "data.sources.0.question_template='{question}'",
+    ]
+    rc, printed = _cli([*args, *keys, "grpo.reward_funcs=[iou, rec_format]"])
+    assert rc == 1 and "1 problem rows" in printed, printed
+    assert f"{data}:2: malformed box [9, 9, 3, 3]: need 0 <= x1 < x2 and 0 <= y1 < y2" in printed
+    from align.config import from_dict
+    from align.data.config import DataSource
+    from align.data.readers import read_source
+
+    (sample, _) = read_source(from_dict(DataSource, {"name": "r", "path": str(data), "format": "llava"}))
+    assert sample.meta["box"] == [4.0, 6.0, 30.0, 40.0] and sample.gold == "[4, 6, 30, 40]"

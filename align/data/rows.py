@@ -282,7 +282,17 @@ def conversation_row(record: dict, field: str, image_field: str, ctx: RowContext
     messages = row_turns(record[field], field, images, ctx)
     if "solution" not in record:
         messages = finish_messages(messages, images, ctx, needs_assistant=True)
-        return Sample(ctx.source, "", messages, images, meta=row_meta(record, {field, image_field}))
+        meta = row_meta(record, {field, image_field})
+        # VLM-R1's REC rows: the gpt turn's answer is the box the grounding rewards read
+        answer = _ANSWER_TAG.search(messages[-1]["content"]) if messages[-1]["role"] == "assistant" else None
+        last = answer.group(1) if answer else messages[-1]["content"]
+        declared = meta.get("family") == "grounding" or "box" in meta
+        if messages[-1]["role"] == "assistant" and (declared or _number_list(last.strip())):
+            # undeclared, four ordered numbers are a box; another number list is an answer like any other
+            box = _box(meta.pop("box", last.strip()), declared)
+            if box is not None:
+                meta["box"] = box
+        return Sample(ctx.source, "", messages, images, meta=meta)
     # a GRPO conversation with its gold beside it (ms-swift, open-r1-multimodal): the prompt is the whole
     # conversation, the solution the gold
     answer, meta = _gold_and_meta(record, record["solution"], {field, image_field, "solution"})
