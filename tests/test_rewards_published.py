@@ -385,3 +385,94 @@ def test_grpo_trains_two_steps_on_detection_rewards(detection_rows, siglip_qwen2
     for r in steps:  # untrained output is no detection list: IoU 0; no predictions against a gold box: 0
         assert r["reward/detection_iou"] == 0.0 and r["reward/detection_confidence"] == 0.0
         assert r["reward_errors/detection_iou"] == r["reward_errors/detection_confidence"] == 0.0
+
+
+# ------------------------------------------------- the registered wrappers: columns, parameters, defaults
+
+
+def test_wrappers_score_each_completion_against_its_own_rows_column() -> None:
+    done = said(f"[{BOX_A % 1}, {BOX_B % 1}]")
+    half = said(f"[{BOX_A % 1}]")
+    golds = [GOLD_TWO, GOLD_TWO]
+    assert REWARDS["detection_iou"]([done, half], solution=golds) == [1.0, 0.5]
+    assert REWARDS["detection_confidence"]([half, done], solution=golds) == [1.0, 1.0]
+    assert REWARDS["classification"]([said("rose"), said("tulip")], solution=["pink rose", "pink rose"]) == [
+        1.0,
+        0.0,
+    ]
+    assert REWARDS["rec_format"]([said('{"bbox_2d": [1, 2, 3, 4]}'), said("x")]) == [1.0, 0.0]
+    giou_reward = REWARDS["giou"]
+    two = [said("(100,100),(600,500)"), said("[0, 0, 2, 2]")]
+    assert giou_reward(two, box=[[20, 10, 120, 50], [0, 0, 2, 2]]) == [
+        pytest.approx((1 + generalized_iou((100, 100, 600, 500), (20, 10, 120, 50))) / 2),
+        1.0,
+    ]
+    assert giou_reward(two[:1], box=[[20, 10, 120, 50]], image_size=[[200, 100]], coordinates="norm1000") == [
+        1.0
+    ]
+    iou_reward, iou_soft_reward = REWARDS["iou"], REWARDS["iou_soft"]
+    near = said("[0, 0, 10, 6]")  # IoU 0.6 with [0, 0, 10, 10]
+    assert iou_reward([near], box=[[0, 0, 10, 10]]) == [1.0]
+    assert iou_reward([near], box=[[0, 0, 10, 10]], threshold=0.7) == [0.0]
+    assert iou_soft_reward(
+        [near, said("[0, 0, 5, 5]")], box=[[0, 0, 10, 10]] * 2, image_size=[[5, 5], None]
+    ) == [
+        pytest.approx(0.25),  # clipped to the 5 x 5 image first: [0, 0, 5, 5]
+        pytest.approx(0.25),
+    ]
+    words = "a b c d a b c d"  # the whole completion is what the penalty reads
+    assert REWARDS["repetition"]([words]) == [pytest.approx(-0.2)]
+    assert REWARDS["repetition"]([words], n=5, max_penalty=2.0) == [0.0]
+    assert REWARDS["repetition"](["a b a b a b"], n=2, max_penalty=2.0) == [pytest.approx(-2 * (1 - 2 / 5))]
+    assert REWARDS["length"](["<think>" + "a" * 1000 + "</think>"]) == [0.5]
+    assert REWARDS["length"](["<think>" + "a" * 1000 + "</think>"], target=500, scale=2.0) == [2.0]
+
+
+@pytest.mark.parametrize(
+    ("name", "call", "message"),
+    [
+        (
+            "classification",
+            {},
+            "reward 'classification' needs a 'solution' column in the data; it is missing",
+        ),
+        (
+            "detection_iou",
+            {"solution": ["x"]},
+            "reward 'detection_iou': column 'solution' has 1 values for 2 completions",
+        ),
+        ("giou", {}, "reward 'giou' needs a 'box' column in the data; it is missing"),
+        (
+            "giou",
+            {"box": [[0, 0, 1, 1]] * 2, "image_size": [[4, 4]]},
+            "reward 'giou': column 'image_size' has 1 values for 2 completions",
+        ),
+        ("iou", {"box": "[0, 0, 1, 1]"}, "reward 'iou': column 'box' has 12 values for 2 completions"),
+        ("iou_soft", {"box": 7}, "reward 'iou_soft': column 'box' has int values for 2 completions"),
+    ],
+)
+def test_a_missing_or_misshapen_column_is_a_setup_error_naming_it(
+    name: str, call: dict, message: str
+) -> None:
+    with pytest.raises(RewardSetupError) as err:
+        REWARDS[name](["a", "b"], **call)
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize(
+    ("coordinates", "answer"),
+    [("pixels", "[0, 0, 2, 1]"), ("norm1000", "[0, 0, 1000, 1000]"), ("norm1", "[0, 0, 1, 1]")],
+)
+def test_giou_accepts_each_scale_as_a_parameter(coordinates: str, answer: str) -> None:
+    reward = load_reward("giou", {"coordinates": coordinates})
+    assert reward([said(answer)], box=[[0, 0, 2, 1]], image_size=[[2, 1]]) == [1.0]
+
+
+@pytest.mark.parametrize("coordinates", ["percent", None, 1000])
+def test_giou_refuses_other_scales_naming_them(coordinates) -> None:
+    with pytest.raises(Exception) as err:
+        load_reward("giou", {"coordinates": coordinates})
+    assert str(err.value) == (
+        "reward 'giou' coordinates: the scale of the answer's box, one of pixels, norm1000, norm1; "
+        f"got {coordinates!r}"
+    )
