@@ -31,7 +31,7 @@ import torch
 
 from align.checkpoint import eos_token_ids, image_seq_len, load_llava, resolve_model_folder
 from align.data.config import DEFAULT_MAX_IMAGE_PIXELS, DataSource
-from align.data.encode import encode_prompt, generation_prefill, raw_prefill
+from align.data.encode import encode_prompt, prompt_prefill, prompt_template_problem
 from align.data.images import pixel_values
 from align.data.mixing import build_mix, format_table
 from align.errors import AlignError
@@ -162,7 +162,7 @@ def evaluate(
         model, processor = load_llava(resolve_model_folder(model_dir))
     model.eval()
     tokenizer = processor.tokenizer
-    prefill = raw_prefill(prompt_template) if prompt_template is not None else generation_prefill(tokenizer)
+    prefill = prompt_prefill(tokenizer, prompt_template)
     funcs = {name: load_reward(name) for name in rewards}
     warm_up()
     rows, _ = build_mix(sources, seed, strict=True)
@@ -314,10 +314,9 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    if args.prompt_template is not None and args.prompt_template.count("{question}") != 1:
-        raise AlignError(
-            f"--prompt-template must hold {{question}} exactly once, got {args.prompt_template!r:.80}"
-        )
+    problem = None if args.prompt_template is None else prompt_template_problem(args.prompt_template)
+    if problem is not None:
+        raise AlignError(f"--prompt-template {problem}")
     sources = []
     for i, path in enumerate(args.data):
         sources.append(

@@ -224,6 +224,19 @@ def raw_prefill(prompt_template: str) -> str:
     return tag + tail if tag and not tail.strip() else ""
 
 
+def prompt_template_problem(prompt_template: str) -> str | None:
+    """What is wrong with a raw prompt template (``grpo.prompt_template``, ``--prompt-template``), or None."""
+    if prompt_template.count("{question}") == 1:
+        return None
+    return f"must hold {{question}} exactly once, got {prompt_template!r:.80}"
+
+
+def prompt_prefill(tokenizer: Any, prompt_template: str | None) -> str:
+    """What a generation prompt opens the completion with: the raw template's (:func:`raw_prefill`), else the
+    chat template's (:func:`generation_prefill`); rewards see it put back in front of each completion."""
+    return raw_prefill(prompt_template) if prompt_template is not None else generation_prefill(tokenizer)
+
+
 def _raw_prompt(tokenizer: Any, history: list[dict[str, str]], prompt_template: str, origin: str) -> str:
     """A base model's prompt: the template with the row's one user turn as ``{question}``, after the BOS the
     tokenizer would add; no chat template."""

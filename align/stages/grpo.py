@@ -83,7 +83,7 @@ from align.checkpoint import eos_token_ids, image_seq_len, resolve_model_folder
 from align.config import MAX_TOKENS, RecipeError, ranged, to_dict
 from align.data.check import checked_mix, stage_row_check
 from align.data.config import DataConfig
-from align.data.encode import encode_prompt, generation_prefill, raw_prefill
+from align.data.encode import encode_prompt, prompt_prefill, prompt_template_problem
 from align.data.images import load_image
 from align.engine import held_parameters
 from align.errors import AlignError
@@ -249,10 +249,9 @@ class GRPOSpec:
                 f"clips the ratio above at 1 + epsilon_high: must be >= epsilon ({self.epsilon:g}), "
                 f"got {self.epsilon_high:g}",
             )
-        if self.prompt_template is not None and self.prompt_template.count("{question}") != 1:
-            raise RecipeError.at(
-                "prompt_template", f"must hold {{question}} exactly once, got {self.prompt_template!r:.80}"
-            )
+        problem = None if self.prompt_template is None else prompt_template_problem(self.prompt_template)
+        if problem is not None:
+            raise RecipeError.at("prompt_template", problem)
         if not self.reward_funcs:
             raise RecipeError.at("reward_funcs", "needs at least one reward function")
         if len(set(self.reward_funcs)) != len(self.reward_funcs):
@@ -808,7 +807,8 @@ def _set_up(recipe: GRPORecipe, dist, resume: bool, overwrite: bool) -> tuple[GR
     backend, weight_sync = _rollout_backend(recipe, dist, training, model_dir, policy, questions, resume_from)
     s = GRPORun(
         recipe, dist, training, model, policy, processor, engine, reference, rewards, weights, questions, schedule,
-        base_lrs, _prefill(cfg, processor.tokenizer), _sampling(cfg, processor.tokenizer, llava_of(model)),
+        base_lrs, prompt_prefill(processor.tokenizer, cfg.prompt_template),
+        _sampling(cfg, processor.tokenizer, llava_of(model)),
         backend, weight_sync,
         MetricsWriter(Path(recipe.output_dir), dist.is_main, run.tensorboard, run.wandb_project, to_dict(recipe)),
         Progress(schedule.total_steps, start_round * cfg.num_iterations, dist.is_main),
@@ -817,13 +817,6 @@ def _set_up(recipe: GRPORecipe, dist, resume: bool, overwrite: bool) -> tuple[GR
         draws=saved.get("draws", start_round),  # states written before dynamic sampling: a draw per round
     )  # fmt: skip
     return s, start_round
-
-
-def _prefill(cfg: GRPOSpec, tokenizer) -> str:
-    """What the prompt opens the completion with (R1: ``<think>\n``); rewards see it put back in front."""
-    return (
-        raw_prefill(cfg.prompt_template) if cfg.prompt_template is not None else generation_prefill(tokenizer)
-    )
 
 
 def _questions(recipe: GRPORecipe, dist, samples, tokenizer, llava, processor) -> tuple[list, Schedule]:
