@@ -46,6 +46,7 @@ DATA_COMMANDS: dict[str, tuple[str, str]] = {
     "check": ("align.data.check", "validate every row of a recipe's data sources"),
     "synth": ("align.data.synth", "generate the built-in verifiable visual tasks"),
     "distill": ("align.data.distill", "make long-CoT SFT rows with a teacher model, keep verified ones"),
+    "seeds": ("align.data.seeds", "write rows in each public system's layout (recipes/seeds/tiny's data)"),
 }
 
 
@@ -75,7 +76,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in COMMANDS.items():
         _add(sub, name, module, help_text, load=words[:1] == [name])
-    data = sub.add_parser("data", help="data tools: check, synth, distill")
+    data = sub.add_parser("data", help="data tools: check, synth, distill, seeds")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     for name, (module, help_text) in DATA_COMMANDS.items():
         _add(data_sub, name, module, help_text, load=words[:2] == ["data", name])

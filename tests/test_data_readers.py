@@ -86,7 +86,7 @@ def test_parse_sampling_rejects(text):
         ({"weight": 0.5, "repeat": 2}, "weight", "not both"),
         ({"columns": {"image": "img"}}, "columns", "'hf' sources only"),
         ({"split": "train"}, "split", "'hf' sources only"),
-        ({"question_template": "Q: {q}"}, "question_template", "'rl' and 'hf'"),
+        ({"question_template": "Q: {q}"}, "question_template", "must contain"),
         ({"format": "rl", "question_template": "no placeholder"}, "question_template", "must contain"),
         (
             {"format": "rl", "question_template": "{question} {other}"},

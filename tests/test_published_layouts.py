@@ -4,6 +4,7 @@ gold is the last ``gpt`` turn, with a per-row ``accu_reward_method``) and ms-swi
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 import json
@@ -11,8 +12,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from PIL import Image
 
 from align.cli import main
+from align.data.config import DataSource
+from align.data.readers import read_source
+from align.data.rows import RowContext, RowError, row_images
 from align.data.synth import synthesize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +64,7 @@ def _cli(args: list[str]) -> tuple[int, str]:
 
 def _source(layouts: dict[str, Path], fmt: str) -> list[str]:
     keys = [f"data.sources.0.path={layouts[fmt]}", f"data.sources.0.format={fmt}"]
-    keys.append("data.sources.0.question_template='{question}'")  # the recipe's applies to rl rows only
+    keys.append("data.sources.0.question_template='{question}'")  # the rows hold the question as published
     if fmt == "messages":
         keys.append("data.sources.0.insert_image_placeholders=true")
     return keys
@@ -278,3 +283,57 @@ def test_a_vlm_r1_rec_row_gives_its_gpt_box_to_the_grounding_rewards(
 
     (sample, _) = read_source(from_dict(DataSource, {"name": "r", "path": str(data), "format": "llava"}))
     assert sample.meta["box"] == [4.0, 6.0, 30.0, 40.0] and sample.gold == "[4, 6, 30, 40]"
+
+
+def _png_bytes() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 6), (200, 10, 10)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _context(tmp_path: Path, template: str = "{question}") -> RowContext:
+    return RowContext("s", tmp_path, False, None, template)
+
+
+def test_base64_images_are_decoded_with_or_without_a_data_url(tmp_path: Path) -> None:
+    text = base64.b64encode(_png_bytes()).decode()
+    for value in (text, f"data:image/png;base64,{text}", [text]):
+        (image,) = row_images(value, _context(tmp_path))
+        assert isinstance(image, Image.Image) and image.size == (8, 6)
+    # a path is still a path, and base64 that is not an image is named as a broken image, not a missing file
+    assert row_images("images/a.png", _context(tmp_path)) == [str(tmp_path / "images/a.png")]
+    with pytest.raises(RowError, match="base64 image: embedded image") as bad:
+        row_images("iVBORw0KGgo" + "A" * 81, _context(tmp_path))  # valid base64, not an image
+    assert bad.value.kind == "image-corrupt"
+    with pytest.raises(RowError, match="not valid base64") as bad:
+        row_images("data:image/png;base64,@@not-base64@@", _context(tmp_path))
+    assert bad.value.kind == "image-corrupt"
+
+
+@pytest.mark.parametrize("fmt", ["llava", "messages"])
+def test_question_template_wraps_the_first_user_turn_of_conversation_rows(tmp_path: Path, fmt: str) -> None:
+    (tmp_path / "a.png").write_bytes(_png_bytes())
+    if fmt == "llava":
+        turns = [
+            {"from": "human", "value": "<image>Where is the cat?"},
+            {"from": "gpt", "value": "[1, 2, 3, 4]"},
+        ]
+        turns += [{"from": "human", "value": "And the dog?"}, {"from": "gpt", "value": "left"}]
+        row = {"image": "a.png", "conversations": turns}
+    else:
+        turns = [{"role": "user", "content": "Where is the cat?"}, {"role": "assistant", "content": "left"}]
+        row = {"images": ["a.png"], "messages": turns}
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    source = DataSource(
+        name="s",
+        path=str(path),
+        format=fmt,
+        question_template="{question} Answer in <answer> </answer> tags.",
+        insert_image_placeholders=fmt == "messages",
+    )
+    (sample,) = read_source(source)
+    users = [m["content"] for m in sample.messages if m["role"] == "user"]
+    expected = "<image>Where is the cat? Answer in <answer> </answer> tags."
+    assert users[0] == (expected if fmt == "llava" else "<image>\n" + expected.removeprefix("<image>"))
+    assert users[1:] == (["And the dog?"] if fmt == "llava" else [])

@@ -9,6 +9,7 @@ from align.rewards import (
     REWARDS,
     RewardSetupError,
     accuracy,
+    boxed_format_score,
     gold_self_check,
     load_reward,
     perfect_completion,
@@ -476,3 +477,26 @@ def test_giou_refuses_other_scales_naming_them(coordinates) -> None:
         "reward 'giou' coordinates: the scale of the answer's box, one of pixels, norm1000, norm1; "
         f"got {coordinates!r}"
     )
+
+
+@pytest.mark.parametrize(
+    "completion, expected",
+    [
+        ("<think>x = 3</think> So the answer is \\boxed{3}.", 1.0),
+        ("<think>x</think>\\boxed{\\frac{1}{2}}", 1.0),
+        ("< think >x</ think > \\boxed{3}", 1.0),  # EasyR1 drops spaces around < > / first
+        ("<think>\nx\n</think>\n\\boxed 3", 1.0),
+        ("<think>x</think> the answer is 3", 0.0),  # no box
+        ("<think>x</think> \\boxed{}", 0.0),  # a blank box
+        ("<think>x</think> \\boxed{3", 0.0),  # cut off inside the box
+        ("\\boxed{3} <think>x</think>", 0.0),  # the box before the reasoning
+        ("<think>x \\boxed{3}</think>", 0.0),  # the box only inside the reasoning
+        ("<think>a</think><think>b</think>\\boxed{3}", 0.0),  # two think blocks
+        ("x</think>\\boxed{3}", 0.0),  # no opening tag
+        ("", 0.0),
+        (None, 0.0),
+    ],
+)
+def test_boxed_format_table(completion, expected: float) -> None:
+    assert boxed_format_score(completion) == expected
+    assert load_reward("boxed_format")([completion]) == [expected]

@@ -58,7 +58,7 @@ class DataSource:
     repeat: int = ranged(1, ge=1)  # every row this many times
     weight: float | None = ranged(None, gt=0, le=1, note="a fraction of the mix")  # excludes `repeat`
     system_prompt: str | None = None  # added as a system turn to rows that have none
-    question_template: str = "{question}"  # rl / hf question rows: how the question becomes the user turn
+    question_template: str = "{question}"  # how a question row's question, or a conversation's first user turn, becomes the user turn
     columns: dict[str, str] = field(default_factory=dict)  # hf only: our name (image/question/...) -> column
     split: str | None = None  # hf only: split to read (default "train")
     allow_outside_root: bool = False  # allow absolute image paths and paths escaping image_root
@@ -76,10 +76,6 @@ class DataSource:
         if self.weight is not None and self.repeat != 1:
             raise RecipeError.at("weight", f"set either weight or repeat, not both (repeat={self.repeat})")
         if self.question_template != "{question}":
-            if self.format not in ("rl", "hf"):
-                raise RecipeError.at(
-                    "question_template", f"applies to 'rl' and 'hf' rows, not '{self.format}'"
-                )
             if "{question}" not in self.question_template:
                 raise RecipeError.at("question_template", "must contain '{question}'")
             try:

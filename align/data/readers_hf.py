@@ -29,6 +29,7 @@ from align.data.rows import (
     row_images,
     row_meta,
     row_turns,
+    template_first_user_turn,
 )
 from align.data.sample import Sample
 from align.errors import AlignError
@@ -122,6 +123,7 @@ def read_hf(source: DataSource, ctx: RowContext) -> Iterator[Row]:
             used = set(columns.values())
             if "messages" in columns:
                 messages = row_turns(record[columns["messages"]], columns["messages"], images, ctx)
+                messages = template_first_user_turn(messages, ctx)
                 messages = finish_messages(messages, images, ctx, needs_assistant=True)
                 yield Sample(ctx.source, origin, messages, images, meta=row_meta(record, used))
             elif "response" in columns:

@@ -8,6 +8,8 @@ Sample passes before it leaves a reader: known roles, a user turn, non-empty ass
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 import re
@@ -79,6 +81,8 @@ def row_images(value: Any, ctx: RowContext) -> list[Any]:
                 raise RowError("image-corrupt", str(err)) from None
         elif isinstance(item, dict) and isinstance(item.get("path"), str):
             out.append(_resolve(item["path"], ctx))
+        elif isinstance(item, str) and _is_base64_image(item):
+            out.append(_decode_base64_image(item))
         elif isinstance(item, str):
             out.append(_resolve(item, ctx))
         else:
@@ -86,6 +90,31 @@ def row_images(value: Any, ctx: RowContext) -> list[Any]:
                 "row", f"an image must be a path or a list of paths, got {type(item).__name__} {item!r:.60}"
             )
     return out
+
+
+# How base64 text of each format PIL reads in datasets starts (R1-Onevision's rows hold the image itself in
+# the `image` column): PNG, JPEG, GIF, WebP. No image path starts like this.
+_BASE64_MAGIC = ("iVBORw0KGgo", "/9j/", "R0lGOD", "UklGR")
+_DATA_URL = re.compile(r"^data:image/[\w.+-]+;base64,")
+
+
+def _is_base64_image(text: str) -> bool:
+    """A ``data:image/...;base64,`` URL, or base64 text long enough to be an image that starts like one."""
+    return bool(_DATA_URL.match(text)) or (len(text) >= 64 and text.startswith(_BASE64_MAGIC))
+
+
+def _decode_base64_image(text: str) -> Image.Image:
+    payload = _DATA_URL.sub("", text, count=1)
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise RowError(
+            "image-corrupt", f"base64 image ({len(text)} characters): not valid base64: {err}"
+        ) from None
+    try:
+        return open_image_bytes(data)
+    except AlignError as err:
+        raise RowError("image-corrupt", f"base64 image: {err}") from None
 
 
 def _resolve(ref: str, ctx: RowContext) -> str:
@@ -152,6 +181,19 @@ def row_turns(turns: Any, field: str, images: list[Any], ctx: RowContext) -> lis
 
 def _n(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def template_first_user_turn(messages: list[dict[str, str]], ctx: RowContext) -> list[dict[str, str]]:
+    """Conversation rows: the source's ``question_template`` around the first user turn, as VLM-R1 and
+    R1-Onevision's RL code put their instruction after the row's question."""
+    if ctx.question_template == "{question}":
+        return messages
+    first = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
+    if first is None:
+        return messages
+    messages = [dict(m) for m in messages]
+    messages[first]["content"] = ctx.question_template.format(question=messages[first]["content"])
+    return messages
 
 
 def finish_messages(
@@ -279,7 +321,7 @@ def conversation_row(record: dict, field: str, image_field: str, ctx: RowContext
     images = row_images(record.get(image_field), ctx)
     if field not in record:
         raise RowError("row", f"missing '{field}'")
-    messages = row_turns(record[field], field, images, ctx)
+    messages = template_first_user_turn(row_turns(record[field], field, images, ctx), ctx)
     if "solution" not in record:
         messages = finish_messages(messages, images, ctx, needs_assistant=True)
         meta = row_meta(record, {field, image_field})

@@ -29,6 +29,8 @@ detection_confidence ``solution``: a detection list   Visual-RFT's confidence re
 classification       ``solution``                     Visual-RFT's classification reward (containment)
 giou                 ``box``, optional ``image_size`` (1 + GIoU) / 2; ``coordinates`` states the answer's scale
 rec_format           -                                VLM-R1's REC format (a JSON box in ``<answer>``)
+boxed_format         -                                EasyR1's math format: ``<think>…</think>`` then a
+                                                      ``\\boxed{…}``
 ==================== ================================ =================================================
 
 ``accuracy`` also reads an optional ``accu_reward_method`` column (VLM-R1's): a row's own matcher
@@ -86,7 +88,14 @@ from align.rewards.detection import (
     parse_detections,
     rec_format,
 )
-from align.rewards.extract import R1_PREFILL, extract_answer, extract_think, format_score, with_prefill
+from align.rewards.extract import (
+    R1_PREFILL,
+    boxed_format_score,
+    extract_answer,
+    extract_think,
+    format_score,
+    with_prefill,
+)
 from align.rewards.mathcheck import warm_up
 from align.rewards.overlong import soft_overlong, soft_overlong_problem, soft_overlong_reward
 from align.rewards.reasoning import length, repetition
@@ -104,6 +113,7 @@ __all__ = [
     "box_from_model_input",
     "box_iou",
     "box_to_model_input",
+    "boxed_format_score",
     "classification",
     "clip_box",
     "detection_confidence",
@@ -193,6 +203,11 @@ def accuracy_reward(
 def format_reward(completions: Sequence[Any], **columns: Any) -> list[float | None]:
     """:func:`format_score` per completion."""
     return [format_score(c) for c in completions]
+
+
+def boxed_format_reward(completions: Sequence[Any], **columns: Any) -> list[float | None]:
+    """:func:`boxed_format_score` per completion."""
+    return [boxed_format_score(c) for c in completions]
 
 
 def _boxes(reward: str, completions: Sequence[Any], box: object, image_size: object) -> list[tuple]:
@@ -291,6 +306,7 @@ REWARDS: dict[str, RewardFn] = {
     "classification": classification_reward,
     "giou": giou_reward,
     "rec_format": rec_format_reward,
+    "boxed_format": boxed_format_reward,
 }
 
 

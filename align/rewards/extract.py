@@ -170,3 +170,21 @@ def format_score(completion: object) -> float:
     between = text[think_close + len(THINK_CLOSE) : answer_open]
     answer = text[answer_open + len(ANSWER_OPEN) : answer_close]
     return 1.0 if not between.strip() and answer.strip() else 0.0
+
+
+_AROUND_TAG_MARKS = re.compile(r"\s*(<|>|/)\s*")
+
+
+def boxed_format_score(completion: object) -> float:
+    """EasyR1's math format: 1.0 when one ``<think>…</think>`` opens the completion and a ``\\boxed{…}`` with
+    non-blank content follows it, else 0.0.
+
+    As EasyR1 does, spaces around ``<``, ``>`` and ``/`` are dropped first (``< think >`` counts). Unlike its
+    regex, each think tag must occur exactly once, and the box must close (its braces matched): a box cut off
+    by the length limit is no answer.
+    """
+    text = _AROUND_TAG_MARKS.sub(r"\1", as_text(completion)).strip()
+    if text.count(THINK_OPEN) != 1 or text.count(THINK_CLOSE) != 1 or not text.startswith(THINK_OPEN):
+        return 0.0
+    boxed = last_boxed(text[text.find(THINK_CLOSE) + len(THINK_CLOSE) :])
+    return 1.0 if boxed is not None and boxed.strip() else 0.0
