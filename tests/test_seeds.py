@@ -32,6 +32,7 @@ STAGES = {
     "visualthinker_r1_zero": "grpo",
     "vlm_r1_rec": "grpo",
     "visual_rft": "grpo",
+    "visual_rft_classification": "grpo",
     "r1_onevision_sft": "sft",
     "r1_onevision_grpo": "grpo",
     "deepseek_r1_vision": "sft",
@@ -207,3 +208,22 @@ def test_seed_rows_are_written_in_each_systems_layout(tmp_path: Path) -> None:
     box = json.loads(rec[0]["conversations"][1]["value"])
     with Image.open(folders["vlm_r1_rec"] / "VLM-R1/train2014" / rec[0]["image"]) as image:
         assert image.format == "JPEG" and len(box) == 4 and box[2] <= image.width and box[3] <= image.height
+
+
+def test_visual_rft_classification_images_are_bytes_structs_the_reader_decodes(tmp_path: Path) -> None:
+    import datasets
+
+    from align.data.config import DataSource
+    from align.data.readers import read_source
+
+    folder = write_seed_rows(tmp_path)["visual_rft_classification"] / "ViRFT_CLS_fgvc_aircraft_4_shot/data"
+    pattern = str(folder / "*.parquet")
+    raw = datasets.load_dataset("parquet", data_files=pattern, split="train")
+    assert set(raw[0]["image"]) == {"bytes", "path"} and isinstance(raw[0]["image"]["bytes"], bytes)
+    samples = list(read_source(DataSource(name="cls", path=pattern, format="hf")))
+    assert len(samples) == 8 and all(isinstance(s.images[0], Image.Image) for s in samples)
+    # the gold as published; the rewards read what is inside <answer>
+    assert [s.gold for s in samples] == list(raw["solution"])
+    assert all(
+        s.messages[0]["content"].startswith("<image>\nThis is an image containing shapes.") for s in samples
+    )

@@ -225,6 +225,42 @@ def visual_rft(s: Scenes, out: Path) -> None:
     _hf(rows, {"image": False}).save_to_disk(str(out / "ViRFT_COCO_base65"))
 
 
+VISUAL_RFT_CLASSIFICATION = (
+    "This is an image containing shapes. Please identify the colour and kind of the largest shape in the image.\n"
+    "Output the thinking process in <think> </think> and final answer in <answer> </answer> tags."
+    "The output answer format should be as follows:\n<think> ... </think> <answer>shape name</answer>\n"
+    "Please strictly follow the format."
+)
+
+
+def visual_rft_classification(s: Scenes, out: Path) -> None:
+    """Visual-RFT's few-shot classification sets (``laolao77/ViRFT_CLS_fgvc_aircraft_4_shot`` and its siblings):
+    ``image``, ``problem``, ``solution`` = ``<answer>label</answer>``, as parquet whose image column is the
+    ``{"bytes", "path"}`` struct without the ``datasets`` metadata that would decode it (what pandas or pyarrow
+    write)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = []
+    for i in range(SCENES):
+        largest = max(
+            s.rows["scenes"][i]["objects"],
+            key=lambda o: (o["box"][2] - o["box"][0]) * (o["box"][3] - o["box"][1]),
+        )
+        buffer = io.BytesIO()
+        s.image(i).save(buffer, format="PNG")
+        rows.append(
+            {
+                "image": {"bytes": buffer.getvalue(), "path": f"{i:06d}.png"},
+                "problem": VISUAL_RFT_CLASSIFICATION,
+                "solution": f"<answer>{largest['colour']} {largest['shape']}</answer>",
+            }
+        )
+    folder = out / "ViRFT_CLS_fgvc_aircraft_4_shot" / "data"
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), folder / "train-00000-of-00001.parquet")
+
+
 def r1_onevision(s: Scenes, out: Path) -> None:
     """R1-Onevision: the SFT set (``Fancy-MLLM/R1-Onevision``, parquet shards in one folder per source): ``id``,
     ``image`` as base64 text (with and without a ``data:`` prefix), ``conversations`` whose human turn has no
@@ -369,6 +405,7 @@ SYSTEMS: dict[str, Callable[[Scenes, Path], None]] = {
     "visualthinker_r1_zero": visualthinker_r1_zero,
     "vlm_r1_rec": vlm_r1_rec,
     "visual_rft": visual_rft,
+    "visual_rft_classification": visual_rft_classification,
     "r1_onevision": r1_onevision,
     "deepseek_r1_vision": deepseek_r1_vision,
     "align_ds_v": align_ds_v,
