@@ -9,6 +9,7 @@ model, no zoo; the whole module runs in well under a second.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -562,6 +563,101 @@ def test_math_deadlines_reach_math_verify(monkeypatch) -> None:
     ]
 
 
+# --- align/rewards/__init__.py: the registered wrappers and the gold self-check -----------------------------
+
+
+@pytest.mark.parametrize(
+    ("answer", "gold", "expected"),
+    [
+        ("2.5002", "2.5", 1.0),  # within the default relative tolerance: 1e-4 x 2.5 = 2.5e-4
+        ("2.5003", "2.5", 0.0),  # outside it
+        ("0.00001", "0.0", 0.0),  # a zero gold: only the absolute tolerance, 1e-9
+        ("0.0000000005", "0.0", 1.0),
+    ],
+)
+def test_accuracy_reward_keeps_accuracys_default_tolerances(answer: str, gold: str, expected: float) -> None:
+    from align.rewards import REWARDS
+
+    assert REWARDS["accuracy"]([f"<answer>{answer}</answer>"], solution=[gold]) == [expected]
+
+
+def test_accuracy_reward_defaults_are_accuracys() -> None:
+    import inspect
+
+    from align.rewards import accuracy_reward
+    from align.rewards.answers import accuracy
+
+    ours, theirs = inspect.signature(accuracy_reward).parameters, inspect.signature(accuracy).parameters
+    for name in ("rel_tol", "abs_tol", "timeout"):
+        assert ours[name].default == theirs[name].default, name
+
+
+def test_accuracy_reward_errors_name_the_column_it_read() -> None:
+    from align.rewards import REWARDS, RewardSetupError
+
+    with pytest.raises(RewardSetupError) as err:
+        REWARDS["accuracy"](["a", "b"], answer=["1"])
+    assert str(err.value) == "reward 'accuracy': column 'answer' has 1 values for 2 completions"
+    with pytest.raises(RewardSetupError) as err:
+        REWARDS["accuracy"](["a", "b"], solution=["1", "2"], accu_reward_method=["mcq"])
+    assert str(err.value) == "reward 'accuracy': column 'accu_reward_method' has 1 values for 2 completions"
+    with pytest.raises(RewardSetupError) as err:
+        REWARDS["accuracy"](["a"], solution=["1", "2"], answer=["1"])
+    assert str(err.value) == "reward 'accuracy': column 'solution' has 2 values for 1 completions"
+
+
+def test_the_self_check_does_not_judge_a_box_reward_on_a_row_without_a_valid_box() -> None:
+    from align.rewards import REWARDS, gold_self_check
+
+    for spec in ("iou", "iou_soft", "giou"):
+        assert gold_self_check(spec, REWARDS[spec], "3", [1, 2]) is None
+        assert gold_self_check(spec, REWARDS[spec], None, [5, 5, 1, 1]) is None
+
+
+def test_the_self_check_scores_with_the_rows_method() -> None:
+    from align.rewards import REWARDS, gold_self_check
+
+    # "yes" is a fine yes/no gold but no multiple-choice letter: under the row's mcq method it cannot score
+    assert gold_self_check("accuracy", REWARDS["accuracy"], "yes", None) is None
+    assert gold_self_check("accuracy", REWARDS["accuracy"], "yes", None, method="mcq") == (
+        "reward 'accuracy' scores the gold itself None (not applicable) (its maximum is 1)"
+    )
+
+
+def test_the_self_check_gives_accuracy_its_generous_deadline(monkeypatch) -> None:
+    import align.rewards as rewards
+
+    seen = []
+
+    def recording_accuracy(completion, gold, *, rel_tol, abs_tol, timeout, method):
+        seen.append(timeout)
+        return 1.0
+
+    monkeypatch.setattr(rewards, "accuracy", recording_accuracy)
+    assert rewards.gold_self_check("accuracy", rewards.REWARDS["accuracy"], "3", None) is None
+    assert seen == [rewards.CHECK_TIMEOUT]
+
+
+def test_the_self_check_passes_box_and_family_to_a_custom_reward() -> None:
+    from align.rewards import gold_self_check
+
+    def box_reward(completions, box, family, **kwargs):
+        return [0.0 if family[0] == "grounding" and box[0] == [1, 2, 3, 4] else 1.0 for _ in completions]
+
+    problem = gold_self_check("mine:box_reward", box_reward, "3", [1, 2, 3, 4], family="grounding")
+    assert problem == "reward 'mine:box_reward' scores the gold itself 0"
+
+
+def test_a_gold_written_with_less_than_full_confidence_cannot_earn_the_confidence_maximum() -> None:
+    from align.rewards import REWARDS, gold_self_check
+
+    gold = "<answer>[{'Position': [10, 10, 50, 50], 'Confidence': 0.5}]</answer>"
+    assert gold_self_check("detection_iou", REWARDS["detection_iou"], gold, None) is None
+    assert gold_self_check("detection_confidence", REWARDS["detection_confidence"], gold, None) == (
+        "reward 'detection_confidence' scores the gold itself 0.5 (its maximum is 1)"
+    )
+
+
 # --- align/rewards/mathcheck.py ---------------------------------------------------------------------------
 
 
@@ -982,6 +1078,111 @@ def test_parse_size_accepts_one_byte_and_pickle_files_are_found_by_suffix(tmp_pa
         "c.pkl",
         "sub/b.PT",
     ]
+
+
+def test_model_card_origin_lines_name_each_component() -> None:
+    from types import SimpleNamespace
+
+    from align.export import _origin
+
+    config = SimpleNamespace(
+        vision_config=SimpleNamespace(model_type="siglip_vision_model", _name_or_path="/data/m/siglip"),
+        text_config=SimpleNamespace(model_type="qwen2", _name_or_path=""),
+    )
+    assembled = {
+        "vision": {"source": "open_clip", "name_or_path": "ViT-B-16", "pretrained": "laion2b"},
+        "llm": {"name_or_path": "org/llm"},
+    }
+    assert (
+        _origin(config, assembled, "vision")
+        == "`siglip_vision_model` from open_clip `ViT-B-16`, pretrained `laion2b`"
+    )
+    assert _origin(config, {"vision": {"source": "hf", "name_or_path": "a/b"}}, "vision") == (
+        "`siglip_vision_model` from hf `a/b`"
+    )
+    assert _origin(config, assembled, "llm") == "`qwen2` from `org/llm`"
+    assert _origin(config, None, "vision") == "`siglip_vision_model` from `…/m/siglip`"
+    assert _origin(config, None, "llm") == "`qwen2`"
+
+
+def test_model_card_stage_lines_as_written() -> None:
+    from align.export import StageRecord, _stage_lines
+
+    assemble = StageRecord(
+        model_dir=Path("runs/x/assembled"),
+        recipe={
+            "kind": "assemble",
+            "vision": {"source": "hf", "name_or_path": "v", "feature_layer": -2},
+            "llm": {"name_or_path": "l"},
+            "seed": 3,
+        },
+        run_dir=None,
+        summary=None,
+        final_metrics=None,
+    )
+    assert _stage_lines(1, assemble)[:6] == [
+        "### 1. assemble: `runs/x/assembled`",
+        "",
+        "- vision encoder: hf `v` (feature layer -2, select strategy auto)",
+        "- language model: `l`",
+        "- projector: mlp2x_gelu, seed 3",
+        "",
+    ]
+    sft = StageRecord(
+        model_dir=Path("runs/x/sft/model"),
+        recipe={
+            "kind": "sft",
+            "model": "runs/x/assembled",
+            "data": {
+                "sources": [
+                    {"name": "a", "format": "llava", "path": "a.json", "weight": 0.5},
+                    "junk",
+                    {"name": "b"},
+                ]
+            },
+            "lora": {"r": 8, "alpha": 16},
+        },
+        run_dir=Path("runs/x/sft"),
+        summary={"steps": 10, "wall_time_s": 12.345678, "other": 1, "precision": "bf16"},
+        final_metrics={"step": 10, "loss": 0.123456, "lr": 2e-5},
+        note="no recipe above",
+    )
+    assert _stage_lines(2, sft)[:9] == [
+        "### 2. sft: `runs/x/sft`",
+        "",
+        "- input model: `runs/x/assembled`",
+        "- data: `a`: llava `a.json`, sampling all, weight 0.5",
+        "- data: `b`: None `None`, sampling all",
+        "- LoRA r=8 alpha=16 (merged into the weights)",
+        "- final metrics (step 10): loss 0.1235, lr 2e-05",
+        "- run: steps 10, wall_time_s 12.35, precision bf16",
+        "- lineage stops here: no recipe above",
+    ]
+    checkpoint = StageRecord(Path("/abs/dl/llava"), None, None, None, None)
+    assert _stage_lines(1, checkpoint) == [
+        "### 1. checkpoint: `…/dl/llava`",
+        "",
+        "- a model folder without a recipe (e.g. a published llava-hf checkpoint)",
+        "",
+    ]
+
+
+def test_export_arguments_and_their_help() -> None:
+    import argparse
+
+    from align.export import DTYPES, add_arguments
+
+    parser = argparse.ArgumentParser(prog="align export")
+    add_arguments(parser)
+    args = parser.parse_args(["src", "--out", "o"])
+    assert (args.source, args.out, args.dtype, args.max_shard_size) == ("src", "o", None, "5GB")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["src"])  # --out is required
+    helps = {a.dest: (a.help, a.choices) for a in parser._actions}
+    assert helps["source"] == ("a model folder or a stage output folder (its model/ is exported)", None)
+    assert helps["out"] == ("the folder to write (replaced atomically if it exists)", None)
+    assert helps["dtype"] == ("default: the source's dtype", sorted(DTYPES))
+    assert helps["max_shard_size"] == ("largest safetensors file, e.g. 5GB, 500MB, 2GiB (default 5GB)", None)
 
 
 # --- align/data/encode.py ---------------------------------------------------------------------------------

@@ -146,8 +146,8 @@ def visualthinker_r1_zero(s: Scenes, out: Path) -> None:
     for i in range(SCENES):
         scene = s.rows["scenes"][i]
         shape = scene["objects"][0]["shape"]
-        n = sum(o["shape"] == shape for o in scene["objects"])
-        options = [str(n), str(n + 1), str(n + 2) if n else "3"]
+        n = sum(o["shape"] == shape for o in scene["objects"])  # >= 1: the first object has that shape
+        options = [str(n), str(n + 1), str(n + 2)]
         rng.shuffle(options)
         question = f"How many {shape}s are in the image?"
         path = f"SAT_images_train/{i}_0.png"
@@ -380,7 +380,7 @@ def easyr1(s: Scenes, out: Path) -> None:
         out_rows = []
         for i in indices:
             n = s.count(i)
-            choices = [str(n + 1), str(n), str(n + 2), str(max(n - 1, 0) + 3)]
+            choices = [str(n + 1), str(n), str(n + 2), str(n + 3)]  # the gold is B
             out_rows.append(
                 {
                     "images": [s.image(i)],
