@@ -136,6 +136,28 @@ def test_a_grpo_twin_checks_and_trains_two_steps(workspace: Path, name: str) -> 
 
 
 @pytest.mark.slow
+def test_a_grpo_twin_updates_every_part_it_trains_once_its_rewards_spread(
+    workspace: Path, siglip_qwen2: Path
+) -> None:
+    """On random weights every completion scores 0 on the seeds' rewards, so a twin's GRPO steps move nothing.
+    With a reward that tells random completions apart (their length in characters) the advantages are not 0:
+    R1-V's twin then changes the vision tower, the projector and the LLM, as R1-V trains all three."""
+    from safetensors.torch import load_file
+
+    (workspace / "spread.py").write_text(
+        "def chars(completions, **columns):\n    return [len(c) / 100 for c in completions]\n"
+    )
+    out = workspace / "checkpoints/seeds/tiny/r1_v_spread"
+    overrides = [f"grpo.reward_funcs=[accuracy,format,{workspace / 'spread.py'}:chars]", f"output_dir={out}"]
+    rc, printed = _cli(["grpo", "recipes/seeds/tiny/r1_v.yaml", *overrides])
+    assert rc == 0, printed
+    assert all(r["reward_std"] > 0 for r in _metrics(out))
+    before, after = load_file(siglip_qwen2 / "model.safetensors"), load_file(out / "model/model.safetensors")
+    changed = {k.split(".")[0] for k in before if not before[k].equal(after[k])}
+    assert changed == {"vision_tower", "multi_modal_projector", "language_model"}
+
+
+@pytest.mark.slow
 def test_deepseek_r1_vision_twin_trains_its_reasoning(workspace: Path) -> None:
     rows = _run_twin("deepseek_r1_vision")
     assert all(r["loss"] > 0 for r in rows)
