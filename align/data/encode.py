@@ -127,8 +127,13 @@ def _tokenize_prompt(
     The Llava processor does the same: it writes the image token string per image and tokenises the whole text,
     then repeats each image token ``image_seq_len`` times.
     """
+    # verbose=False: no "longer than the specified maximum" warning; align measures every row against
+    # data.max_length itself and drops or refuses the long ones, naming them
     enc = tokenizer(
-        text.replace(IMAGE_PLACEHOLDER, image_token), add_special_tokens=False, return_offsets_mapping=True
+        text.replace(IMAGE_PLACEHOLDER, image_token),
+        add_special_tokens=False,
+        return_offsets_mapping=True,
+        verbose=False,
     )
     ids: list[int] = []
     spans: list[tuple[int, int]] = []
@@ -211,7 +216,7 @@ def encode_sft(sample: Sample, tokenizer: Any, image_token_id: int, image_seq_le
         for token_id, (s, e) in zip(prompt_ids, spans, strict=True)
     ]
     target = _strip_prefill(messages[-1]["content"], prefill) + end.rstrip()
-    target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
+    target_ids = tokenizer(target, add_special_tokens=False, verbose=False)["input_ids"]
     return _finish(
         sample, prompt_ids + target_ids, labels + target_ids, len(prompt_ids), image_token_id, image_seq_len
     )
