@@ -10,7 +10,8 @@ The environment variable reaches subprocesses too, so tests that run the CLI in 
 
     .venv/bin/python scripts/mutation_recheck.py .mutation/rewards_init [--jobs 2] [--timeout 900]
     cp tests/test_mutation_gaps.py .mutation/rewards_init/mutants/tests/    # after writing tests for the rest
-    .venv/bin/python scripts/mutation_recheck.py .mutation/rewards_init --from recheck.txt --out recheck2.txt
+    .venv/bin/python scripts/mutation_recheck.py .mutation/rewards_init --from recheck.txt --out recheck2.txt \
+        --only tests/test_mutation_gaps.py                                   # the one file that changed
 
 First the selection runs once with no mutant (it must pass); then each mutant, ``-x`` so a killed one stops at
 its first failing test. Writes ``<shard>/recheck.txt`` ("mutant: killed | survived | timeout", in result.txt's
@@ -77,9 +78,19 @@ def main() -> int:
         "output, after tests were added to the shard's mutants/tests/",
     )
     parser.add_argument("--out", default="recheck.txt", help="output file in the shard (default recheck.txt)")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        metavar="TEST_FILE",
+        help="run these of the selection's test files only (with its -m): for a --from recheck, whose mutants the "
+        "other files already failed to kill, when only these files gained tests",
+    )
     args = parser.parse_args()
     shard = args.shard.resolve()
     tests = selection(shard)
+    if args.only:
+        marks = tests[tests.index("-m") :] if "-m" in tests else []
+        tests = [*args.only, *marks]
     start = time.monotonic()
     if run_tests(shard, tests, "", args.timeout) != "survived":
         print(f"the test selection fails without a mutant in {shard / 'mutants'}: fix that first")

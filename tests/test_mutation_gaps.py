@@ -581,15 +581,14 @@ def test_accuracy_reward_keeps_accuracys_default_tolerances(answer: str, gold: s
     assert REWARDS["accuracy"]([f"<answer>{answer}</answer>"], solution=[gold]) == [expected]
 
 
-def test_accuracy_reward_defaults_are_accuracys() -> None:
-    import inspect
+def test_accuracy_reward_defaults_are_accuracys(monkeypatch) -> None:
+    """What the wrapper hands ``accuracy`` when a recipe sets nothing: accuracy's own defaults (1e-4, 1e-9, 1 s)."""
+    import align.rewards as rewards
 
-    from align.rewards import accuracy_reward
-    from align.rewards.answers import accuracy
-
-    ours, theirs = inspect.signature(accuracy_reward).parameters, inspect.signature(accuracy).parameters
-    for name in ("rel_tol", "abs_tol", "timeout"):
-        assert ours[name].default == theirs[name].default, name
+    seen = []
+    monkeypatch.setattr(rewards, "accuracy", lambda c, g, **kw: seen.append(kw) or 1.0)
+    assert rewards.REWARDS["accuracy"](["<answer>3</answer>"], solution=["3"]) == [1.0]
+    assert seen == [{"rel_tol": 1e-4, "abs_tol": 1e-9, "timeout": 1.0, "method": None}]
 
 
 def test_accuracy_reward_errors_name_the_column_it_read() -> None:
@@ -656,6 +655,148 @@ def test_a_gold_written_with_less_than_full_confidence_cannot_earn_the_confidenc
     assert gold_self_check("detection_confidence", REWARDS["detection_confidence"], gold, None) == (
         "reward 'detection_confidence' scores the gold itself 0.5 (its maximum is 1)"
     )
+
+
+def test_iou_reward_clips_the_answer_to_the_rows_image_size() -> None:
+    from align.rewards import REWARDS
+
+    # [0, 0, 20, 10] on a 10 x 10 image is [0, 0, 10, 10]: IoU 1 with the gold; unclipped it is 0.5, not above 0.5
+    answer = ["<answer>[0, 0, 20, 10]</answer>"]
+    assert REWARDS["iou"](answer, box=[[0, 0, 10, 10]], image_size=[[10, 10]]) == [1.0]
+    assert REWARDS["iou"](answer, box=[[0, 0, 10, 10]]) == [0.0]
+
+
+def test_reward_setup_errors_name_the_reward() -> None:
+    from align.rewards import REWARDS, RewardSetupError
+
+    with pytest.raises(RewardSetupError) as err:
+        REWARDS["detection_confidence"](["a"])
+    assert (
+        str(err.value) == "reward 'detection_confidence' needs a 'solution' column in the data; it is missing"
+    )
+
+
+def test_unscorable_gold_reads_every_configured_reward_and_joins_their_reasons() -> None:
+    from align.rewards import unscorable_gold
+
+    assert (
+        unscorable_gold(["format", "accuracy"], None)
+        == "accuracy reward: the row has no gold answer (solution)"
+    )
+    assert unscorable_gold(["accuracy", "iou"], None, box=None) == (
+        "accuracy reward: the row has no gold answer (solution); "
+        "iou reward: no valid gold box [x1, y1, x2, y2] (box: None)"
+    )
+    # Qwen2-VL's corner form is giou's alone: iou reads [x1, y1, x2, y2]
+    assert unscorable_gold(["giou"], None, box="(1,2),(3,4)") is None
+    assert unscorable_gold(["iou"], None, box="(1,2),(3,4)") is not None
+
+
+def test_a_custom_reward_reading_the_answer_column_is_judged() -> None:
+    from align.rewards import _reads_gold, gold_self_check
+
+    def by_answer(completions, answer=None, **kwargs):  # training passes no 'answer' column: it scores 0
+        return [float(answer is not None) for _ in completions]
+
+    def by_box(completions, box, **kwargs):
+        return [0.0 for _ in completions]
+
+    assert (
+        gold_self_check("m:by_answer", by_answer, "3", None)
+        == "reward 'm:by_answer' scores the gold itself 0"
+    )
+    assert _reads_gold(by_box) and not _reads_gold(max)  # max has no signature to read
+
+
+def test_bound_parameters_for_custom_rewards() -> None:
+    from align.errors import AlignError
+    from align.rewards import _bind
+
+    def open_reward(completions, scale=1.0, **kwargs):
+        return [scale * len(c) for c in completions]
+
+    def closed_reward(completions, scale=1.0):
+        return [scale * len(c) for c in completions]
+
+    bound = _bind("m:open_reward", open_reward, {"scale": 2.0, "extra": 1})  # **kwargs takes any name
+    assert (
+        bound(["ab"]) == [4.0]
+        and bound.__name__ == "open_reward"
+        and bound.params == {"scale": 2.0, "extra": 1}
+    )
+    with pytest.raises(AlignError) as err:
+        _bind("m:closed_reward", closed_reward, {"extra": 1, "more": 2})
+    assert str(err.value) == "reward 'm:closed_reward' has no parameter 'extra', 'more' (parameters: scale)"
+    with pytest.raises(AlignError, match="reward 'format' has no parameter 'extra'"):
+        _bind("format", open_reward, {"extra": 1})  # a built-in is never open-ended, whatever its signature
+
+
+def test_unknown_reward_messages() -> None:
+    from align.errors import AlignError
+    from align.rewards import REWARDS, load_reward
+
+    with pytest.raises(AlignError) as err:
+        load_reward("zzzzzz")
+    assert str(err.value) == (
+        f"unknown reward 'zzzzzz': built-in rewards are {', '.join(REWARDS)}; "
+        "custom ones are written 'module:function' or 'path/to/file.py:function'"
+    )
+
+
+def test_custom_reward_files_with_a_colon_in_their_path_and_their_callables(tmp_path) -> None:
+    from align.errors import AlignError
+    from align.rewards import load_reward
+
+    folder = tmp_path / "run:1"
+    folder.mkdir()
+    (folder / "mine.py").write_text("def score(completions, **kw):\n    return [1.0] * len(completions)\n")
+    assert load_reward(f"{folder / 'mine.py'}:score")(["a"]) == [1.0]
+    (folder / "empty.py").write_text("X = 1\n")
+    with pytest.raises(AlignError) as err:
+        load_reward(f"{folder / 'empty.py'}:score")
+    assert str(err.value).endswith("has no 'score' (callables: none)")
+    (folder / "two.py").write_text("def _hidden(c):\n    return c\n\ndef shown(c):\n    return c\n")
+    with pytest.raises(AlignError) as err:
+        load_reward(f"{folder / 'two.py'}:score")
+    assert str(err.value).endswith("has no 'score' (callables: shown)")
+
+
+def test_a_reward_that_returns_no_list_is_named() -> None:
+    from align.errors import AlignError
+    from align.rewards import score_all
+
+    with pytest.raises(AlignError) as err:
+        score_all({"m:f": lambda completions, **kw: 1.0}, ["a"], {}, on_error="raise")
+    assert str(err.value) == "reward 'm:f' returned float scores for 1 completions"
+
+
+def test_a_reward_that_fails_on_the_batch_is_retried_row_by_row_with_its_own_columns(caplog) -> None:
+    import logging
+
+    from align.rewards import score_all
+
+    def picky(completions, solution, threshold, **kw):
+        if len(completions) > 1:
+            raise RuntimeError("one at a time")
+        if solution[0] == "bad":
+            raise ValueError("bad row")
+        return [float(solution[0] == "a") * threshold]
+
+    columns = {"solution": ["a", "b", "bad"], "threshold": 0.5}
+    with caplog.at_level(logging.WARNING, logger="align.rewards"):
+        matrix, errors = score_all({"m:picky": picky}, ["x", "y", "z"], columns)
+    assert matrix == [[0.5], [0.0], [None]] and errors == {"m:picky": 1}
+    assert caplog.messages == [
+        "reward 'm:picky' failed (RuntimeError: one at a time); 1 of 3 scores set to None"
+    ]
+
+
+def test_coordinates_default_to_pixels() -> None:
+    from align.rewards import _coordinates_problem
+
+    assert _coordinates_problem({}) is None
+    assert _coordinates_problem({"coordinates": "norm1000"}) is None
+    assert "one of pixels, norm1000, norm1" in _coordinates_problem({"coordinates": "percent"})
 
 
 # --- align/rewards/mathcheck.py ---------------------------------------------------------------------------
