@@ -942,6 +942,84 @@ def test_math_equal_deadlines(monkeypatch) -> None:
     assert deadlines[-2:] == [5.0, 3.5]
 
 
+# --- align/grpo/logps.py ----------------------------------------------------------------------------------
+
+
+def _completions(ids: torch.Tensor, mask: torch.Tensor, prompts: int = 1, g: int = 2):
+    from align.grpo.logps import Completions
+
+    return Completions([[1, 2]] * prompts, None, [0] * prompts, ids, mask, g)
+
+
+def test_completions_refuse_what_cannot_be_scored_naming_the_shapes() -> None:
+    cases = [
+        (
+            torch.zeros(2, 3),
+            torch.zeros(2, 4),
+            "completion_ids (2, 3) and completion_mask (2, 4) must be the same [rows, length] shape",
+        ),
+        (
+            torch.zeros(2, 3, 1),
+            torch.zeros(2, 3, 1),
+            "completion_ids (2, 3, 1) and completion_mask (2, 3, 1) must be the same [rows, length] shape",
+        ),
+        (torch.zeros(2, 0), torch.zeros(2, 0), "completion_ids has no columns: there is nothing to score"),
+        (
+            torch.zeros(3, 4),
+            torch.zeros(3, 4),
+            "3 completion rows for 1 prompts x num_generations=2 (expected 2)",
+        ),
+    ]
+    for ids, mask, message in cases:
+        with pytest.raises(ValueError) as err:
+            _completions(ids, mask)
+        assert str(err.value) == message
+
+
+def test_entropy_is_minus_sum_p_log_p_of_the_scaled_logits(monkeypatch) -> None:
+    import align.grpo.logps as logps
+
+    # two tokens at 0 and ln 3 after scaling: p = 1/4, 3/4
+    logits = torch.tensor([[[0.0, math.log(3)]]]).repeat(2, 1, 1)
+    monkeypatch.setattr(logps, "_completion_logits", lambda *a: logits)
+    batch = _completions(torch.tensor([[1], [0]]), torch.ones(2, 1))
+    token_logps, entropy = logps.completion_logps_and_entropy(
+        None, batch, temperature=1.0, shared_prefix=True
+    )
+    expected = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    torch.testing.assert_close(entropy, torch.full((2, 1), expected))
+    torch.testing.assert_close(token_logps, torch.tensor([[math.log(0.75)], [math.log(0.25)]]))
+
+
+def test_temperature_zero_scores_unscaled_logits(monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    import align.grpo.logps as logps
+
+    raw = torch.tensor([[[1.0, 3.0]]])
+    monkeypatch.setattr(logps, "_shared_prefix_logits", lambda *a: raw)
+    batch = _completions(torch.tensor([[1], [0]]), torch.ones(2, 1))
+    model = SimpleNamespace(device=torch.device("cpu"))
+    assert torch.equal(logps._completion_logits(model, batch, 0.0, True), raw)
+    assert torch.equal(logps._completion_logits(model, batch, 0.5, True), raw * 2)
+
+
+def test_checkpointed_shared_prefix_names_the_model_types_it_knows() -> None:
+    from types import SimpleNamespace
+
+    from align.errors import AlignError
+    from align.grpo.logps import LAYER_LOOP_MODEL_TYPES, _checkpointed_shared_prefix_logits
+
+    model = SimpleNamespace(config=SimpleNamespace(text_config=SimpleNamespace(model_type="gpt2")))
+    with pytest.raises(AlignError) as err:
+        _checkpointed_shared_prefix_logits(model, [[1]], None, [0], torch.zeros(1, 1), torch.ones(1, 1), 1)
+    assert str(err.value) == (
+        "shared_prefix=True with gradient checkpointing runs the decoder layers itself and knows "
+        f"{', '.join(LAYER_LOOP_MODEL_TYPES)}, not language model type 'gpt2': "
+        "use shared_prefix=False or turn gradient checkpointing off"
+    )
+
+
 # --- align/grpo/rollout.py --------------------------------------------------------------------------------
 
 
