@@ -611,6 +611,8 @@ def test_the_self_check_does_not_judge_a_box_reward_on_a_row_without_a_valid_box
     for spec in ("iou", "iou_soft", "giou"):
         assert gold_self_check(spec, REWARDS[spec], "3", [1, 2]) is None
         assert gold_self_check(spec, REWARDS[spec], None, [5, 5, 1, 1]) is None
+    # Qwen2-VL's corner form is a box to giou alone
+    assert gold_self_check("iou", REWARDS["iou"], None, "(1,2),(3,4)") is None
 
 
 def test_the_self_check_scores_with_the_rows_method() -> None:
@@ -709,6 +711,8 @@ def test_a_custom_reward_reading_the_answer_column_is_judged() -> None:
 
 
 def test_bound_parameters_for_custom_rewards() -> None:
+    import functools
+
     from align.errors import AlignError
     from align.rewards import _bind
 
@@ -727,6 +731,8 @@ def test_bound_parameters_for_custom_rewards() -> None:
     with pytest.raises(AlignError) as err:
         _bind("m:closed_reward", closed_reward, {"extra": 1, "more": 2})
     assert str(err.value) == "reward 'm:closed_reward' has no parameter 'extra', 'more' (parameters: scale)"
+    # a callable without a __name__ (a partial) is named by its spec
+    assert _bind("m:part", functools.partial(open_reward, scale=3.0), {"extra": 1}).__name__ == "m:part"
     with pytest.raises(AlignError, match="reward 'format' has no parameter 'extra'"):
         _bind("format", open_reward, {"extra": 1})  # a built-in is never open-ended, whatever its signature
 
