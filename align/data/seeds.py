@@ -25,6 +25,7 @@ from PIL import Image
 
 from align.data.synth import INSTRUCTION, synthesize
 from align.errors import AlignError
+from align.rewards.extract import extract_answer
 
 SCENES = 8  # rows per system: two GRPO steps of two questions each, with rows to spare
 _SUFFIX = " " + INSTRUCTION  # what the synthetic questions end with, taken off where a system adds its own
@@ -51,10 +52,14 @@ def _hf(rows: list[dict], image_columns: dict[str, bool]) -> Any:
     return dataset
 
 
-def _png_base64(image: Image.Image, data_url: bool) -> str:
+def _png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    text = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return buffer.getvalue()
+
+
+def _png_base64(image: Image.Image, data_url: bool) -> str:
+    text = base64.b64encode(_png_bytes(image)).decode("ascii")
     return f"data:image/png;base64,{text}" if data_url else text
 
 
@@ -98,6 +103,10 @@ class Scenes:
     def sft_reply(self, i: int) -> str:
         return self.rows["sft"][i]["messages"][1]["content"]
 
+    def sft_answer(self, i: int) -> str:
+        """What the SFT row's reply holds in ``<answer>``."""
+        return extract_answer(self.sft_reply(i)) or ""
+
     def count(self, i: int) -> int:
         return len(self.rows["scenes"][i]["objects"])
 
@@ -123,7 +132,7 @@ def open_r1_multimodal(s: Scenes, out: Path) -> None:
     rows = []
     for i in range(SCENES):
         reply = s.sft_reply(i)
-        answer = reply[reply.rfind("<answer>") + len("<answer>") : reply.rfind("</answer>")]
+        answer = s.sft_answer(i)
         rows.append(
             {
                 "image": s.image(i),
@@ -247,11 +256,9 @@ def visual_rft_classification(s: Scenes, out: Path) -> None:
             s.rows["scenes"][i]["objects"],
             key=lambda o: (o["box"][2] - o["box"][0]) * (o["box"][3] - o["box"][1]),
         )
-        buffer = io.BytesIO()
-        s.image(i).save(buffer, format="PNG")
         rows.append(
             {
-                "image": {"bytes": buffer.getvalue(), "path": f"{i:06d}.png"},
+                "image": {"bytes": _png_bytes(s.image(i)), "path": f"{i:06d}.png"},
                 "problem": VISUAL_RFT_CLASSIFICATION,
                 "solution": f"<answer>{largest['colour']} {largest['shape']}</answer>",
             }
@@ -317,7 +324,7 @@ def deepseek_r1_vision(s: Scenes, out: Path) -> None:
         s.copy_image(i, out / "deepseek-r1-vision" / path)
         reply = s.sft_reply(i)
         think = reply[: reply.find("</think>") + len("</think>")]
-        answer = reply[reply.rfind("<answer>") + len("<answer>") : reply.rfind("</answer>")]
+        answer = s.sft_answer(i)
         messages = [
             {"role": "user", "content": "<image>" + s.sft_question(i)},
             {"role": "assistant", "content": f"{think}\n\nThe answer is {answer}."},
