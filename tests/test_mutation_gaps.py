@@ -1436,3 +1436,202 @@ def test_fit_all_returns_the_fitted_rows_and_counts_only_new_cuts() -> None:
     assert str(report) == (
         "max_length 4: kept 0 rows, truncated the target of 0 (0 tokens), dropped 5 (e.g. f:0, f:1, f:2)"
     )
+
+
+# --- align/grpo/sampler.py --------------------------------------------------------------------------------
+
+
+def _sampler_llava(image_token_id: int = 299):
+    """A tiny SigLIP + Qwen2 Llava (16 tokens per 32 x 32 image) whose image token is ``image_token_id``."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, Qwen2Config, SiglipVisionConfig
+
+    torch.manual_seed(0)
+    config = LlavaConfig(
+        vision_config=SiglipVisionConfig(
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+        ),
+        text_config=Qwen2Config(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            vocab_size=300,
+        ),
+        image_token_id=image_token_id,
+        image_seq_length=16,
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+    )
+    return LlavaForConditionalGeneration(config).eval()
+
+
+SETTINGS = dict(num_generations=2, max_new_tokens=8, temperature=1.0, eos_token_ids=[3], pad_token_id=0)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"num_generations": 0}, "num_generations must be >= 1"),
+        ({"max_new_tokens": 0}, "max_new_tokens must be >= 1"),
+        ({"temperature": -0.5}, "temperature must be >= 0"),
+        ({"top_p": 0.0}, "top_p must be in (0, 1]"),
+        ({"top_p": 1.5}, "top_p must be in (0, 1]"),
+        ({"top_k": -1}, "top_k must be >= 0"),
+        ({"num_generations": 0, "top_k": -1}, "num_generations must be >= 1; top_k must be >= 0"),
+    ],
+)
+def test_sampling_settings_refuse_each_bad_value_with_the_whole_message(
+    overrides: dict, message: str
+) -> None:
+    from align.grpo.sampler import SamplingSettings
+
+    values = SETTINGS | {"top_p": None, "top_k": None} | overrides
+    got = (
+        f"(got num_generations={values['num_generations']}, max_new_tokens={values['max_new_tokens']}, "
+        f"temperature={values['temperature']}, top_p={values['top_p']}, top_k={values['top_k']})"
+    )
+    with pytest.raises(ValueError) as raised:
+        SamplingSettings(**values)
+    assert str(raised.value) == f"{message} {got}"
+
+
+def test_sampling_settings_accept_the_edges_and_keep_eos_as_a_tuple() -> None:
+    from align.grpo.sampler import SamplingSettings
+
+    for edge in ({"max_new_tokens": 1}, {"top_p": 1.0}, {"top_p": None}, {"top_k": 0}, {"temperature": 0.0}):
+        settings = SamplingSettings(**(SETTINGS | {"eos_token_ids": [3, 4]} | edge))
+        assert settings.eos_token_ids == (3, 4)
+        hash(settings)  # frozen and made of tuples: usable as a key
+
+
+def test_check_prompts_messages_name_the_prompt() -> None:
+    from align.errors import AlignError
+    from align.grpo.sampler import check_prompts
+
+    with pytest.raises(ValueError, match=r"^prompt_ids is empty$"):
+        check_prompts([], None, [])
+    with pytest.raises(ValueError, match=r"^images_per_prompt has 1 entries for 2 prompts$"):
+        check_prompts([[1], [2]], None, [0])
+    with pytest.raises(AlignError, match=r"^prompt 1 has no tokens \(2 empty prompt\(s\) in the batch\)$"):
+        check_prompts([[1], [], []], None, [0, 0, 0])
+
+
+@pytest.mark.parametrize("image_token_id", [0, 1, 2, 7])
+def test_the_filler_token_is_never_the_image_token(image_token_id: int) -> None:
+    from align.grpo.sampler import filler_token
+
+    assert filler_token(image_token_id) != image_token_id
+
+
+def test_image_tokens_without_images_name_the_first_prompt_that_has_them() -> None:
+    from align.errors import AlignError
+    from align.grpo.sampler import encode_images
+
+    model = _sampler_llava()
+    ids = torch.tensor([[5, 6, 7], [299, 299, 8], [299, 9, 10]])
+    with pytest.raises(
+        AlignError, match=r"^prompt 1 has 2 image tokens \(id 299\) but no images were given$"
+    ):
+        encode_images(model, ids, None, [0, 0, 0])
+
+
+def test_images_of_different_sizes_are_matched_to_their_own_prompts(monkeypatch) -> None:
+    """A tower whose images give different feature counts (image i: i + 1 rows): each prompt's image tokens
+    must match the sum over its own images, read from where the previous prompt's images end."""
+    from align.errors import AlignError
+    from align.grpo import sampler
+
+    monkeypatch.setattr(
+        sampler,
+        "image_features",
+        lambda model, pixels: [torch.zeros(i + 1, 4) for i in range(pixels.shape[0])],
+    )
+    model = _sampler_llava()
+    images = [2, 1, 1]  # image rows 1 + 2, then 3, then 4
+    ids = torch.zeros(3, 8, dtype=torch.long)
+    for row, n in enumerate([3, 3, 4]):
+        ids[row, :n] = 299
+    out = sampler.encode_images(model, ids, torch.zeros(4, 3, 32, 32), images)
+    assert [f.shape[0] for f in out["image"].pooler_output] == [1, 2, 3, 4]
+    ids[2, 3] = 5
+    with pytest.raises(
+        AlignError, match=r"^prompt 2 has 3 image tokens \(id 299\) but its 1 image\(s\) give 4 "
+    ):
+        sampler.encode_images(model, ids, torch.zeros(4, 3, 32, 32), images)
+
+
+def test_a_bf16_model_takes_fp32_pixels_in_the_sampler_and_the_blank_image() -> None:
+    """On GPU the model is bf16 while the processor gives fp32 pixels: both image paths give bf16 features.
+    (The transformers towers also cast inside their patch embedding, so this holds even without our casts.)"""
+    from align.grpo.sampler import blank_image_term, encode_images, run_tower_on_text_only
+
+    model = _sampler_llava().to(torch.bfloat16)
+    ids = torch.tensor([[5, *[299] * 16, 6]])
+    out = encode_images(model, ids, torch.randn(1, 3, 32, 32), [1])
+    assert out["image"].pooler_output[0].dtype == torch.bfloat16
+    run_tower_on_text_only(model)
+    zero = blank_image_term(model)
+    assert zero.dtype == torch.bfloat16 and zero.item() == 0.0
+
+
+def test_left_padding_with_image_token_zero_is_not_read_as_image_tokens() -> None:
+    """With image token id 0 the left padding must not be 0: Llava would count the padding as image tokens.
+    The padded prefill of a short prompt equals its prefill alone."""
+    from align.grpo.sampler import prefill
+
+    model = _sampler_llava(image_token_id=0)
+    image = [0] * 16
+    prompts = [[5, *image, 6, 7, 8, 9, 10, 11], [12, *image, 13]]
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        both = prefill(model, prompts, pixels, [1, 1])
+        alone = prefill(model, prompts[1:], pixels[1:], [1])
+    assert torch.allclose(both.last_logits[1], alone.last_logits[0], atol=1e-5)
+    assert both.next_position.tolist() == [23, 18]
+
+
+def test_an_image_prompt_runs_the_tower_once_when_text_only_prompts_run_it_too() -> None:
+    """``run_tower_on_text_only`` adds a blank image's 0 x features to text-only batches only: a batch with
+    images runs the tower once, on its own images."""
+    from align.grpo.sampler import prefill, run_tower_on_text_only
+
+    model = _sampler_llava()
+    run_tower_on_text_only(model)
+    calls: list[int] = []
+    hook = model.model.vision_tower.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+    try:
+        with torch.no_grad():
+            prefill(model, [[5, *[299] * 16, 6]], torch.randn(1, 3, 32, 32), [1])
+            prefill(model, [[5, 6, 7]], None, [0])
+    finally:
+        hook.remove()
+    assert calls == [1, 1]
+
+
+def test_top_p_keeps_every_token_up_to_an_exact_tie_as_hf_does() -> None:
+    """Four equal logits: probabilities 1/4 exactly; top_p 0.5 drops the two whose cumulative sum reaches
+    1 - top_p (``<=``, HF's rule), keeping two; ``top_p=None`` keeps all."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    from align.grpo.sampler import warp_logits
+
+    logits = torch.zeros(2, 4)
+    warped = warp_logits(logits, 1.0, None, 0.5)
+    assert torch.isfinite(warped).sum(-1).tolist() == [2, 2]
+    assert torch.equal(warped, TopPLogitsWarper(0.5)(None, logits.clone()))
+    assert torch.equal(warp_logits(logits, 1.0, None, None), logits)
+    assert torch.equal(warp_logits(logits, 1.0, 0, None), logits)
+
+
+def test_draw_scales_the_uniform_by_an_unnormalised_rows_total() -> None:
+    from align.grpo.sampler import draw
+
+    probs = torch.tensor([[1.0, 3.0]]).repeat(4000, 1)  # total 4: token 1 three times in four
+    share = draw(probs, torch.Generator().manual_seed(0)).float().mean().item()
+    assert abs(share - 0.75) < 0.03  # 3 standard errors of 4000 draws: 0.021
