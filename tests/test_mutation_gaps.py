@@ -1635,3 +1635,713 @@ def test_draw_scales_the_uniform_by_an_unnormalised_rows_total() -> None:
     probs = torch.tensor([[1.0, 3.0]]).repeat(4000, 1)  # total 4: token 1 three times in four
     share = draw(probs, torch.Generator().manual_seed(0)).float().mean().item()
     assert abs(share - 0.75) < 0.03  # 3 standard errors of 4000 draws: 0.021
+
+
+# --- align/checkpoint.py ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "canonical"),
+    [
+        ("model.vision_tower.encoder.w", "vision_tower.vision_model.encoder.w"),
+        ("model.vision_tower.vision_model.encoder.w", "vision_tower.vision_model.encoder.w"),
+        ("model.language_model.vision_model.w", "language_model.model.vision_model.w"),
+        ("model.multi_modal_projector.linear_1.weight", "multi_modal_projector.linear_1.weight"),
+        ("lm_head.weight", "language_model.lm_head.weight"),
+        ("model.image_newline", "image_newline"),
+    ],
+)
+def test_canonical_key_table(key: str, canonical: str) -> None:
+    from align.checkpoint import canonical_key
+
+    assert canonical_key(key) == canonical
+
+
+def test_canonical_key_refuses_a_foreign_parameter() -> None:
+    from align.checkpoint import canonical_key
+    from align.errors import AlignError
+
+    with pytest.raises(AlignError) as raised:
+        canonical_key("encoder.w")
+    assert str(raised.value) == (
+        "parameter 'encoder.w' belongs to no Llava component (vision tower, projector, language model)"
+    )
+
+
+def test_canonical_state_dict_casts_floating_tensors_only_and_copies() -> None:
+    from align.checkpoint import canonical_state_dict
+
+    weight = torch.ones(2, 2)
+    state = {"lm_head.weight": weight, "model.language_model.ids": torch.arange(3)}
+    cast = canonical_state_dict(state, torch.bfloat16)
+    assert cast["language_model.lm_head.weight"].dtype == torch.bfloat16
+    assert cast["language_model.model.ids"].dtype == torch.int64
+    kept = canonical_state_dict(state)
+    assert kept["language_model.lm_head.weight"].dtype == torch.float32
+    weight.add_(1.0)
+    assert kept["language_model.lm_head.weight"].eq(1.0).all()  # a copy, not a view of the model's tensor
+
+
+def _tensors(*numels: int) -> dict:
+    return {name: torch.zeros(n) for name, n in zip("dcba", numels, strict=False)}  # 4 bytes per element
+
+
+@pytest.mark.parametrize(
+    ("numels", "max_bytes", "shards"),
+    [
+        ((4, 4, 4, 4), 32, [["a", "b"], ["c", "d"]]),  # full shards: 16 + 16 == 32 fits exactly
+        ((4, 4, 2), 32, [["b", "c"], ["d"]]),
+        ((4, 12, 2, 2), 32, [["a", "b"], ["c"], ["d"]]),  # c alone is larger than the limit
+        ((1, 1), 4, [["c"], ["d"]]),
+    ],
+)
+def test_shards_fill_each_file_up_to_the_limit_in_name_order(numels, max_bytes: int, shards) -> None:
+    from align.checkpoint import _shards
+
+    assert [sorted(shard) for shard in _shards(_tensors(*numels), max_bytes)] == shards
+
+
+def test_write_weights_one_file_and_a_sharded_index(tmp_path) -> None:
+    import json
+
+    from safetensors import safe_open
+
+    from align.checkpoint import weight_names, write_weights
+
+    tensors = {name: torch.full((4,), float(i)) for i, name in enumerate("abcd")}
+    one, many = tmp_path / "one", tmp_path / "many"
+    one.mkdir()
+    many.mkdir()
+    write_weights(tensors, one)
+    assert sorted(p.name for p in one.iterdir()) == ["model.safetensors"]
+    with safe_open(str(one / "model.safetensors"), framework="pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    assert weight_names(one) == ["a", "b", "c", "d"]
+
+    write_weights(tensors, many, max_shard_bytes=32)
+    names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert sorted(p.name for p in many.iterdir()) == [*names, "model.safetensors.index.json"]
+    index = {
+        "metadata": {"total_size": 64},
+        "weight_map": {"a": names[0], "b": names[0], "c": names[1], "d": names[1]},
+    }
+    assert (many / "model.safetensors.index.json").read_text() == json.dumps(index, indent=2, sort_keys=True)
+    for name, keys in zip(names, (["a", "b"], ["c", "d"]), strict=True):
+        with safe_open(str(many / name), framework="pt") as f:
+            assert f.metadata() == {"format": "pt"}
+            assert sorted(f.keys()) == keys
+            assert all(torch.equal(f.get_tensor(k), tensors[k]) for k in keys)
+    assert weight_names(many) == ["a", "b", "c", "d"]
+
+
+def test_weight_names_of_a_folder_without_weights(tmp_path) -> None:
+    from align.checkpoint import weight_names
+    from align.errors import AlignError
+
+    with pytest.raises(AlignError) as raised:
+        weight_names(tmp_path)
+    assert str(raised.value) == f"{tmp_path}: no model.safetensors or model.safetensors.index.json"
+
+
+def test_current_umask_reads_proc_without_setting_one(monkeypatch) -> None:
+    import os
+
+    from align import checkpoint
+
+    mask = os.umask(0o027)
+    try:
+        calls: list = []
+        monkeypatch.setattr(checkpoint.os, "umask", lambda m: calls.append(m) or 0o027)
+        assert checkpoint.current_umask() == 0o027
+        assert calls == []  # /proc/self/status answered
+    finally:
+        monkeypatch.undo()
+        os.umask(mask)
+
+
+def test_current_umask_without_proc_sets_it_back(monkeypatch) -> None:
+    import os
+    from pathlib import Path
+
+    from align import checkpoint
+
+    real_read = Path.read_text
+
+    def no_proc(self, *args, **kwargs):
+        if str(self) == "/proc/self/status":
+            raise OSError("no /proc")
+        return real_read(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", no_proc)
+    mask = os.umask(0o027)
+    try:
+        assert checkpoint.current_umask() == 0o027
+        assert os.umask(0o027) == 0o027  # left as it was
+    finally:
+        os.umask(mask)
+
+
+def test_follow_umask_gives_every_nested_path_the_umasks_modes(tmp_path) -> None:
+    import os
+
+    from align.checkpoint import follow_umask
+
+    root = tmp_path / "folder"
+    (root / "sub" / "deeper").mkdir(parents=True)
+    files = [root / f"f{i}" for i in range(12)] + [root / "sub" / "g", root / "sub" / "deeper" / "h"]
+    for path in files:
+        path.write_text("x")
+        path.chmod(0o600)
+    for path in (root / "sub" / "deeper", root / "sub", root):
+        path.chmod(0o700)
+    (root / "link").symlink_to(root / "f0")
+    mask = os.umask(0o002)  # leaves the other-execute bit: a file given 0o667 would show it
+    try:
+        follow_umask(root)
+    finally:
+        os.umask(mask)
+    assert {oct(p.stat().st_mode & 0o777) for p in files} == {oct(0o664)}
+    folders = (root, root / "sub", root / "sub" / "deeper")
+    assert {oct(p.stat().st_mode & 0o777) for p in folders} == {oct(0o775)}
+
+
+def test_content_parts_template_text_and_reapplying_it() -> None:
+    from importlib import resources
+
+    from align.checkpoint import content_parts_template
+
+    preamble = (resources.files("align") / "templates" / "content_parts.jinja").read_text(encoding="utf-8")
+    original = "{{ messages[0]['content'] }}"
+    once = content_parts_template(original, "<图像>")
+    assert once == '{%- set align_image_token = "<图像>" -%}\n' + preamble.rstrip() + original
+    assert content_parts_template(once, "<image>") == content_parts_template(original, "<image>")
+
+
+class _Processor:
+    """What save_processor touches: chat templates, the image token, and a save that records them."""
+
+    def __init__(self, own: str | None, tokenizers: str | None):
+        from types import SimpleNamespace
+
+        self.chat_template, self.image_token = own, "<image>"
+        self.tokenizer = SimpleNamespace(chat_template=tokenizers)
+        self.saved: list = []
+
+    def save_pretrained(self, folder) -> None:
+        self.saved.append((folder, self.chat_template, self.tokenizer.chat_template))
+
+
+@pytest.mark.parametrize(("own", "tokenizers"), [("P{{ x }}", "T{{ x }}"), (None, "T{{ x }}"), (None, None)])
+def test_save_processor_writes_the_content_parts_template_and_restores_it(tmp_path, own, tokenizers) -> None:
+    from align.checkpoint import content_parts_template, save_processor
+
+    processor = _Processor(own, tokenizers)
+    save_processor(processor, tmp_path)
+    template = own or tokenizers
+    written = content_parts_template(template, "<image>") if template else None
+    assert processor.saved == [(tmp_path, written, written if template else tokenizers)]
+    assert (processor.chat_template, processor.tokenizer.chat_template) == (own, tokenizers)
+
+
+def test_save_processor_of_a_processor_without_a_chat_template_attribute(tmp_path) -> None:
+    from types import SimpleNamespace
+
+    from align.checkpoint import save_processor
+
+    saved: list = []
+    processor = SimpleNamespace(tokenizer=SimpleNamespace(chat_template=None), save_pretrained=saved.append)
+    save_processor(processor, tmp_path)
+    assert saved == [tmp_path]
+
+
+def test_save_llava_names_the_architecture_casts_shards_and_writes_the_generation_config(tmp_path) -> None:
+    import json
+
+    from safetensors import safe_open
+    from transformers import GenerationConfig, LlavaConfig
+
+    from align.checkpoint import save_llava
+
+    state = {"lm_head.weight": torch.ones(4, 4), "model.multi_modal_projector.b": torch.ones(4)}
+    plain = save_llava(tmp_path / "plain", config=LlavaConfig(), state_dict=state)
+    assert json.loads((plain / "config.json").read_text())["architectures"] == [
+        "LlavaForConditionalGeneration"
+    ]
+    assert not (plain / "generation_config.json").exists()
+    with safe_open(str(plain / "model.safetensors"), framework="pt") as f:
+        assert f.get_tensor("language_model.lm_head.weight").dtype == torch.float32
+    cast = save_llava(
+        tmp_path / "cast",
+        config=LlavaConfig(),
+        state_dict=state,
+        dtype=torch.bfloat16,
+        max_shard_bytes=32,  # the bf16 head is 32 bytes: the projector's bias goes to a second file
+        generation_config=GenerationConfig(eos_token_id=7),
+    )
+    assert json.loads((cast / "generation_config.json").read_text())["eos_token_id"] == 7
+    assert (cast / "model.safetensors.index.json").exists()
+    with safe_open(str(cast / "model-00001-of-00002.safetensors"), framework="pt") as f:
+        names = f.keys()
+        assert {f.get_tensor(k).dtype for k in names} == {torch.bfloat16}
+
+
+def _config_folder(path, config, weights: bool = False):
+    import json
+
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+    if weights:
+        save_file({"w": torch.zeros(1)}, str(path / "model.safetensors"))
+    return path
+
+
+def test_read_model_config_messages(tmp_path) -> None:
+    from align.checkpoint import read_model_config
+    from align.errors import AlignError
+
+    cases = {
+        "broken": ("{", r"^{p}: not valid JSON \(Expecting property name"),
+        "keys": (
+            {f"k{i}": i for i in range(10)},
+            r"^{p}: no model_type \(found \['k0', 'k1', 'k2', 'k3', 'k4', "
+            r"'k5', 'k6', 'k7'\]\); not a Hugging Face model folder$",
+        ),
+        "list": ("[1, 2]", r"^{p}: no model_type \(found list\); not a Hugging Face model folder$"),
+    }
+    for name, (config, pattern) in cases.items():
+        folder = _config_folder(tmp_path / name, config)
+        with pytest.raises(AlignError, match=pattern.replace("{p}", str(folder / "config.json"))):
+            read_model_config(folder)
+
+
+def test_check_weight_files_messages(tmp_path) -> None:
+    from align.checkpoint import check_weight_files
+    from align.errors import AlignError
+
+    (tmp_path / "a.BIN").write_text("x")
+    (tmp_path / "b.pt").write_text("x")
+    with pytest.raises(AlignError) as raised:
+        check_weight_files(tmp_path)
+    assert str(raised.value) == (
+        f"{tmp_path}: holds only pickle weights (a.BIN, b.pt); pickle weights are not loaded; convert to "
+        "safetensors (load it where you trust it and save_pretrained(..., safe_serialization=True))"
+    )
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(AlignError) as raised:
+        check_weight_files(empty)
+    assert str(raised.value) == f"{empty}: no weights (no *.safetensors file)"
+
+
+def test_resolve_model_folder_reads_a_stage_outputs_model_and_says_why_a_type_is_wrong(tmp_path) -> None:
+    from align.checkpoint import resolve_model_folder
+    from align.errors import AlignError
+
+    run = tmp_path / "run"
+    model = _config_folder(run / "model", {"model_type": "llava"}, weights=True)
+    assert resolve_model_folder(run) == model
+    expected = {
+        "qwen2": "; this is a language model: build a Llava folder from it with `align assemble` first",
+        "siglip_vision_model": "",
+        "idefics3": "; idefics3 folders (projector.type pixel_shuffle) load in transformers and vLLM as they are, "
+        "but align's stages train and run Llava folders only (`align chat` runs them): "
+        "assemble with an mlp2x_<act> projector to train",
+    }
+    for model_type, hint in expected.items():
+        folder = _config_folder(tmp_path / model_type, {"model_type": model_type}, weights=True)
+        with pytest.raises(AlignError) as raised:
+            resolve_model_folder(folder)
+        assert str(raised.value) == f"{folder}: model_type is {model_type!r}, expected 'llava'{hint}"
+    folder = tmp_path / "idefics3"
+    with pytest.raises(AlignError) as raised:
+        resolve_model_folder(folder, expect="llava_next")
+    assert str(raised.value) == f"{folder}: model_type is 'idefics3', expected 'llava_next'"
+
+
+@pytest.mark.parametrize(
+    ("files", "kind"),
+    [
+        ({"metrics.jsonl": ""}, "STAGE"),
+        ({"recipe.resolved.yaml": "lr: 1"}, "STAGE"),
+        ({"recipe.resolved.yaml": "kind: [sft"}, "STAGE"),
+        ({"recipe.resolved.yaml": "kind: grpo"}, "grpo"),
+    ],
+)
+def test_an_unfinished_run_names_the_command_that_resumes_it(tmp_path, files: dict, kind: str) -> None:
+    from align.checkpoint import missing_model_reason
+
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    assert missing_model_reason(tmp_path) == (
+        f"{tmp_path}: this run is unfinished (no model/ yet, its stage has not written its final model): "
+        f"`align {kind} RECIPE --resume` continues it"
+    )
+
+
+def test_supported_attention_falls_back_and_says_so_once(capsys) -> None:
+    from types import SimpleNamespace
+
+    from align.checkpoint import supported_attention
+
+    class WithSdpa:
+        _supports_sdpa = True
+        config_class = SimpleNamespace(model_type="gap_with_sdpa")
+
+    class Bare:
+        config_class = SimpleNamespace(model_type="gap_bare")
+
+    assert supported_attention(WithSdpa, "eager") == "eager"
+    assert supported_attention(Bare, "eager") == "eager"
+    assert supported_attention(WithSdpa, "sdpa") == "sdpa"
+    assert capsys.readouterr().out == ""
+    assert supported_attention(WithSdpa, "flash_attention_2") == "sdpa"
+    assert supported_attention(WithSdpa, "flash_attention_2") == "sdpa"
+    assert supported_attention(Bare, "sdpa") == "eager"
+    assert capsys.readouterr().out == (
+        "gap_with_sdpa: flash_attention_2 not supported, using sdpa\ngap_bare: sdpa not supported, using eager\n"
+    )
+
+
+def test_load_llava_passes_dtype_and_attention_to_every_part(siglip_qwen2) -> None:
+    from align.checkpoint import load_for_chat, load_llava
+
+    model, processor = load_llava(siglip_qwen2, dtype=torch.bfloat16, attn_implementation="eager")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    attention = [model.config._attn_implementation]
+    attention += [
+        model.config.text_config._attn_implementation,
+        model.config.vision_config._attn_implementation,
+    ]
+    assert attention == ["eager"] * 3
+    assert processor.image_token == "<image>"
+    model, _ = load_for_chat(siglip_qwen2, torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.config.text_config._attn_implementation == "sdpa"
+
+
+def test_image_seq_len_measures_with_a_blank_image_by_default(siglip_qwen2) -> None:
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from align.checkpoint import image_seq_len
+
+    processor = AutoProcessor.from_pretrained(siglip_qwen2)
+    assert image_seq_len(processor) == image_seq_len(processor, Image.new("RGB", (300, 200))) > 0
+
+
+@pytest.mark.parametrize(
+    ("tokenizer_eos", "config_eos", "ids"),
+    [
+        (2, 5, [2, 5]),
+        (2, [7, 2, 5], [2, 5, 7]),
+        (2, None, [2]),
+        (None, [3], [3]),
+        (None, None, []),
+        (2, [], [2]),
+    ],
+)
+def test_eos_token_ids_table(tokenizer_eos, config_eos, ids: list) -> None:
+    from types import SimpleNamespace
+
+    from align.checkpoint import eos_token_ids
+
+    tokenizer = SimpleNamespace(eos_token_id=tokenizer_eos)
+    assert eos_token_ids(tokenizer, SimpleNamespace(eos_token_id=config_eos)) == ids
+    assert eos_token_ids(tokenizer, None) == ([] if tokenizer_eos is None else [tokenizer_eos])
+
+
+# --- align/data/encode.py: errors that name the row, raw prompts, the long-row warning ---------------------
+
+ROLE_CHECKED = (  # a template that refuses roles it does not know, as Mistral's and Llama's do
+    "{% for m in messages %}{% if m['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unknown role') }}{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _encode_tokenizer(zoo, template: str | None = None):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(zoo / "qwen2-r1")
+    tokenizer.add_tokens(["<image>"], special_tokens=True)
+    if template is not None:
+        tokenizer.chat_template = template
+    return tokenizer, tokenizer.convert_tokens_to_ids("<image>")
+
+
+def _turns(*contents: str, images: int = 0, origin: str = "rows.jsonl:7"):
+    from align.data.sample import Sample
+
+    roles = ["user", "assistant"] * len(contents)
+    messages = [{"role": r, "content": c} for r, c in zip(roles, contents, strict=False)]
+    return Sample(source="t", origin=origin, messages=messages, images=[f"{i}.png" for i in range(images)])
+
+
+def _template_error(zoo, template: str, sample, prompt: bool = False) -> str:
+    from align.data.encode import encode_prompt, encode_sft
+    from align.errors import AlignError
+
+    tokenizer, image_id = _encode_tokenizer(zoo, template)
+    with pytest.raises(AlignError) as raised:
+        (encode_prompt if prompt else encode_sft)(sample, tokenizer, image_id, 4)
+    return str(raised.value)
+
+
+CHAT = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_template_failures_name_the_row_at_every_render(zoo) -> None:
+    fails = "{{ raise_exception('roles must alternate') }}"
+    failed = "rows.jsonl:7: the tokenizer's chat template failed on this row: "
+    sample = _turns("Q", "A")
+    assert _template_error(zoo, fails, sample) == failed + "roles must alternate"
+    assert _template_error(zoo, fails, _turns("Q"), prompt=True) == failed + "roles must alternate"
+    on_prompt = "{% if add_generation_prompt %}{{ raise_exception('no prompt') }}{% endif %}" + CHAT
+    assert _template_error(zoo, on_prompt, sample) == failed + "no prompt"
+    # the earlier assistant turn of a 4-turn row: its frame, then its own rendering, fail
+    on_frame = (
+        "{% if messages|length == 2 and messages[-1]['content'] != 'A1' %}{{ raise_exception('frame') }}"
+    )
+    on_turn = "{% if messages|length == 2 and messages[-1]['content'] == 'A1' %}{{ raise_exception('turn') }}"
+    long_row = _turns("Q1", "A1", "Q2", "A2")
+    assert _template_error(zoo, on_frame + "{% endif %}" + CHAT, long_row) == failed + "frame"
+    assert _template_error(zoo, on_turn + "{% endif %}" + CHAT, long_row) == failed + "turn"
+
+
+def test_a_template_that_repeats_the_content_or_renders_history_differently_is_refused(zoo) -> None:
+    twice = "{% for m in messages %}{{ m['content'] }}{{ m['content'] }}{% endfor %}"
+    assert _template_error(zoo, twice, _turns("Q", "A")) == (
+        "rows.jsonl:7: the chat template does not render an assistant message's content verbatim (marker found "
+        "2 times); cannot locate the assistant turn"
+    )
+    last_differs = (  # the final assistant turn ends with <|end|>, an earlier one with <|sep|>
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
+        "{% if loop.last and m['role'] == 'assistant' %}<|end|>{% else %}<|sep|>{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    assert _template_error(zoo, last_differs, _turns("Q1", "A1", "Q2", "A2")) == (
+        "rows.jsonl:7: the chat template renders assistant turn 1 inconsistently with the rest of the conversation "
+        "(history is not a prefix of the next prompt); cannot label it"
+    )
+
+
+def test_a_generation_prompt_unlike_the_assistant_turn_shows_both_ends(zoo) -> None:
+    model_turn = CHAT.replace(
+        "{% if add_generation_prompt %}<|im_start|>assistant",
+        "{% if add_generation_prompt %}<|im_start|>model",
+    )
+    tokenizer, _ = _encode_tokenizer(zoo, model_turn)
+    question = "How many red circles are there in this picture, counting every one?"
+    history = [{"role": "user", "content": question}]
+    prompt = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+    opening = prompt.removesuffix("<|im_start|>model\n") + "<|im_start|>assistant\n"
+    assert _template_error(zoo, model_turn, _turns(question, "3")) == (
+        f"rows.jsonl:7: the chat template's generation prompt ({prompt[-40:]!r}) does not start the way it renders "
+        f"an assistant turn ({opening[-40:]!r}); training would not match inference"
+    )
+
+
+def test_generation_prefill_probes_with_a_real_user_turn_and_names_itself(zoo) -> None:
+    from align.data.encode import generation_prefill
+    from align.errors import AlignError
+
+    tokenizer, _ = _encode_tokenizer(zoo, ROLE_CHECKED)
+    assert generation_prefill(tokenizer) == ""
+    tokenizer.chat_template = "{{ raise_exception('nope') }}"
+    with pytest.raises(AlignError) as raised:
+        generation_prefill(tokenizer)
+    assert str(raised.value) == "chat template probe: the tokenizer's chat template failed on this row: nope"
+
+
+def test_sft_row_errors_as_written(zoo) -> None:
+    from align.data.encode import encode_sft
+    from align.data.sample import Sample
+    from align.errors import AlignError
+
+    tokenizer, image_id = _encode_tokenizer(zoo)
+    with pytest.raises(AlignError) as raised:
+        encode_sft(Sample(source="t", origin="f:1", messages=[]), tokenizer, image_id, 4)
+    assert str(raised.value) == "f:1: an SFT row must end with an assistant message (last role: none)"
+    with pytest.raises(AlignError) as raised:
+        encode_sft(_turns("Q", "see <image>", images=1), tokenizer, image_id, 4)
+    assert str(raised.value) == (
+        "rows.jsonl:7: message 1 (assistant) contains <image>; images belong in user or system turns"
+    )
+
+
+def test_encoding_a_long_row_does_not_warn_about_the_tokenizers_maximum(zoo) -> None:
+    """align measures rows against data.max_length itself; transformers' own warning would only confuse.
+    (Read from the transformers logger: its stderr handler may hold a stream pytest replaced before this test.)"""
+    import logging
+
+    from align.data.encode import encode_prompt, encode_sft
+
+    tokenizer, image_id = _encode_tokenizer(zoo)
+    tokenizer.model_max_length = 4
+    messages: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        encode_sft(
+            _turns("a question of more than four tokens", "a reply of more than four tokens"),
+            tokenizer,
+            image_id,
+            4,
+        )
+        encode_prompt(_turns("a question of more than four tokens"), tokenizer, image_id, 4)
+        control, _ = _encode_tokenizer(zoo)  # transformers warns once per tokenizer: a fresh one shows it
+        control.model_max_length = 4
+        control("a question of more than four tokens", add_special_tokens=False)
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert ["longer than the specified maximum" in m for m in messages] == [True]
+
+
+def test_encoded_rows_keep_their_origin_and_a_prompt_drops_only_the_last_reply(zoo) -> None:
+    from align.data.encode import encode_prompt, encode_sft
+
+    tokenizer, image_id = _encode_tokenizer(zoo)
+    assert encode_sft(_turns("Q", "A", origin="g.jsonl:3"), tokenizer, image_id, 4).origin == "g.jsonl:3"
+    full, asked = _turns("Q1", "A1", "Q2", "A2"), _turns("Q1", "A1", "Q2")
+    assert (
+        encode_prompt(full, tokenizer, image_id, 4).input_ids
+        == encode_prompt(asked, tokenizer, image_id, 4).input_ids
+    )
+
+
+def test_raw_prompts_replace_the_question_after_the_bos(zoo) -> None:
+    from types import SimpleNamespace
+
+    from align.data.encode import _raw_prompt, encode_prompt
+    from align.errors import AlignError
+
+    template = "Question: {question}\nAssistant: <think>"
+    assert _raw_prompt(
+        SimpleNamespace(bos_token="<s>"), [{"role": "user", "content": "Q?"}], template, "o"
+    ) == ("<s>Question: Q?\nAssistant: <think>")
+    assert _raw_prompt(
+        SimpleNamespace(bos_token=None), [{"role": "user", "content": "Q?"}], template, "o"
+    ) == ("Question: Q?\nAssistant: <think>")
+    with pytest.raises(AlignError) as raised:
+        _raw_prompt(SimpleNamespace(bos_token=None), _turns("Q", "A", "Q2").messages, template, "f:2")
+    assert str(raised.value) == (
+        "f:2: grpo.prompt_template takes rows of one user turn (the question), got turns ['user', 'assistant', 'user']"
+    )
+    tokenizer, image_id = _encode_tokenizer(zoo)
+    with pytest.raises(AlignError, match=r"^rows.jsonl:7: grpo.prompt_template takes rows of one user turn"):
+        encode_prompt(_turns("Q1", "A1", "Q2"), tokenizer, image_id, 4, prompt_template=template)
+    encoded = encode_prompt(_turns("How many?", "3"), tokenizer, image_id, 4, prompt_template=template)
+    expected = (tokenizer.bos_token or "") + "Question: How many?\nAssistant: <think>"
+    assert encoded.input_ids == tokenizer(expected, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize(
+    ("template", "prefill"),
+    [
+        ("Q: {question}\nA: <think>", "<think>"),
+        ("Q: {question}\nA: <think>\n ", "<think>\n "),
+        ("Q: {question}\nA: <think> go", ""),
+        ("Q: {question}\nA:", ""),
+        ("<think>a</think> {question} <think>", "<think>"),
+    ],
+)
+def test_raw_prefill_table(template: str, prefill: str) -> None:
+    from align.data.encode import prompt_prefill, raw_prefill
+
+    assert raw_prefill(template) == prefill
+    assert prompt_prefill(None, template) == prefill
+
+
+def test_prompt_prefill_without_a_template_is_the_chat_templates(zoo) -> None:
+    from align.data.encode import prompt_prefill
+
+    tokenizer, _ = _encode_tokenizer(zoo)
+    assert prompt_prefill(tokenizer, None) == "<think>\n"
+
+
+@pytest.mark.parametrize(
+    ("template", "problem"),
+    [
+        ("Q: {question}", None),
+        ("Q: {QUESTION}", "must hold {question} exactly once, got 'Q: {QUESTION}'"),
+        ("{question} and {question}", "must hold {question} exactly once, got '{question} and {question}'"),
+        ("x" * 100, "must hold {question} exactly once, got '" + "x" * 79),
+    ],
+)
+def test_prompt_template_problem_table(template: str, problem) -> None:
+    from align.data.encode import prompt_template_problem
+
+    assert prompt_template_problem(template) == problem
+
+
+def test_overlong_error_counts_the_target_tokens_and_spans_start_supervised() -> None:
+    import dataclasses
+
+    from align.data.encode import fit_length, labelled_spans
+    from align.errors import AlignError
+
+    row = dataclasses.replace(_row(10), prompt_length=4)
+    with pytest.raises(AlignError) as raised:
+        fit_length(row, 8, "error")
+    assert str(raised.value).endswith(" + 6 target tokens; raise max_length or set overlong: drop")
+    assert labelled_spans(dataclasses.replace(_row(4), labels=[5, 6, -100, 7])) == [[5, 6], [7]]
+
+
+@pytest.fixture(scope="module")
+def inference_only(zoo, tmp_path_factory) -> dict:
+    """align's own LLaVA-NeXT (anyres) and Idefics3 (pixel shuffle) folders, which only `align chat` loads."""
+    import contextlib
+    import io
+
+    from align.assemble import AssembleRecipe, assemble
+    from align.config import from_dict
+
+    options = {
+        "llava_next": ("clip-hf", {"feature_layer": [-2, -1], "anyres_grids": ["1x2", "2x1", "2x2"]}, {}),
+        "idefics3": ("siglip-hf", {}, {"projector": {"type": "pixel_shuffle", "scale_factor": 2}}),
+    }
+    folders = {}
+    for family, (tower, vision, extra) in options.items():
+        spec = {
+            "kind": "assemble",
+            "vision": {"source": "hf", "name_or_path": str(zoo / tower), **vision},
+            "llm": {"name_or_path": str(zoo / "llama-r1")},
+            "output_dir": str(tmp_path_factory.mktemp(family) / "model"),
+            **extra,
+        }
+        with contextlib.redirect_stdout(io.StringIO()):
+            folders[family] = assemble(from_dict(AssembleRecipe, spec, file="test.yaml"))
+    return folders
+
+
+@pytest.mark.parametrize("family", ["llava_next", "idefics3"])
+def test_load_for_chat_loads_an_inference_only_folder_in_its_own_class(inference_only, family: str) -> None:
+    from align.checkpoint import load_for_chat
+
+    model, processor = load_for_chat(inference_only[family], torch.bfloat16)
+    assert model.config.model_type == family
+    assert type(model).__name__.endswith("ForConditionalGeneration")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.config.text_config._attn_implementation == "sdpa"
+    assert type(processor).__name__.lower().startswith(family.replace("_", ""))
+
+
+def test_image_seq_len_of_an_anyres_processor_follows_the_image_given(inference_only) -> None:
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from align.checkpoint import image_seq_len
+
+    processor = AutoProcessor.from_pretrained(inference_only["llava_next"])
+    wide, square = (
+        image_seq_len(processor, Image.new("RGB", (128, 64))),
+        image_seq_len(processor, Image.new("RGB", (128, 128))),
+    )
+    assert wide != square
+    assert image_seq_len(processor) == image_seq_len(processor, Image.new("RGB", (48, 40)))
