@@ -2345,3 +2345,242 @@ def test_image_seq_len_of_an_anyres_processor_follows_the_image_given(inference_
     )
     assert wide != square
     assert image_seq_len(processor) == image_seq_len(processor, Image.new("RGB", (48, 40)))
+
+
+# --- align/export.py: the model card as written, the lineage walk, the export's own choices --------------
+
+GOLDEN_CARDS = Path(__file__).parent / "golden" / "cards"
+
+
+def _card_stages(root: Path) -> list:
+    from align.export import StageRecord
+
+    assemble = {
+        "kind": "assemble",
+        "vision": {
+            "source": "open_clip",
+            "name_or_path": "ViT-B-16",
+            "pretrained": "laion2b",
+            "feature_layer": -2,
+            "select_strategy": "full",
+        },
+        "llm": {"name_or_path": "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"},
+        "projector": {"type": "mlp2x_silu"},
+        "seed": 7,
+    }
+    sft = {
+        "kind": "sft",
+        "model": str(root / "assembled"),
+        "data": {
+            "sources": [{"name": "cot", "format": "llava", "path": str(root / "cot.json"), "sampling": 0.5}]
+        },
+        "lora": {"r": 16, "alpha": 32},
+    }
+    return [
+        StageRecord(root / "assembled", assemble, None, None, None),
+        StageRecord(
+            root / "sft" / "model",
+            sft,
+            root / "sft",
+            {
+                "steps": 40,
+                "wall_time_s": 93.21,
+                "tokens_per_s": 1234.5678,
+                "peak_memory_mb": 2048.5,
+                "world_size": 2,
+                "strategy": "zero3",
+                "unlisted": 1,
+            },
+            {"step": 40, "loss": 0.98765, "grad_norm": 1.5},
+            note="its input model …/x/assembled is not a model folder (from where the export ran)",
+        ),
+    ]
+
+
+def _card(variant: str) -> str:
+    from transformers import CLIPVisionConfig, LlavaConfig, Qwen2Config
+
+    from align.export import model_card
+
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(),
+        text_config=Qwen2Config(),
+        projector_hidden_act="silu" if variant == "r1" else "gelu",
+        vision_feature_layer=-2 if variant == "r1" else [-2, -1],
+        vision_feature_select_strategy="full",
+        image_seq_length=576,
+    )
+    r1 = variant == "r1"
+    return model_card(
+        name=f"card-{variant}",
+        config=config,
+        parameters={"vision": 303_507_456, "projector": 4_200_000, "llm": 1_543_714_304} if r1 else {},
+        dtype="bf16" if r1 else "fp32",
+        generation={"do_sample": True, "temperature": 0.6, "top_p": 0.95, "eos_token_id": 2} if r1 else {},
+        r1=r1,
+        stages=_card_stages(Path("/nowhere/x")) if r1 else [],
+    )
+
+
+@pytest.mark.parametrize("variant", ["r1", "plain"])
+def test_model_card_as_written(variant: str) -> None:
+    """The whole README.md of an export, against tests/golden/cards/: an R1 model with a two-stage lineage, and a
+    non-R1 one with a multi-layer projector, no parameter counts and no lineage. Regenerate a card that changes on
+    purpose with ``ALIGN_WRITE_GOLDEN_CARDS=1`` and read the diff."""
+    import os
+
+    path = GOLDEN_CARDS / f"{variant}.md"
+    if os.environ.get("ALIGN_WRITE_GOLDEN_CARDS"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(_card(variant), encoding="utf-8")
+    assert _card(variant) == path.read_text(encoding="utf-8")
+
+
+def _stage_folder(folder: Path, recipe, summary=None, metrics=None, in_model: bool = False) -> Path:
+    """A stage output: model/ (with config.json and weights), the resolved recipe beside it or inside it."""
+    import json
+
+    import yaml
+    from safetensors.torch import save_file
+
+    model = folder / "model"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    save_file({"w": torch.zeros(1)}, str(model / "model.safetensors"))
+    if recipe is not None:
+        text = recipe if isinstance(recipe, str) else yaml.safe_dump(recipe)
+        ((model if in_model else folder) / "recipe.resolved.yaml").write_text(text)
+    if summary is not None:
+        (folder / "summary.json").write_text(summary if isinstance(summary, str) else json.dumps(summary))
+    if metrics is not None:
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in metrics))
+    return model
+
+
+def test_lineage_walks_back_to_the_assemble_recipe(tmp_path) -> None:
+    from align.export import lineage
+
+    assembled = _stage_folder(tmp_path / "assemble", {"kind": "assemble", "seed": 1}, in_model=True)
+    sft = _stage_folder(
+        tmp_path / "sft",
+        {"kind": "sft", "model": str(assembled)},
+        {"steps": 4},
+        [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}, {"step": 4, "loss": 1.0}],
+    )
+    grpo = _stage_folder(tmp_path / "grpo", {"kind": "grpo", "model": str(tmp_path / "sft")}, "[1, 2]", [])
+    records = lineage(grpo)
+    assert [r.kind for r in records] == ["assemble", "sft", "grpo"]
+    assert [r.model_dir for r in records] == [assembled.resolve(), sft.resolve(), grpo.resolve()]
+    # the assemble recipe lies inside its model folder, beside no summary or metrics: no run folder
+    assert [r.run_dir for r in records] == [None, sft.parent.resolve(), grpo.parent.resolve()]
+    assert [r.summary for r in records] == [None, {"steps": 4}, None]  # a summary that is not a mapping: none
+    assert [r.final_metrics for r in records] == [None, {"step": 4, "loss": 1.0}, None]
+    assert [r.note for r in records] == ["", "", ""]
+    assert [r.kind for r in lineage(grpo, max_stages=2)] == ["sft", "grpo"]
+
+
+def test_lineage_stops_where_the_recipe_cannot_be_followed(tmp_path) -> None:
+    from align.export import lineage
+
+    nameless = _stage_folder(tmp_path / "a", {"kind": "sft"})
+    gone = _stage_folder(tmp_path / "b", {"kind": "sft", "model": "/nowhere/at/all"})
+    (tmp_path / "c").mkdir()
+    loop_a = _stage_folder(tmp_path / "c" / "x", {"kind": "sft", "model": str(tmp_path / "c" / "y")})
+    _stage_folder(tmp_path / "c" / "y", {"kind": "sft", "model": str(tmp_path / "c" / "x")})
+    assert [r.note for r in lineage(nameless)] == ["its recipe names no input model"]
+    assert [r.note for r in lineage(gone)] == [
+        "its input model …/at/all is not a model folder (from where the export ran)"
+    ]
+    cycle = lineage(loop_a)
+    assert [r.model_dir.parent.name for r in cycle] == ["y", "x"]
+    assert cycle[0].note == "its input model …/x/model is already in this lineage (cycle)"
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "config.json").write_text('{"model_type": "llava"}')
+    record = lineage(plain)[0]
+    assert (record.kind, record.run_dir, record.recipe) == ("checkpoint", None, None)
+    summarised = _stage_folder(tmp_path / "e", None, {"steps": 2})  # a summary alone makes a stage output
+    assert lineage(summarised)[0].summary == {"steps": 2}
+    chain = [_stage_folder(tmp_path / "chain" / "0", {"kind": "sft"})]
+    for i in range(1, 34):
+        chain.append(_stage_folder(tmp_path / "chain" / str(i), {"kind": "sft", "model": str(chain[-1])}))
+    assert len(lineage(chain[-1])) == 32  # the default bound of the walk
+    named_model = (
+        tmp_path / "d" / "model"
+    )  # called model/ but beside nothing a stage writes: not a stage output
+    named_model.mkdir(parents=True)
+    assert lineage(named_model)[0].run_dir is None
+
+
+@pytest.mark.parametrize(
+    ("text", "read"), [("a: 1", {"a": 1}), ("[1, 2]", None), ("a: [", None), (None, None)]
+)
+def test_read_mapping_table(tmp_path, text, read) -> None:
+    import yaml
+
+    from align.export import _read_mapping
+
+    path = tmp_path / "r.yaml"
+    if text is not None:
+        path.write_text(text)
+    assert _read_mapping(path, yaml.safe_load) == read
+
+
+def test_export_writes_the_dtype_sampling_and_card_it_chose(siglip_qwen2, tmp_path, capsys) -> None:
+    import argparse
+    import json
+    import shutil
+
+    from safetensors import safe_open
+
+    from align.checkpoint import weight_names
+    from align.errors import AlignError
+    from align.export import export, run
+
+    out = export(siglip_qwen2, tmp_path / "named-out", "bf16")
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert card.splitlines()[6] == "# named-out"
+    assert "(canonical llava-hf weight names, safetensors, bf16)." in card
+    assert (
+        "samples with do_sample True, temperature 0.6, top_p 0.95 (the DeepSeek-R1-Distill recommendation)"
+        in card
+    )
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        names = f.keys()
+        assert {f.get_tensor(k).dtype for k in names} == {torch.bfloat16}
+    assert json.loads((out / "generation_config.json").read_text())["temperature"] == 0.6
+
+    bare = tmp_path / "bare"
+    shutil.copytree(siglip_qwen2, bare)
+    (bare / "generation_config.json").unlink()
+    text_config = json.loads((bare / "config.json").read_text())["text_config"]
+    out = export(bare, tmp_path / "from-bare")
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert (generation["temperature"], generation["eos_token_id"]) == (0.6, text_config["eos_token_id"])
+    assert "safetensors, fp32)." in (out / "README.md").read_text(encoding="utf-8")
+
+    custom = tmp_path / "custom"  # the source's own generation_config.json is the one carried over
+    shutil.copytree(siglip_qwen2, custom)
+    own = json.loads((custom / "generation_config.json").read_text())
+    (custom / "generation_config.json").write_text(json.dumps({**own, "repetition_penalty": 1.25}))
+    out = export(custom, tmp_path / "from-custom")
+    assert json.loads((out / "generation_config.json").read_text())["repetition_penalty"] == 1.25
+
+    with pytest.raises(AlignError) as raised:
+        export(siglip_qwen2, tmp_path / "x", "fp16")
+    assert str(raised.value) == "--dtype: expected one of fp32, bf16, got 'fp16'"
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(AlignError, match=r"^--out .*a-file: exists and is a file, not a folder$"):
+        export(siglip_qwen2, tmp_path / "a-file")
+
+    capsys.readouterr()
+    args = argparse.Namespace(
+        source=str(siglip_qwen2), out=str(tmp_path / "ran"), dtype=None, max_shard_size="5GB"
+    )
+    assert run(args) == 0
+    files = ", ".join(sorted(p.name for p in (tmp_path / "ran").iterdir()))
+    tensors = len(weight_names(tmp_path / "ran"))
+    assert (
+        capsys.readouterr().out
+        == f"exported {(tmp_path / 'ran').resolve()}: {tensors} tensors; files: {files}\n"
+    )
