@@ -1442,33 +1442,15 @@ def test_fit_all_returns_the_fitted_rows_and_counts_only_new_cuts() -> None:
 
 
 def _sampler_llava(image_token_id: int = 299):
-    """A tiny SigLIP + Qwen2 Llava (16 tokens per 32 x 32 image) whose image token is ``image_token_id``."""
-    from transformers import LlavaConfig, LlavaForConditionalGeneration, Qwen2Config, SiglipVisionConfig
+    """test_sampler.py's tiny SigLIP + Qwen2 Llava (16 tokens per 32 x 32 image, image token 299), its image
+    token set to ``image_token_id`` (Llava reads it from the config at each forward)."""
+    from test_sampler import (
+        _tiny_llava,
+    )  # tests/ is on sys.path: pytest's rootdir-relative import of test files
 
-    torch.manual_seed(0)
-    config = LlavaConfig(
-        vision_config=SiglipVisionConfig(
-            image_size=32,
-            patch_size=8,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-        ),
-        text_config=Qwen2Config(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            vocab_size=300,
-        ),
-        image_token_id=image_token_id,
-        image_seq_length=16,
-        vision_feature_select_strategy="full",
-        vision_feature_layer=-1,
-    )
-    return LlavaForConditionalGeneration(config).eval()
+    model = _tiny_llava("siglip")
+    model.config.image_token_id = image_token_id
+    return model
 
 
 SETTINGS = dict(num_generations=2, max_new_tokens=8, temperature=1.0, eos_token_ids=[3], pad_token_id=0)
