@@ -2566,3 +2566,28 @@ def test_export_writes_the_dtype_sampling_and_card_it_chose(siglip_qwen2, tmp_pa
         capsys.readouterr().out
         == f"exported {(tmp_path / 'ran').resolve()}: {tensors} tensors; files: {files}\n"
     )
+
+
+# --- align/rewards/extract.py (pass 2) --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("completion", "score"),
+    [
+        ("<think>a</think>b</think> \\boxed{1}", 0.0),  # two </think>, though it opens with <think>
+        ("<think>a<think>b</think> \\boxed{1}", 0.0),  # two <think>
+        ("x<think>a</think> \\boxed{1}", 0.0),  # does not open with <think>
+        ("<think>x \\boxed 7</think> no box after the reasoning", 0.0),  # a box inside the reasoning only
+        ("<think>x</think> so \\boxed 7", 1.0),
+    ],
+)
+def test_boxed_format_score_reads_the_box_after_the_one_think_block(completion: str, score: float) -> None:
+    from align.rewards.extract import boxed_format_score
+
+    assert boxed_format_score(completion) == score
+
+
+def test_an_unbraced_box_reads_at_most_200_characters() -> None:
+    from align.rewards.extract import last_boxed
+
+    assert last_boxed("\\boxed " + "7" * 250) == "7" * 200
