@@ -10,7 +10,8 @@
 # (one "mutant: status" line each), survivors.diff (the diff of each mutant not killed) and summary.txt (the
 # counts and the wall time).
 # Environment: PYTHON (default .venv/bin/python, which needs the dev extra: mutmut), MUTMUT_CHILDREN
-# (parallel mutants, default 2), MUTATION_DIR (default .mutation).
+# (parallel mutants, default 2), MUTATION_DIR (default .mutation), MUTATION_RESUME=1 (a shard stopped before
+# the end goes on from where it stopped instead of starting over).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
@@ -52,12 +53,12 @@ TESTS[grpo/sampler]="tests/test_mutation_gaps.py tests/test_sampler.py tests/tes
 FILES[grpo/logps]="align/grpo/logps.py"
 TESTS[grpo/logps]="tests/test_mutation_gaps.py tests/test_sampler.py tests/test_grpo_prefix_checkpointing.py tests/test_grpo_loss.py"
 FILES[stages]="align/stages/*"
-TESTS[stages]="tests/test_mutation_gaps.py tests/test_grpo_wiring.py tests/test_sft_wiring.py tests/test_stages.py tests/test_grpo_stage.py tests/test_grpo_variants.py"
+TESTS[stages]="tests/test_mutation_gaps.py tests/test_stage_gaps.py tests/test_run_control.py tests/test_grpo_wiring.py tests/test_sft_wiring.py tests/test_stages.py tests/test_grpo_stage.py tests/test_grpo_variants.py"
 # stages/ is ~2000 mutants: its files are also shards of their own, each with the tests that run it
 FILES[stages/grpo]="align/stages/grpo.py"
-TESTS[stages/grpo]="tests/test_mutation_gaps.py tests/test_grpo_wiring.py tests/test_grpo_stage.py tests/test_grpo_variants.py"
+TESTS[stages/grpo]="tests/test_mutation_gaps.py tests/test_stage_gaps.py tests/test_grpo_wiring.py tests/test_grpo_stage.py tests/test_grpo_variants.py"
 FILES[stages/sft]="align/stages/sft.py align/stages/projector.py"
-TESTS[stages/sft]="tests/test_mutation_gaps.py tests/test_sft_wiring.py tests/test_stages.py"
+TESTS[stages/sft]="tests/test_mutation_gaps.py tests/test_stage_gaps.py tests/test_run_control.py tests/test_sft_wiring.py tests/test_stages.py"
 FILES[stages/common]="align/stages/common.py"
 TESTS[stages/common]="${TESTS[stages]}"
 # -m per module (default "not distributed"): the pure-arithmetic modules leave out the "slow" end-to-end CLI
@@ -85,13 +86,11 @@ export ALIGN_TEST_ZOO="$OUTDIR/zoo"
 
 toml_list() { local out="" x; for x in "$@"; do out+="\"$x\", "; done; echo "[${out%, }]"; }
 
-failed=()
-for m in "${modules[@]}"; do
-  shard="$OUTDIR/${m//\//_}"
+# a fresh shard for module $1 in folder $2: copies of the code and tests, and the [tool.mutmut] section
+new_shard() {
+  local m=$1 shard=$2
   rm -rf "$shard" && mkdir -p "$shard"
   cp -r align tests recipes scripts "$shard/"
-  read -ra files <<< "${FILES[$m]}"
-  read -ra tests <<< "${TESTS[$m]}"
   {
     cat pyproject.toml
     echo
@@ -107,7 +106,24 @@ for m in "${modules[@]}"; do
     echo "process_isolation = \"forkserver\""
     echo "use_git_change_detection = false"
   } > "$shard/pyproject.toml"
-  commit="$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- align tests || echo ' (with uncommitted changes)')"
+  echo "$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- align tests || echo ' (with uncommitted changes)')" \
+    > "$shard/commit.txt"
+}
+
+failed=()
+for m in "${modules[@]}"; do
+  shard="$OUTDIR/${m//\//_}"
+  read -ra files <<< "${FILES[$m]}"
+  read -ra tests <<< "${TESTS[$m]}"
+  if [ "${MUTATION_RESUME:-0}" = 1 ] && [ -f "$shard/mutants/mutmut-stats.json" ]; then
+    # mutmut keeps each checked mutant's result in the shard and goes on with the rest, on the shard's own
+    # copy of the code and tests (a run stopped, e.g. at the end of a working session, is not started over)
+    echo "== $m: resuming $shard"
+    commit="$(cat "$shard/commit.txt") (resumed $(date -u +%Y-%m-%dT%H:%MZ))"
+  else
+    new_shard "$m" "$shard"
+    commit="$(cat "$shard/commit.txt")"
+  fi
   started=$(date -u +%Y-%m-%dT%H:%MZ)
   echo "== $m: mutating ${files[*]} with ${tests[*]} -m '${MARKS[$m]:-not distributed}'"
   start=$(date +%s)

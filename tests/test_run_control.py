@@ -108,6 +108,10 @@ def test_a_signal_stops_at_a_step_boundary_with_a_checkpoint_and_resume_finishes
     at = int(stopped[0].split("stopped after step ")[1].split()[0])
     assert 2 <= at < 16
     assert [step for step, _ in checkpoints(out)] == [at]
+    assert (
+        f" step {at} of 16; checkpoint {out / 'checkpoints' / f'step-{at:07d}'}; continue with: "
+        in stopped[0]
+    )
     assert steps_logged(out) == list(range(1, at + 1))
     # the next run continues from there and logs each step once
     rc, printed = run([*args, "--resume"])

@@ -1,0 +1,311 @@
+"""Small cases that kill the mutants ``scripts/mutation.sh stages/...`` found surviving in ``align/stages/``
+(docs/testing.md lists them): the stage helpers called directly on hand-made rows and the tiny zoo Llava, and
+the stage commands' refusals. Each expected number is worked out here, not read back from the code under test.
+
+    .venv/bin/pytest -q tests/test_stage_gaps.py
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from align.cli import main
+from align.data.batching import length_grouped_batches, pack
+from align.data.encode import IGNORE_INDEX, Encoded
+from align.stages import sft
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = Path(__file__).resolve().parents[1] / "recipes" / "tiny"
+
+
+def _row(labels: list[int], origin: str = "d.jsonl:1", images: list | None = None) -> Encoded:
+    images = images or []
+    return Encoded(
+        input_ids=list(range(10, 10 + len(labels))),
+        labels=labels,
+        n_images=len(images),
+        origin=origin,
+        prompt_length=1,
+        n_image_tokens=0,
+        images=images,
+    )
+
+
+# --- the stage commands ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("command", "recipe", "kind"),
+    [("sft", "grpo.yaml", "grpo"), ("projector", "sft.yaml", "sft"), ("grpo", "projector.yaml", "projector")],
+)
+def test_a_stage_command_takes_only_its_own_kind_of_recipe(command, recipe, kind, capsys) -> None:
+    assert main([command, str(TINY / recipe)]) == 2
+    assert f"this command takes a '{command}' recipe, got '{kind}'" in capsys.readouterr().err
+
+
+# --- align/stages/sft.py: counting and ordering -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("labels", "counted"),
+    [
+        ([5, 6, IGNORE_INDEX, 7], 2),  # the first label is never predicted: the loss shifts by one
+        ([IGNORE_INDEX, 6, 7, 8], 3),
+        ([IGNORE_INDEX, IGNORE_INDEX, 7], 1),
+        ([4], 0),
+    ],
+)
+def test_supervised_counts_the_labels_the_shifted_loss_sees(labels: list[int], counted: int) -> None:
+    assert sft._supervised(_row(labels)) == counted
+    shifted = torch.tensor(labels)[1:]
+    assert int((shifted != IGNORE_INDEX).sum()) == counted
+
+
+def test_shuffled_global_batches_are_full_and_follow_the_seeded_order() -> None:
+    """``data.group_by_length: false``: 7 rows in batches of 2 give 3 full batches, the first 6 indices of the
+    order seeded by (seed, epoch); another seed or epoch gives another order, the same ones the same."""
+    units = [_row([1, 2, 3]) for _ in range(7)]
+    batches = sft._global_batches(units, 2, seed=3, epoch=1, group_by_length=False)
+    order = list(range(7))
+    random.Random("sft-order:3:1").shuffle(order)
+    assert batches == [order[0:2], order[2:4], order[4:6]]
+    assert batches == sft._global_batches(units, 2, seed=3, epoch=1, group_by_length=False)
+    assert batches != sft._global_batches(units, 2, seed=4, epoch=1, group_by_length=False)
+    assert batches != sft._global_batches(units, 2, seed=3, epoch=2, group_by_length=False)
+    assert sft._global_batches(units, 7, seed=3, epoch=1, group_by_length=False) == [order]
+    assert sft._global_batches(units, 8, seed=3, epoch=1, group_by_length=False) == []
+
+
+def test_length_grouped_global_batches_drop_the_short_batch_whole() -> None:
+    lengths = [3, 9, 4, 8, 5, 7, 6, 2, 10, 1, 11]
+    units = [_row(list(range(n))) for n in lengths]
+    for seed, epoch in ((0, 0), (5, 0), (5, 3)):
+        grouped = length_grouped_batches(lengths, 3, seed, epoch)
+        assert sorted(map(len, grouped)) == [2, 3, 3, 3]
+        expected = [b for b in grouped if len(b) == 3]
+        assert sft._global_batches(units, 3, seed, epoch, group_by_length=True) == expected
+
+
+# --- align/stages/sft.py: collation -----------------------------------------------------------------------------
+
+
+def test_collate_lists_every_image_with_its_row_padded_and_packed() -> None:
+    a = _row([IGNORE_INDEX, 1, 2], "d.jsonl:1", images=["a1.png", "a2.png"])
+    b = _row([IGNORE_INDEX, 3], "d.jsonl:2", images=["b1.png"])
+    padded = sft._collate([a, b], packing=False, pad_id=0)
+    assert padded["images"] == ["a1.png", "a2.png", "b1.png"]
+    assert padded["image_origins"] == ["d.jsonl:1", "d.jsonl:1", "d.jsonl:2"]
+    assert padded["input_ids"].shape == (2, 3)
+    packed = sft._collate(pack([b, a], 8), packing=True, pad_id=0)
+    assert packed["images"] == ["b1.png", "a1.png", "a2.png"]
+    assert packed["image_origins"] == ["d.jsonl:2", "d.jsonl:1", "d.jsonl:1"]
+    assert packed["position_ids"].tolist() == [[0, 1, 0, 1, 2]]
+
+
+# --- align/stages/sft.py: one observed run ----------------------------------------------------------------------
+
+
+def _sft(data: Path, out: Path, *overrides: str) -> dict:
+    """``align sft recipes/tiny/sft.yaml`` in this process on ``data``; records every micro-batch the stage
+    formed and the loss sum it got for it, every ``torch.manual_seed`` it called, and the wall time."""
+    import contextlib
+    import io
+    import json
+    import time
+
+    batches: list[dict] = []
+    sums: list[float] = []
+    seeds: list = []
+    units: list = []
+    original, fit_all = sft.forward_loss_sum, sft.fit_all
+
+    def fitted(*args, **kwargs):
+        encoded, report = fit_all(*args, **kwargs)
+        units.extend(encoded)
+        return encoded, report
+
+    def observed(module, model, batch, *args, **kwargs):
+        loss_sum, n = original(module, model, batch, *args, **kwargs)
+        batches.append(batch)
+        sums.append(float(loss_sum.detach()))
+        return loss_sum, n
+
+    argv = [
+        "sft", str(TINY / "sft.yaml"), f"output_dir={out}", f"data.sources.0.path={data}",
+        "run.save_every=0", "run.tensorboard=false", *overrides,
+    ]  # fmt: skip
+    manual_seed = torch.manual_seed
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(io.StringIO()) as stdout:
+        mp.setattr(sft, "forward_loss_sum", observed)
+        mp.setattr(sft, "fit_all", fitted)
+        mp.setattr(torch, "manual_seed", lambda s: (seeds.append(s), manual_seed(s))[1])
+        t0 = time.perf_counter()
+        assert main(argv) == 0, stdout.getvalue()[-3000:]
+        wall = time.perf_counter() - t0
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((out / "summary.json").read_text())
+    saved = (
+        sorted(p.name for p in (out / "checkpoints").glob("step-*")) if (out / "checkpoints").exists() else []
+    )
+    return {
+        "batches": batches, "sums": sums, "seeds": seeds, "wall": wall, "metrics": metrics, "summary": summary,
+        "saved": saved, "out": out, "units": units,
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def mixed_rows(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """6 synthetic image rows, then the same 6 without their image."""
+    import contextlib
+    import io
+    import json
+
+    root = tmp_path_factory.mktemp("stage_gaps")
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["data", "synth", "--out", str(root / "synth"), "--train", "6", "--test", "1"]) == 0
+    train = root / "synth" / "train"
+    rows = [json.loads(line) for line in train.joinpath("sft.jsonl").read_text().splitlines()]
+    for row in rows[:6]:
+        text_only = {**row, "id": row["id"] + "-text", "images": []}
+        text_only["messages"] = [dict(m) for m in row["messages"]]
+        text_only["messages"][0]["content"] = row["messages"][0]["content"].replace("<image>\n", "")
+        rows.append(text_only)
+    train.joinpath("mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return train / "mixed.jsonl"
+
+
+@pytest.fixture(scope="module")
+def mixed_run(siglip_qwen2: Path, mixed_rows: Path) -> dict:
+    """3 of 6 steps on the mixed rows (length-grouped), 2 accumulated micro-batches of 1 row a step, a log row every
+    2 steps, a checkpoint every 2."""
+    return _sft(
+        mixed_rows, mixed_rows.parent / "run", f"model={siglip_qwen2}", "run.seed=7", "run.micro_batch_size=1", "run.grad_accum=2", "run.max_steps=3", "run.log_every=2", "run.save_every=2", "run.keep_last=5",
+    )  # fmt: skip
+
+
+def _tokens(batch: dict) -> int:
+    return int(batch["attention_mask"].sum())
+
+
+@pytest.mark.slow
+def test_the_log_rows_count_what_each_step_trained_on(mixed_run: dict) -> None:
+    """A row at step 2 (log_every) and at the last step 3, not at step 1; each row's counts are those of the
+    step's own 2 micro-batches, recounted here from the batches the loss saw."""
+    metrics, batches = mixed_run["metrics"], mixed_run["batches"]
+    assert len(batches) == 6
+    assert [r["step"] for r in metrics] == [2, 3]
+    assert sum(not b["images"] for b in batches) in range(1, 6), "text-only and image rows both trained"
+    for r in metrics:
+        step = batches[2 * r["step"] - 2 : 2 * r["step"]]
+        assert r["images"] == sum(len(b["images"]) for b in step)
+        assert r["text_only_micro_batches"] == sum(not b["images"] for b in step)
+        assert r["supervised_tokens"] == sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in step)
+        assert 0 < r["step_time_s"] < mixed_run["wall"]
+        assert r["tokens_per_s"] * r["step_time_s"] == pytest.approx(sum(_tokens(b) for b in step), rel=1e-6)
+    # a step not split half and half: counting image micro-batches instead would differ there
+    assert any(r["text_only_micro_batches"] != 1 for r in metrics)
+    summary = mixed_run["summary"]
+    assert summary["steps"] == 3
+    assert summary["tokens_per_s"] * summary["wall_time_s"] == pytest.approx(
+        sum(_tokens(b) for b in batches), rel=1e-6
+    )
+
+
+@pytest.mark.slow
+def test_the_steps_take_the_length_grouped_batches_of_the_data_seed(mixed_run: dict) -> None:
+    """Step k trains on batch k of ``length_grouped_batches(lengths, 2, seed 7, epoch 0)`` (data.seed unset: the
+    run's), micro-batch j on its row j; no seed, no epoch or no grouping would give other batches here."""
+    units, batches = mixed_run["units"], mixed_run["batches"]
+    lengths = [len(u) for u in units]
+    expected = length_grouped_batches(lengths, 2, 7, 0)
+    others = [length_grouped_batches(lengths, 2, None, 0), length_grouped_batches(lengths, 2, 7, None)]
+    others.append(sft._global_batches(units, 2, 7, 0, group_by_length=False))
+    assert all(other[:3] != expected[:3] for other in others), "choose another run.seed for this test"
+    trained = [units[i].input_ids for batch in expected[:3] for i in batch]
+    assert [b["input_ids"][0].tolist() for b in batches] == trained
+
+
+@pytest.mark.slow
+def test_a_checkpoint_every_save_every_steps_but_not_after_the_last(mixed_run: dict) -> None:
+    """save_every 2 of 3 steps: step 2 only (the final model is the output's own ``model/``), a model folder
+    with its processor, so that it loads on its own."""
+    from transformers import AutoProcessor
+
+    assert mixed_run["saved"] == ["step-0000002"]
+    processor = AutoProcessor.from_pretrained(mixed_run["out"] / "checkpoints/step-0000002/model")
+    assert processor.image_token == "<image>"
+
+
+@pytest.mark.slow
+def test_each_step_seeds_torch_from_the_run_seed_and_the_step(mixed_run: dict) -> None:
+    """Dropout and any other draw of a step depend on (run.seed, step) only, so a resumed run replays them:
+    the stage seeds ``run.seed * 1_000_003 + step`` (an int) before each step's forward passes."""
+    step_seeds = [s for s in mixed_run["seeds"] if s != 7]
+    assert step_seeds[-3:] == [7 * 1_000_003 + step for step in range(3)]
+    assert all(type(s) is int for s in mixed_run["seeds"])
+
+
+@pytest.mark.slow
+def test_a_step_of_one_supervised_token_divides_by_one(siglip_qwen2: Path, mixed_rows: Path) -> None:
+    """``data.max_length`` one past a row's prompt keeps one target token (overlong: drop cuts the target):
+    the step's loss is that token's cross-entropy itself, divided by 1 (the floor that guards an empty step)."""
+    lines = mixed_rows.read_text().splitlines()
+    one = mixed_rows.parent / "one.jsonl"
+    one.write_text(lines[3] + "\n")  # a text-only row
+    full = _sft(one, mixed_rows.parent / "one_full", f"model={siglip_qwen2}", "run.micro_batch_size=1",
+                "run.grad_accum=1", "run.max_steps=1")  # fmt: skip
+    labels = full["batches"][0]["labels"][0].tolist()
+    prompt = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+    cut = _sft(one, mixed_rows.parent / "one_cut", f"model={siglip_qwen2}", "run.micro_batch_size=1",
+               "run.grad_accum=1", "run.max_steps=1", f"data.max_length={prompt + 1}")  # fmt: skip
+    (row,) = cut["metrics"]
+    assert row["supervised_tokens"] == 1
+    assert row["loss"] == pytest.approx(cut["sums"][0], rel=1e-6)
+
+
+# --- align/stages/sft.py: the feature cache ---------------------------------------------------------------------
+
+
+def test_the_feature_cache_lives_in_the_output_and_is_keyed_by_what_makes_the_features(
+    siglip_qwen2: Path, tmp_path: Path
+) -> None:
+    """``disk``: under ``<output_dir>/feature_cache/<fingerprint>``; the fingerprint changes with the tower's
+    weights, the image processor, the feature layer and the select strategy (a cache from another of these
+    would hand back other features); ``none``: no cache."""
+    from types import SimpleNamespace
+
+    from align.checkpoint import load_llava
+
+    llava, processor = load_llava(siglip_qwen2)
+    recipe = SimpleNamespace(feature_cache="disk", output_dir=str(tmp_path / "out"))
+    cache = sft._feature_cache(recipe, llava, processor)
+    assert cache.mode == "disk"
+    fingerprint = cache.directory.name
+    assert cache.directory.parent == tmp_path / "out" / "feature_cache"
+    assert sft._feature_cache(recipe, llava, processor).directory.name == fingerprint
+    assert sft._feature_cache(SimpleNamespace(feature_cache="none"), llava, processor) is None
+    memory = SimpleNamespace(**{**vars(recipe), "feature_cache": "memory"})
+    assert sft._feature_cache(memory, llava, processor).mode == "memory"
+
+    def changed(change) -> str:
+        model, proc = load_llava(siglip_qwen2)
+        change(model, proc)
+        return sft._feature_cache(recipe, model, proc).directory.name
+
+    layer, strategy = llava.config.vision_feature_layer, llava.config.vision_feature_select_strategy
+    others = [
+        changed(lambda m, p: setattr(m.config, "vision_feature_layer", layer - 1)),
+        changed(
+            lambda m, p: setattr(
+                m.config, "vision_feature_select_strategy", {"full": "default", "default": "full"}[strategy]
+            )
+        ),
+        changed(lambda m, p: setattr(p.image_processor, "image_mean", [0.0, 0.0, 0.0])),
+        changed(lambda m, p: m.model.vision_tower.parameters().__next__().data.add_(1.0)),
+    ]
+    assert len({fingerprint, *others}) == 5, (fingerprint, others)
