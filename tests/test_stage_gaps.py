@@ -154,13 +154,13 @@ def _sft(data: Path, out: Path, *overrides: str) -> dict:
     )
     return {
         "batches": batches, "sums": sums, "seeds": seeds, "wall": wall, "metrics": metrics, "summary": summary,
-        "saved": saved, "out": out, "units": units,
+        "saved": saved, "out": out, "units": units, "printed": stdout.getvalue(),
     }  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def mixed_rows(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """6 synthetic image rows, then the same 6 without their image."""
+    """6 synthetic image rows, the same 6 without their image, and at line 13 a row that ends with a question (well formed, but with no reply to learn)."""
     import contextlib
     import io
     import json
@@ -175,16 +175,22 @@ def mixed_rows(tmp_path_factory: pytest.TempPathFactory) -> Path:
         text_only["messages"] = [dict(m) for m in row["messages"]]
         text_only["messages"][0]["content"] = row["messages"][0]["content"].replace("<image>\n", "")
         rows.append(text_only)
+    rows.append({**rows[-1], "id": "no-reply", "messages": [*rows[-1]["messages"], rows[-1]["messages"][0]]})
     train.joinpath("mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return train / "mixed.jsonl"
 
 
+MIXED = ["run.seed=7", "data.seed=12", "data.strict=false", "data.sources.0.sampling=random:9"]
+
+
 @pytest.fixture(scope="module")
 def mixed_run(siglip_qwen2: Path, mixed_rows: Path) -> dict:
-    """3 of 6 steps on the mixed rows (length-grouped), 2 accumulated micro-batches of 1 row a step, a log row every
-    2 steps, a checkpoint every 2."""
+    """3 of 4 steps on 9 of the 12 good mixed rows (drawn with data.seed 12; the bad row skipped, data.strict
+    false), length-grouped, 2 accumulated micro-batches of 1 row a step, a log row and a checkpoint every 2
+    steps; torch seeded from run.seed 7."""
     return _sft(
-        mixed_rows, mixed_rows.parent / "run", f"model={siglip_qwen2}", "run.seed=7", "run.micro_batch_size=1", "run.grad_accum=2", "run.max_steps=3", "run.log_every=2", "run.save_every=2", "run.keep_last=5",
+        mixed_rows, mixed_rows.parent / "run", f"model={siglip_qwen2}", *MIXED, "run.micro_batch_size=1",
+        "run.grad_accum=2", "run.max_steps=3", "run.log_every=2", "run.save_every=2", "run.keep_last=5",
     )  # fmt: skip
 
 
@@ -217,15 +223,38 @@ def test_the_log_rows_count_what_each_step_trained_on(mixed_run: dict) -> None:
 
 
 @pytest.mark.slow
-def test_the_steps_take_the_length_grouped_batches_of_the_data_seed(mixed_run: dict) -> None:
-    """Step k trains on batch k of ``length_grouped_batches(lengths, 2, seed 7, epoch 0)`` (data.seed unset: the
-    run's), micro-batch j on its row j; no seed, no epoch or no grouping would give other batches here."""
+def test_the_rows_and_their_order_follow_the_data_seed_not_the_run_seed(
+    mixed_run: dict, mixed_rows: Path
+) -> None:
+    """data.seed (12) draws the 9 rows and orders the batches; the run.seed (7) does not: the units are the mix
+    ``build_mix`` draws with seed 12 from the 12 good rows (the row without a reply skipped, and said so), and
+    step k trains on full batch k of ``length_grouped_batches(lengths, 2, 12, epoch 0)``, micro-batch j on its
+    row j. Seed 7, no seed, no epoch or no grouping would give other rows or batches here."""
+    from align.data.config import DataSource
+    from align.data.mixing import build_mix
+
+    bad = f"{mixed_rows}:13"
+    skipped = (
+        f"skipping 1 of 13 rows of {mixed_rows} (stage 1), first {bad}: an sft row must end with an assistant"
+    )
+    assert skipped in mixed_run["printed"]
+
+    def drawn(seed) -> list[str]:
+        source = DataSource(name="reasoning", path=str(mixed_rows), format="messages", sampling="random:9")
+        return [row.origin for row in build_mix([source], seed, strict=False, exclude={bad})[0]]
+
     units, batches = mixed_run["units"], mixed_run["batches"]
+    assert [u.origin for u in units] == drawn(12)
+    assert drawn(7) != drawn(12) and drawn(None) != drawn(12), "choose other seeds for this test"
     lengths = [len(u) for u in units]
-    expected = length_grouped_batches(lengths, 2, 7, 0)
-    others = [length_grouped_batches(lengths, 2, None, 0), length_grouped_batches(lengths, 2, 7, None)]
-    others.append(sft._global_batches(units, 2, 7, 0, group_by_length=False))
-    assert all(other[:3] != expected[:3] for other in others), "choose another run.seed for this test"
+
+    def full(seed, epoch) -> list[list[int]]:  # the short batch of the 9th row is dropped
+        return [b for b in length_grouped_batches(lengths, 2, seed, epoch) if len(b) == 2]
+
+    expected = full(12, 0)
+    others = [full(seed, epoch) for seed, epoch in ((7, 0), (None, 0), (12, None))]
+    others.append(sft._global_batches(units, 2, 12, 0, group_by_length=False))
+    assert all(other[:3] != expected[:3] for other in others), "choose other seeds for this test"
     trained = [units[i].input_ids for batch in expected[:3] for i in batch]
     assert [b["input_ids"][0].tolist() for b in batches] == trained
 
@@ -239,6 +268,26 @@ def test_a_checkpoint_every_save_every_steps_but_not_after_the_last(mixed_run: d
     assert mixed_run["saved"] == ["step-0000002"]
     processor = AutoProcessor.from_pretrained(mixed_run["out"] / "checkpoints/step-0000002/model")
     assert processor.image_token == "<image>"
+
+
+@pytest.mark.slow
+def test_the_summary_gives_the_last_loss_the_start_and_the_memory_held(mixed_run: dict) -> None:
+    """``summary.json``: the final loss is the last step's, a fresh run starts at 0, and one process holds the
+    weights and Adam states ``align plan`` counts for it (the frozen tower has no optimizer state)."""
+    summary, metrics = mixed_run["summary"], mixed_run["metrics"]
+    assert summary["final_loss"] == metrics[-1]["loss"]
+    assert summary["resumed_from"] == 0
+    memory = summary["memory_elements"]
+    assert memory["weights_held"] == memory["weights_plan"] > memory["optimizer_held"]
+    assert memory["optimizer_held"] == memory["optimizer_plan"] > 0
+
+
+def test_a_caller_that_passes_only_resume_never_removes_earlier_outputs() -> None:
+    """The pipeline calls ``train(recipe, dist, resume=True)``: ``overwrite`` (which removes an earlier run's
+    logs and TensorBoard events before a fresh start) must default to off."""
+    import inspect
+
+    assert inspect.signature(sft.train).parameters["overwrite"].default is False
 
 
 @pytest.mark.slow
@@ -256,7 +305,7 @@ def test_a_step_of_one_supervised_token_divides_by_one(siglip_qwen2: Path, mixed
     the step's loss is that token's cross-entropy itself, divided by 1 (the floor that guards an empty step)."""
     lines = mixed_rows.read_text().splitlines()
     one = mixed_rows.parent / "one.jsonl"
-    one.write_text(lines[3] + "\n")  # a text-only row
+    one.write_text(lines[6] + "\n")  # a text-only row
     full = _sft(one, mixed_rows.parent / "one_full", f"model={siglip_qwen2}", "run.micro_batch_size=1",
                 "run.grad_accum=1", "run.max_steps=1")  # fmt: skip
     labels = full["batches"][0]["labels"][0].tolist()
