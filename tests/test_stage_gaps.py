@@ -234,14 +234,22 @@ def test_the_rows_and_their_order_follow_the_data_seed_not_the_run_seed(
     from align.data.mixing import build_mix
 
     bad = f"{mixed_rows}:13"
+    source = DataSource(name="reasoning", path=str(mixed_rows), format="messages", sampling="random:9")
     skipped = (
         f"skipping 1 of 13 rows of {mixed_rows} (stage 1), first {bad}: an sft row must end with an assistant"
     )
     assert skipped in mixed_run["printed"]
 
     def drawn(seed) -> list[str]:
-        source = DataSource(name="reasoning", path=str(mixed_rows), format="messages", sampling="random:9")
         return [row.origin for row in build_mix([source], seed, strict=False, exclude={bad})[0]]
+
+    table = build_mix([source], 12, strict=False, exclude={bad})[1].table()
+    assert table in mixed_run["printed"]  # read 13, problems 1, kept 12, sampled 9, mixed 9
+    assert (
+        "max_length 1024: kept 9 rows, truncated the target of 0 (0 tokens), dropped 0"
+        in mixed_run["printed"]
+    )
+    assert "9 units, global batch 2, 4 steps/epoch, 3 steps" in mixed_run["printed"]
 
     units, batches = mixed_run["units"], mixed_run["batches"]
     assert [u.origin for u in units] == drawn(12)
@@ -358,3 +366,23 @@ def test_the_feature_cache_lives_in_the_output_and_is_keyed_by_what_makes_the_fe
         changed(lambda m, p: m.model.vision_tower.parameters().__next__().data.add_(1.0)),
     ]
     assert len({fingerprint, *others}) == 5, (fingerprint, others)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("packing", "what"), [("false", "rows"), ("true", "packed rows")])
+def test_fewer_rows_than_one_global_batch_are_refused_with_the_counts(
+    siglip_qwen2: Path, mixed_rows: Path, tmp_path: Path, packing: str, what: str, capsys
+) -> None:
+    """One row and a global batch of 2 x 3 (packed: still one row): the error names both sides."""
+    one = tmp_path / "one.jsonl"
+    one.write_text(mixed_rows.read_text().splitlines()[6] + "\n")  # text-only: no image path to resolve
+    argv = [
+        "sft", str(TINY / "sft.yaml"), f"model={siglip_qwen2}", f"output_dir={tmp_path / 'out'}",
+        f"data.sources.0.path={one}", f"data.packing={packing}", "run.micro_batch_size=2", "run.grad_accum=3",
+    ]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"error: 1 training {what} after length filtering, fewer than one global batch (2 micro x 3 accum x "
+        "1 ranks)\n"
+    ) in err
