@@ -185,12 +185,12 @@ MIXED = ["run.seed=7", "data.seed=12", "data.strict=false", "data.sources.0.samp
 
 @pytest.fixture(scope="module")
 def mixed_run(siglip_qwen2: Path, mixed_rows: Path) -> dict:
-    """3 of 4 steps on 9 of the 12 good mixed rows (drawn with data.seed 12; the bad row skipped, data.strict
-    false), length-grouped, 2 accumulated micro-batches of 1 row a step, a log row and a checkpoint every 2
-    steps; torch seeded from run.seed 7."""
+    """4 steps (an epoch) on 9 of the 12 good mixed rows (drawn with data.seed 12; the bad row skipped,
+    data.strict false), length-grouped, 2 accumulated micro-batches of 1 row a step, a log row and a
+    checkpoint every 3 steps; torch seeded from run.seed 7."""
     return _sft(
         mixed_rows, mixed_rows.parent / "run", f"model={siglip_qwen2}", *MIXED, "run.micro_batch_size=1",
-        "run.grad_accum=2", "run.max_steps=3", "run.log_every=2", "run.save_every=2", "run.keep_last=5",
+        "run.grad_accum=2", "run.max_steps=4", "run.log_every=3", "run.save_every=3", "run.keep_last=5",
     )  # fmt: skip
 
 
@@ -200,12 +200,13 @@ def _tokens(batch: dict) -> int:
 
 @pytest.mark.slow
 def test_the_log_rows_count_what_each_step_trained_on(mixed_run: dict) -> None:
-    """A row at step 2 (log_every) and at the last step 3, not at step 1; each row's counts are those of the
-    step's own 2 micro-batches, recounted here from the batches the loss saw."""
+    """A row at step 3 (log_every) and at the last step 4, not at 1 or 2 (log_every 3 tells ``step + 1`` from
+    ``step - 1``, which log_every 2 does not); each row's counts are those of the step's own 2 micro-batches,
+    recounted here from the batches the loss saw."""
     metrics, batches = mixed_run["metrics"], mixed_run["batches"]
-    assert len(batches) == 6
-    assert [r["step"] for r in metrics] == [2, 3]
-    assert sum(not b["images"] for b in batches) in range(1, 6), "text-only and image rows both trained"
+    assert len(batches) == 8
+    assert [r["step"] for r in metrics] == [3, 4]
+    assert sum(not b["images"] for b in batches) in range(1, 8), "text-only and image rows both trained"
     for r in metrics:
         step = batches[2 * r["step"] - 2 : 2 * r["step"]]
         assert r["images"] == sum(len(b["images"]) for b in step)
@@ -216,7 +217,7 @@ def test_the_log_rows_count_what_each_step_trained_on(mixed_run: dict) -> None:
     # a step not split half and half: counting image micro-batches instead would differ there
     assert any(r["text_only_micro_batches"] != 1 for r in metrics)
     summary = mixed_run["summary"]
-    assert summary["steps"] == 3
+    assert summary["steps"] == 4
     assert summary["tokens_per_s"] * summary["wall_time_s"] == pytest.approx(
         sum(_tokens(b) for b in batches), rel=1e-6
     )
@@ -249,7 +250,7 @@ def test_the_rows_and_their_order_follow_the_data_seed_not_the_run_seed(
         "max_length 1024: kept 9 rows, truncated the target of 0 (0 tokens), dropped 0"
         in mixed_run["printed"]
     )
-    assert "9 units, global batch 2, 4 steps/epoch, 3 steps" in mixed_run["printed"]
+    assert "9 units, global batch 2, 4 steps/epoch, 4 steps" in mixed_run["printed"]
 
     units, batches = mixed_run["units"], mixed_run["batches"]
     assert [u.origin for u in units] == drawn(12)
@@ -262,19 +263,20 @@ def test_the_rows_and_their_order_follow_the_data_seed_not_the_run_seed(
     expected = full(12, 0)
     others = [full(seed, epoch) for seed, epoch in ((7, 0), (None, 0), (12, None))]
     others.append(sft._global_batches(units, 2, 12, 0, group_by_length=False))
-    assert all(other[:3] != expected[:3] for other in others), "choose other seeds for this test"
-    trained = [units[i].input_ids for batch in expected[:3] for i in batch]
+    assert all(other != expected for other in others), "choose other seeds for this test"
+    trained = [units[i].input_ids for batch in expected for i in batch]
     assert [b["input_ids"][0].tolist() for b in batches] == trained
 
 
 @pytest.mark.slow
 def test_a_checkpoint_every_save_every_steps_but_not_after_the_last(mixed_run: dict) -> None:
-    """save_every 2 of 3 steps: step 2 only (the final model is the output's own ``model/``), a model folder
-    with its processor, so that it loads on its own."""
+    """save_every 3 of 4 steps: step 3 only, not the last (the final model is the output's own ``model/``);
+    save_every 2 would not tell ``step + 1`` from ``step - 1``. A model folder with its processor, so that it
+    loads on its own."""
     from transformers import AutoProcessor
 
-    assert mixed_run["saved"] == ["step-0000002"]
-    processor = AutoProcessor.from_pretrained(mixed_run["out"] / "checkpoints/step-0000002/model")
+    assert mixed_run["saved"] == ["step-0000003"]
+    processor = AutoProcessor.from_pretrained(mixed_run["out"] / "checkpoints/step-0000003/model")
     assert processor.image_token == "<image>"
 
 
@@ -290,12 +292,32 @@ def test_the_summary_gives_the_last_loss_the_start_and_the_memory_held(mixed_run
     assert memory["optimizer_held"] == memory["optimizer_plan"] > 0
 
 
-def test_a_caller_that_passes_only_resume_never_removes_earlier_outputs() -> None:
-    """The pipeline calls ``train(recipe, dist, resume=True)``: ``overwrite`` (which removes an earlier run's
-    logs and TensorBoard events before a fresh start) must default to off."""
-    import inspect
+@pytest.mark.slow
+def test_a_caller_that_passes_only_resume_keeps_earlier_outputs(
+    siglip_qwen2: Path, mixed_rows: Path, tmp_path: Path
+) -> None:
+    """The pipeline calls ``train(recipe, dist, resume=True)``: with no checkpoint to resume, a fresh start
+    keeps what an earlier attempt left (``overwrite`` defaults to off; on, it would remove TensorBoard events)."""
+    import contextlib
+    import io
 
-    assert inspect.signature(sft.train).parameters["overwrite"].default is False
+    from align.config import load_any
+    from align.engine import init_distributed
+
+    one = tmp_path / "one.jsonl"
+    one.write_text(mixed_rows.read_text().splitlines()[6] + "\n")
+    out = tmp_path / "out"
+    (out / "tensorboard").mkdir(parents=True)
+    (out / "tensorboard" / "events.earlier").write_text("an earlier attempt's events")
+    overrides = [
+        f"model={siglip_qwen2}", f"output_dir={out}", f"data.sources.0.path={one}", "run.micro_batch_size=1",
+        "run.grad_accum=1", "run.max_steps=1", "run.tensorboard=false", "run.save_every=0",
+    ]  # fmt: skip
+    recipe = load_any(TINY / "sft.yaml", overrides, expect="sft")
+    with contextlib.redirect_stdout(io.StringIO()):
+        sft.train(recipe, init_distributed(), resume=True)
+    assert (out / "model" / "config.json").is_file()
+    assert (out / "tensorboard" / "events.earlier").is_file()
 
 
 @pytest.mark.slow
@@ -303,7 +325,7 @@ def test_each_step_seeds_torch_from_the_run_seed_and_the_step(mixed_run: dict) -
     """Dropout and any other draw of a step depend on (run.seed, step) only, so a resumed run replays them:
     the stage seeds ``run.seed * 1_000_003 + step`` (an int) before each step's forward passes."""
     step_seeds = [s for s in mixed_run["seeds"] if s != 7]
-    assert step_seeds[-3:] == [7 * 1_000_003 + step for step in range(3)]
+    assert step_seeds[-4:] == [7 * 1_000_003 + step for step in range(4)]
     assert all(type(s) is int for s in mixed_run["seeds"])
 
 
