@@ -408,3 +408,41 @@ def test_fewer_rows_than_one_global_batch_are_refused_with_the_counts(
         f"error: 1 training {what} after length filtering, fewer than one global batch (2 micro x 3 accum x "
         "1 ranks)\n"
     ) in err
+
+
+@pytest.mark.slow
+def test_without_a_data_seed_the_run_seed_orders_the_rows(siglip_qwen2: Path, mixed_rows: Path) -> None:
+    """data.seed unset: the 12 good rows go in the order of ``length_grouped_batches(lengths, 1, run.seed 3, 0)``
+    (the longest first), not of an unseeded draw."""
+    run = _sft(
+        mixed_rows, mixed_rows.parent / "run_seed", f"model={siglip_qwen2}", "run.seed=3", "data.strict=false",
+        "run.micro_batch_size=1", "run.grad_accum=1", "run.max_steps=3",
+    )  # fmt: skip
+    units = run["units"]
+    lengths = [len(u) for u in units]
+    expected = length_grouped_batches(lengths, 1, 3, 0)[:3]
+    assert length_grouped_batches(lengths, 1, None, 0)[:3] != expected, (
+        "choose another run.seed for this test"
+    )
+    assert [b["input_ids"][0].tolist() for b in run["batches"]] == [units[i].input_ids for (i,) in expected]
+
+
+def test_no_max_steps_trains_every_epoch_however_many_steps(
+    siglip_qwen2: Path, mixed_rows: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """run.max_steps unset (null) caps nothing: 11 epochs of 12 one-row steps are 132 steps (the steps themselves are
+    skipped here: only the count is under test)."""
+    import contextlib
+    import io
+    import json
+
+    monkeypatch.setattr(sft, "_step", lambda s, step, control: None)
+    argv = [
+        "sft", str(TINY / "sft.yaml"), f"model={siglip_qwen2}", f"output_dir={tmp_path / 'out'}",
+        f"data.sources.0.path={mixed_rows}", "data.strict=false", "run.micro_batch_size=1", "run.grad_accum=1",
+        "run.epochs=11", "run.tensorboard=false", "run.save_every=0",
+    ]  # fmt: skip
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        assert main(argv) == 0
+    assert "12 units, global batch 1, 12 steps/epoch, 132 steps" in printed.getvalue()
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["steps"] == 132
