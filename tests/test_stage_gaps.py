@@ -446,3 +446,47 @@ def test_no_max_steps_trains_every_epoch_however_many_steps(
         assert main(argv) == 0
     assert "12 units, global batch 1, 12 steps/epoch, 132 steps" in printed.getvalue()
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["steps"] == 132
+
+
+# --- align/stages/sft.py: the forward -----------------------------------------------------------------------------
+
+
+def test_the_training_forward_gives_hf_llavas_own_loss(siglip_qwen2: Path, mixed_rows: Path) -> None:
+    """``forward_loss_sum`` on an image row beside a text-only row, and on text-only rows alone (the blank-image
+    term), is the summed token cross-entropy of transformers' own Llava forward (``pixel_values`` from the
+    processor) on the same ids: the stage's embedding path, not the replay's, is what is checked here."""
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from align.checkpoint import image_seq_len, load_llava
+    from align.data.config import DataSource
+    from align.data.encode import encode_sft
+    from align.data.mixing import build_mix
+
+    model, processor = load_llava(siglip_qwen2)
+    model.eval()
+    source = DataSource(name="s", path=str(mixed_rows), format="messages")
+    samples = build_mix([source], 0, strict=False, exclude={f"{mixed_rows}:13"})[0]
+    units = [
+        encode_sft(s, processor.tokenizer, model.config.image_token_id, image_seq_len(processor))
+        for s in (samples[0], samples[6], samples[7])
+    ]
+    assert [u.n_images for u in units] == [1, 0, 0]
+    cpu = torch.device("cpu")
+    for rows in ([units[0], units[1]], [units[1], units[2]]):
+        batch = sft._collate(rows, packing=False, pad_id=processor.tokenizer.pad_token_id)
+        with torch.no_grad():
+            got, n = sft.forward_loss_sum(model, model, batch, processor, None, 10**8, cpu)
+            images = [Image.open(p).convert("RGB") for p in batch["images"]]
+            pixels = (
+                processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+                if images
+                else None
+            )
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=pixels
+            ).logits
+        labels = batch["labels"][:, 1:].reshape(-1)
+        want = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels, reduction="sum")
+        assert n == int((labels != IGNORE_INDEX).sum()) > 0
+        assert float(got) == pytest.approx(float(want), rel=1e-5)
