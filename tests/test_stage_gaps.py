@@ -112,17 +112,28 @@ def test_collate_lists_every_image_with_its_row_padded_and_packed() -> None:
 
 def _sft(data: Path, out: Path, *overrides: str) -> dict:
     """``align sft recipes/tiny/sft.yaml`` in this process on ``data``; records every micro-batch the stage
-    formed and the loss sum it got for it, every ``torch.manual_seed`` it called, and the wall time."""
+    formed and the loss sum it got for it, every ``torch.manual_seed`` it called, the wall time, and what it
+    handed a stand-in ``wandb`` module (``wandb`` is not a dependency, and must not reach the network here)."""
     import contextlib
     import io
     import json
+    import sys
     import time
+    from types import SimpleNamespace
 
     batches: list[dict] = []
     sums: list[float] = []
     seeds: list = []
     units: list = []
+    wandb: dict = {"init": [], "log": [], "finished": 0}
     original, fit_all = sft.forward_loss_sum, sft.fit_all
+
+    def wandb_init(**kwargs):
+        wandb["init"].append(kwargs)
+        return SimpleNamespace(
+            log=lambda metrics, step: wandb["log"].append((step, metrics)),
+            finish=lambda: wandb.update(finished=wandb["finished"] + 1),
+        )
 
     def fitted(*args, **kwargs):
         encoded, report = fit_all(*args, **kwargs)
@@ -143,6 +154,7 @@ def _sft(data: Path, out: Path, *overrides: str) -> dict:
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(io.StringIO()) as stdout:
         mp.setattr(sft, "forward_loss_sum", observed)
         mp.setattr(sft, "fit_all", fitted)
+        mp.setitem(sys.modules, "wandb", SimpleNamespace(init=wandb_init))
         mp.setattr(torch, "manual_seed", lambda s: (seeds.append(s), manual_seed(s))[1])
         t0 = time.perf_counter()
         assert main(argv) == 0, stdout.getvalue()[-3000:]
@@ -154,7 +166,7 @@ def _sft(data: Path, out: Path, *overrides: str) -> dict:
     )
     return {
         "batches": batches, "sums": sums, "seeds": seeds, "wall": wall, "metrics": metrics, "summary": summary,
-        "saved": saved, "out": out, "units": units, "printed": stdout.getvalue(),
+        "saved": saved, "out": out, "units": units, "printed": stdout.getvalue(), "wandb": wandb,
     }  # fmt: skip
 
 
@@ -191,6 +203,7 @@ def mixed_run(siglip_qwen2: Path, mixed_rows: Path) -> dict:
     return _sft(
         mixed_rows, mixed_rows.parent / "run", f"model={siglip_qwen2}", *MIXED, "run.micro_batch_size=1",
         "run.grad_accum=2", "run.max_steps=4", "run.log_every=3", "run.save_every=3", "run.keep_last=5",
+        "run.wandb_project=gaps",
     )  # fmt: skip
 
 
@@ -318,6 +331,27 @@ def test_a_caller_that_passes_only_resume_keeps_earlier_outputs(
         sft.train(recipe, init_distributed(), resume=True)
     assert (out / "model" / "config.json").is_file()
     assert (out / "tensorboard" / "events.earlier").is_file()
+
+
+@pytest.mark.slow
+def test_wandb_gets_the_project_the_resolved_recipe_and_each_log_row(mixed_run: dict) -> None:
+    """``run.wandb_project``: ``wandb.init(project, config=<the resolved recipe>, dir=<output_dir>)``, every log
+    row as written to metrics.jsonl, ``finish`` once; and the plain progress line of each logged step."""
+    import yaml
+
+    wandb, out = mixed_run["wandb"], mixed_run["out"]
+    (init,) = wandb["init"]
+    assert init == {
+        "project": "gaps",
+        "config": yaml.safe_load((out / "recipe.resolved.yaml").read_text()),
+        "dir": str(out),
+    }
+    assert [(step, {"step": step, **row}) for step, row in wandb["log"]] == [
+        (r["step"], r) for r in mixed_run["metrics"]
+    ]
+    assert wandb["finished"] == 1
+    steps = [line.split()[:2] for line in mixed_run["printed"].splitlines() if line.startswith("step ")]
+    assert steps == [["step", "3/4"], ["step", "4/4"]]
 
 
 @pytest.mark.slow
@@ -490,3 +524,22 @@ def test_the_training_forward_gives_hf_llavas_own_loss(siglip_qwen2: Path, mixed
         want = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels, reduction="sum")
         assert n == int((labels != IGNORE_INDEX).sum()) > 0
         assert float(got) == pytest.approx(float(want), rel=1e-5)
+
+
+def test_an_image_gone_since_the_check_is_named_with_its_own_row(siglip_qwen2: Path, tmp_path: Path) -> None:
+    """Rows are checked before training; a file removed after that fails in the forward, naming the row of
+    that image (the second of two here), not the first row or none."""
+    from PIL import Image
+
+    from align.checkpoint import load_llava
+    from align.errors import AlignError
+
+    model, processor = load_llava(siglip_qwen2)
+    there = tmp_path / "there.png"
+    Image.new("RGB", (16, 16), "red").save(there)
+    gone = tmp_path / "gone.png"
+    with pytest.raises(AlignError) as err:
+        sft._image_features(
+            model, [str(there), str(gone)], processor, None, 10**8, ["d.jsonl:4", "d.jsonl:9"]
+        )
+    assert str(err.value).startswith(f"d.jsonl:9: image not found: {gone}")
