@@ -543,3 +543,45 @@ def test_an_image_gone_since_the_check_is_named_with_its_own_row(siglip_qwen2: P
             model, [str(there), str(gone)], processor, None, 10**8, ["d.jsonl:4", "d.jsonl:9"]
         )
     assert str(err.value).startswith(f"d.jsonl:9: image not found: {gone}")
+
+
+@pytest.mark.parametrize("strategy", ["full", "default"])
+def test_a_text_only_batch_runs_the_tower_as_an_image_batch_does(
+    siglip_qwen2: Path, tmp_path: Path, strategy: str
+) -> None:
+    """No image: one blank image through the same tower modules and the same feature selection, so exactly one
+    image's features come back (``input_embeddings`` adds 0 x them): every rank then runs the same modules,
+    which ZeRO-3 and DDP need whatever a rank's rows hold."""
+    from PIL import Image
+
+    from align.checkpoint import load_llava
+
+    model, processor = load_llava(siglip_qwen2)
+    model.config.vision_feature_select_strategy = strategy
+    image = tmp_path / "image.png"
+    Image.new("RGB", (40, 30), "blue").save(image)
+    ran: list[str] = []
+    for name, module in model.model.vision_tower.named_modules():
+        module.register_forward_hook(lambda m, i, o, name=name: ran.append(name))
+    with torch.no_grad():
+        blank = sft._image_features(model, [], processor, None, 10**8)
+        blank_modules, ran[:] = list(ran), []
+        one = sft._image_features(model, [str(image)], processor, None, 10**8)
+    assert blank_modules == ran
+    assert blank.shape == one.shape
+    assert one.shape[1] == model.config.text_config.hidden_size
+
+
+def test_the_tower_inputs_take_the_towers_dtype(siglip_qwen2: Path, tmp_path: Path) -> None:
+    """bf16 weights (ZeRO in bf16 trains bf16 weights): the pixels and the blank image are cast to the tower's
+    dtype; fp32 inputs would fail in the tower's first convolution."""
+    from PIL import Image
+
+    from align.checkpoint import load_llava
+
+    model, processor = load_llava(siglip_qwen2, dtype=torch.bfloat16)
+    image = tmp_path / "image.png"
+    Image.new("RGB", (40, 30), "blue").save(image)
+    with torch.no_grad():
+        for images in ([], [str(image)]):
+            assert sft._image_features(model, images, processor, None, 10**8).dtype == torch.bfloat16
