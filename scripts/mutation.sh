@@ -125,7 +125,9 @@ for m in "${modules[@]}"; do
     commit="$(cat "$shard/commit.txt")"
   fi
   started=$(date -u +%Y-%m-%dT%H:%MZ)
-  echo "== $m: mutating ${files[*]} with ${tests[*]} -m '${MARKS[$m]:-not distributed}'"
+  # the shard's own selection (a resumed shard keeps the one it started with)
+  selection=$(sed -n 's/^pytest_add_cli_args_test_selection = //p' "$shard/pyproject.toml")
+  echo "== $m: mutating ${files[*]} with $selection"
   start=$(date +%s)
   (cd "$shard" && nice -n 19 "$PYTHON" -m mutmut run --max-children "$CHILDREN") > "$shard/run.log" 2>&1 \
     || { echo "mutmut failed on $m (log: $shard/run.log); going on with the next module"; failed+=("$m"); continue; }
@@ -137,7 +139,7 @@ for m in "${modules[@]}"; do
   done > "$shard/survivors.diff" 2>&1
   {
     echo "module: $m"
-    echo "tests: ${tests[*]} -m '${MARKS[$m]:-not distributed}'"
+    echo "tests: $selection"
     echo "commit: $commit"
     echo "started: $started"
     echo "wall_s: $wall"

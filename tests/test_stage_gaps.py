@@ -543,6 +543,34 @@ def test_an_image_gone_since_the_check_is_named_with_its_own_row(siglip_qwen2: P
             model, [str(there), str(gone)], processor, None, 10**8, ["d.jsonl:4", "d.jsonl:9"]
         )
     assert str(err.value).startswith(f"d.jsonl:9: image not found: {gone}")
+    batch = sft._collate([_row([IGNORE_INDEX, 1], "d.jsonl:9", images=[str(gone)])], False, pad_id=0)
+    with pytest.raises(AlignError) as err:
+        sft.input_embeddings(model, batch, processor, None, 10**8, torch.device("cpu"))
+    assert str(err.value).startswith(f"d.jsonl:9: image not found: {gone}")
+
+
+def test_image_features_enter_the_embeddings_in_their_dtype_under_autocast(
+    siglip_qwen2: Path, mixed_rows: Path
+) -> None:
+    """bf16 autocast (how single and DDP runs train on GPU) makes the projector's output bf16 while the token
+    embeddings stay fp32: the features are cast to the embeddings' dtype before they are written in."""
+    from align.checkpoint import image_seq_len, load_llava
+    from align.data.config import DataSource
+    from align.data.encode import encode_sft
+    from align.data.mixing import build_mix
+
+    model, processor = load_llava(siglip_qwen2)
+    source = DataSource(name="s", path=str(mixed_rows), format="messages")
+    sample = build_mix([source], 0, strict=False, exclude={f"{mixed_rows}:13"})[0][0]
+    unit = encode_sft(sample, processor.tokenizer, model.config.image_token_id, image_seq_len(processor))
+    batch = sft._collate([unit], packing=False, pad_id=processor.tokenizer.pad_token_id)
+    cpu = torch.device("cpu")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        embeds = sft.input_embeddings(model, batch, processor, None, 10**8, cpu)
+        features = sft._image_features(model, batch["images"], processor, None, 10**8)
+    assert features.dtype == torch.bfloat16 and embeds.dtype == torch.float32
+    at_images = batch["input_ids"][0] == model.config.image_token_id
+    assert torch.equal(embeds[0][at_images], features.float())
 
 
 @pytest.mark.parametrize("strategy", ["full", "default"])
