@@ -613,3 +613,26 @@ def test_the_tower_inputs_take_the_towers_dtype(siglip_qwen2: Path, tmp_path: Pa
     with torch.no_grad():
         for images in ([], [str(image)]):
             assert sft._image_features(model, images, processor, None, 10**8).dtype == torch.bfloat16
+
+
+def test_image_tokens_that_do_not_match_the_features_are_refused_with_both_counts(
+    siglip_qwen2: Path, tmp_path: Path
+) -> None:
+    """Rows encoded for another image size: 3 image tokens for one image of ``image_seq_len`` features."""
+    from PIL import Image
+
+    from align.checkpoint import image_seq_len, load_llava
+    from align.errors import AlignError
+
+    model, processor = load_llava(siglip_qwen2)
+    image = tmp_path / "image.png"
+    Image.new("RGB", (40, 30), "blue").save(image)
+    unit = _row([IGNORE_INDEX] * 4 + [5], images=[str(image)])
+    unit.input_ids[:3] = [model.config.image_token_id] * 3
+    batch = sft._collate([unit], packing=False, pad_id=0)
+    with pytest.raises(AlignError) as err:
+        sft.input_embeddings(model, batch, processor, None, 10**8, torch.device("cpu"))
+    assert str(err.value) == (
+        f"3 image tokens in the micro-batch but {image_seq_len(processor)} image features (1 images): the data "
+        "was encoded for another image size"
+    )
