@@ -192,7 +192,11 @@ def mixed_rows(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return train / "mixed.jsonl"
 
 
-MIXED = ["run.seed=7", "data.seed=12", "data.strict=false", "data.sources.0.sampling=random:9"]
+MIXED = [
+    "run.seed=7", "data.seed=12", "data.strict=false", "data.sources.0.sampling=random:9", "run.micro_batch_size=1",
+    "run.grad_accum=2", "run.max_steps=4", "run.log_every=3", "run.save_every=3", "run.keep_last=5",
+    "run.wandb_project=gaps",
+]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -201,9 +205,7 @@ def mixed_run(siglip_qwen2: Path, mixed_rows: Path) -> dict:
     data.strict false), length-grouped, 2 accumulated micro-batches of 1 row a step, a log row and a
     checkpoint every 3 steps; torch seeded from run.seed 7."""
     return _sft(
-        mixed_rows, mixed_rows.parent / "run", f"model={siglip_qwen2}", *MIXED, "run.micro_batch_size=1",
-        "run.grad_accum=2", "run.max_steps=4", "run.log_every=3", "run.save_every=3", "run.keep_last=5",
-        "run.wandb_project=gaps",
+        mixed_rows, mixed_rows.parent / "run", f"model={siglip_qwen2}", *MIXED,
     )  # fmt: skip
 
 
@@ -327,8 +329,12 @@ def test_a_caller_that_passes_only_resume_keeps_earlier_outputs(
         "run.grad_accum=1", "run.max_steps=1", "run.tensorboard=false", "run.save_every=0",
     ]  # fmt: skip
     recipe = load_any(TINY / "sft.yaml", overrides, expect="sft")
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
         sft.train(recipe, init_distributed(), resume=True)
+    assert (
+        f"--resume: no complete checkpoint under {out / 'checkpoints'}; starting at step 0"
+        in printed.getvalue()
+    )
     assert (out / "model" / "config.json").is_file()
     assert (out / "tensorboard" / "events.earlier").is_file()
 
@@ -352,6 +358,36 @@ def test_wandb_gets_the_project_the_resolved_recipe_and_each_log_row(mixed_run: 
     assert wandb["finished"] == 1
     steps = [line.split()[:2] for line in mixed_run["printed"].splitlines() if line.startswith("step ")]
     assert steps == [["step", "3/4"], ["step", "4/4"]]
+
+
+@pytest.mark.slow
+def test_a_resumed_run_goes_on_from_its_checkpoints_step(
+    mixed_run: dict, mixed_rows: Path, siglip_qwen2: Path, tmp_path: Path
+) -> None:
+    """The mixed run's outputs as an interrupted run leaves them (no final model) and ``--resume``: it loads
+    the step-3 checkpoint and trains step 4 only, to the uninterrupted run's loss, grad norm and weights."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    shutil.copytree(mixed_run["out"], out)
+    shutil.rmtree(out / "model")
+    (out / "summary.json").unlink()
+    resumed = _sft(mixed_rows, out, f"model={siglip_qwen2}", *MIXED, "--resume")
+    assert len(resumed["batches"]) == 2, "step 4's two micro-batches only"
+    assert resumed["summary"]["resumed_from"] == 3
+    assert [r["step"] for r in resumed["metrics"]] == [3, 4]
+    for key in ("loss", "grad_norm", "lr"):
+        assert resumed["metrics"][1][key] == pytest.approx(mixed_run["metrics"][1][key], rel=1e-6), key
+    final, once = (
+        load_file(out / "model/model.safetensors"),
+        load_file(mixed_run["out"] / "model/model.safetensors"),
+    )
+    assert max(float((final[k] - once[k]).abs().max()) for k in once) <= 1e-6
+    # the resolved recipe is the first run's (its output_dir is the original folder): a resume does not rewrite it
+    resolved = (mixed_run["out"] / "recipe.resolved.yaml").read_text()
+    assert (out / "recipe.resolved.yaml").read_text() == resolved and str(out) not in resolved
 
 
 @pytest.mark.slow
