@@ -312,29 +312,35 @@ def test_a_caller_that_passes_only_resume_keeps_earlier_outputs(
     siglip_qwen2: Path, mixed_rows: Path, tmp_path: Path
 ) -> None:
     """The pipeline calls ``train(recipe, dist, resume=True)``: with no checkpoint to resume, a fresh start
-    keeps what an earlier attempt left (``overwrite`` defaults to off; on, it would remove TensorBoard events)."""
+    keeps what an earlier attempt left (``overwrite`` defaults to off; on, it would remove TensorBoard events).
+    What the stage says goes through ``dist.log`` (the main rank's voice), the skipped bad row included: a
+    plain ``print`` would repeat it on every rank."""
     import contextlib
     import io
 
     from align.config import load_any
-    from align.engine import init_distributed
+    from align.engine import Dist
 
-    one = tmp_path / "one.jsonl"
-    one.write_text(mixed_rows.read_text().splitlines()[6] + "\n")
+    logged: list[str] = []
+
+    class RecordingDist(Dist):
+        def log(self, *parts) -> None:
+            logged.append(" ".join(map(str, parts)))
+
     out = tmp_path / "out"
     (out / "tensorboard").mkdir(parents=True)
     (out / "tensorboard" / "events.earlier").write_text("an earlier attempt's events")
     overrides = [
-        f"model={siglip_qwen2}", f"output_dir={out}", f"data.sources.0.path={one}", "run.micro_batch_size=1",
-        "run.grad_accum=1", "run.max_steps=1", "run.tensorboard=false", "run.save_every=0",
+        f"model={siglip_qwen2}", f"output_dir={out}", f"data.sources.0.path={mixed_rows}", "data.strict=false",
+        "run.micro_batch_size=1", "run.grad_accum=1", "run.max_steps=1", "run.tensorboard=false",
+        "run.save_every=0",
     ]  # fmt: skip
     recipe = load_any(TINY / "sft.yaml", overrides, expect="sft")
     with contextlib.redirect_stdout(io.StringIO()) as printed:
-        sft.train(recipe, init_distributed(), resume=True)
-    assert (
-        f"--resume: no complete checkpoint under {out / 'checkpoints'}; starting at step 0"
-        in printed.getvalue()
-    )
+        sft.train(recipe, RecordingDist(0, 1, 0, torch.device("cpu"), False), resume=True)
+    assert f"--resume: no complete checkpoint under {out / 'checkpoints'}; starting at step 0" in logged
+    assert any(line.startswith("data.strict is false: skipping 1 of 13 rows") for line in logged)
+    assert "skipping" not in printed.getvalue()
     assert (out / "model" / "config.json").is_file()
     assert (out / "tensorboard" / "events.earlier").is_file()
 
