@@ -1,6 +1,8 @@
-"""Small cases that kill the mutants ``scripts/mutation.sh stages/...`` found surviving in ``align/stages/``
-(docs/testing.md lists them): the stage helpers called directly on hand-made rows and the tiny zoo Llava, and
-the stage commands' refusals. Each expected number is worked out here, not read back from the code under test.
+"""Cases that kill the mutants ``scripts/mutation.sh stages/sft`` found surviving in ``align/stages/``
+(docs/testing.md lists them). The stage helpers are called directly on hand-made rows and the tiny zoo Llava.
+One observed 4-step ``align sft`` run (mixed image and text-only rows, a sampled source, a bad row skipped)
+is checked for what it trained on, in which order, and what it logged, printed and saved; a copy of it is
+resumed. Each expected number is worked out here (or by transformers), not read back from the code under test.
 
     .venv/bin/pytest -q tests/test_stage_gaps.py
 """
