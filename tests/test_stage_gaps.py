@@ -1,5 +1,5 @@
-"""Cases that kill the mutants ``scripts/mutation.sh stages/sft`` found surviving in ``align/stages/``
-(docs/testing.md lists them). The stage helpers are called directly on hand-made rows and the tiny zoo Llava.
+"""Cases that kill the mutants ``scripts/mutation.sh stages/sft`` (and ``stages/grpo``, begun) found surviving
+in ``align/stages/`` (docs/testing.md lists them). The stage helpers are called directly on hand-made rows and the tiny zoo Llava.
 One observed 4-step ``align sft`` run (mixed image and text-only rows, a sampled source, a bad row skipped)
 is checked for what it trained on, in which order, and what it logged, printed and saved; a copy of it is
 resumed. Each expected number is worked out here (or by transformers), not read back from the code under test.
@@ -680,3 +680,32 @@ def test_image_tokens_that_do_not_match_the_features_are_refused_with_both_count
         f"3 image tokens in the micro-batch but {image_seq_len(processor)} image features (1 images): the data "
         "was encoded for another image size"
     )
+
+
+# --- align/stages/grpo.py ---------------------------------------------------------------------------------------
+
+
+def test_the_sampling_mismatch_row_takes_means_of_means_and_extremes_of_extremes() -> None:
+    """TRL's names; two micro-batches' statistics (one process): the means are averaged, the max is the larger
+    max and the min the smaller min, not the first or last micro-batch's."""
+    from types import SimpleNamespace
+
+    from align.engine import Dist
+    from align.stages import grpo
+
+    stats = [
+        SimpleNamespace(
+            logp_difference_mean=0.25, logp_difference_max=0.5, ratio_min=0.75, ratio_mean=1.0, ratio_max=1.5
+        ),
+        SimpleNamespace(
+            logp_difference_mean=0.75, logp_difference_max=2.0, ratio_min=0.5, ratio_mean=1.5, ratio_max=1.25
+        ),
+    ]
+    row = grpo._mismatch_row(Dist(0, 1, 0, torch.device("cpu"), False), stats)
+    assert row == {
+        "sampling/sampling_logp_difference/mean": pytest.approx(0.5),
+        "sampling/sampling_logp_difference/max": 2.0,
+        "sampling/importance_sampling_ratio/min": 0.5,
+        "sampling/importance_sampling_ratio/mean": pytest.approx(1.25),
+        "sampling/importance_sampling_ratio/max": 1.5,
+    }
