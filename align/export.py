@@ -248,6 +248,32 @@ def _stage_lines(number: int, record: StageRecord) -> list[str]:
     return [*lines, ""]
 
 
+def _usage_lines(name: str) -> list[str]:
+    """The model card's "Usage" section: loading ``name`` and chatting about an image, two ways."""
+    return [
+        "## Usage",
+        "",
+        "```python",
+        "from transformers import AutoProcessor, LlavaForConditionalGeneration, pipeline",
+        "",
+        f'model = LlavaForConditionalGeneration.from_pretrained("{name}")',
+        f'processor = AutoProcessor.from_pretrained("{name}")',
+        "messages = [",
+        '    {"role": "user", "content": [{"type": "image", "path": "picture.png"}, '
+        '{"type": "text", "text": "What is in this picture?"}]}',
+        "]",
+        "inputs = processor.apply_chat_template(",
+        '    messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"',
+        ")",
+        "output = model.generate(**inputs, max_new_tokens=1024)",
+        'print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
+        "",
+        f'chat = pipeline("image-text-to-text", model="{name}")',
+        'print(chat(text=messages, max_new_tokens=1024, return_full_text=False)[0]["generated_text"])',
+        "```",
+    ]
+
+
 def model_card(
     *,
     name: str,
@@ -289,26 +315,7 @@ def model_card(
         "",
         f"Each image becomes {config.image_seq_length} image tokens.",
         "",
-        "## Usage",
-        "",
-        "```python",
-        "from transformers import AutoProcessor, LlavaForConditionalGeneration, pipeline",
-        "",
-        f'model = LlavaForConditionalGeneration.from_pretrained("{name}")',
-        f'processor = AutoProcessor.from_pretrained("{name}")',
-        "messages = [",
-        '    {"role": "user", "content": [{"type": "image", "path": "picture.png"}, '
-        '{"type": "text", "text": "What is in this picture?"}]}',
-        "]",
-        "inputs = processor.apply_chat_template(",
-        '    messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"',
-        ")",
-        "output = model.generate(**inputs, max_new_tokens=1024)",
-        'print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))',
-        "",
-        f'chat = pipeline("image-text-to-text", model="{name}")',
-        'print(chat(text=messages, max_new_tokens=1024, return_full_text=False)[0]["generated_text"])',
-        "```",
+        *_usage_lines(name),
         "",
         "String content with an `<image>` placeholder works too "
         '(`"content": "<image>\\nWhat is in this picture?"`). The chat template writes the BOS token itself: '
