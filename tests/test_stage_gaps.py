@@ -9,16 +9,34 @@ resumed. Each expected number is worked out here (or by transformers), not read 
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import random
+import shutil
+import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import AutoProcessor
 
+from align.checkpoint import image_seq_len, load_llava
 from align.cli import main
+from align.config import load_any
 from align.data.batching import length_grouped_batches, pack
-from align.data.encode import IGNORE_INDEX, Encoded
-from align.stages import sft
+from align.data.config import DataSource
+from align.data.encode import IGNORE_INDEX, Encoded, encode_sft
+from align.data.mixing import build_mix
+from align.engine import Dist
+from align.errors import AlignError
+from align.stages import grpo, sft
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -116,13 +134,6 @@ def _sft(data: Path, out: Path, *overrides: str) -> dict:
     """``align sft recipes/tiny/sft.yaml`` in this process on ``data``; records every micro-batch the stage
     formed and the loss sum it got for it, every ``torch.manual_seed`` it called, the wall time, and what it
     handed a stand-in ``wandb`` module (``wandb`` is not a dependency, and must not reach the network here)."""
-    import contextlib
-    import io
-    import json
-    import sys
-    import time
-    from types import SimpleNamespace
-
     batches: list[dict] = []
     sums: list[float] = []
     seeds: list = []
@@ -175,10 +186,6 @@ def _sft(data: Path, out: Path, *overrides: str) -> dict:
 @pytest.fixture(scope="module")
 def mixed_rows(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """6 synthetic image rows, the same 6 without their image, and at line 13 a row that ends with a question (well formed, but with no reply to learn)."""
-    import contextlib
-    import io
-    import json
-
     root = tmp_path_factory.mktemp("stage_gaps")
     with contextlib.redirect_stdout(io.StringIO()):
         assert main(["data", "synth", "--out", str(root / "synth"), "--train", "6", "--test", "1"]) == 0
@@ -248,9 +255,6 @@ def test_the_rows_and_their_order_follow_the_data_seed_not_the_run_seed(
     ``build_mix`` draws with seed 12 from the 12 good rows (the row without a reply skipped, and said so), and
     step k trains on full batch k of ``length_grouped_batches(lengths, 2, 12, epoch 0)``, micro-batch j on its
     row j. Seed 7, no seed, no epoch or no grouping would give other rows or batches here."""
-    from align.data.config import DataSource
-    from align.data.mixing import build_mix
-
     bad = f"{mixed_rows}:13"
     source = DataSource(name="reasoning", path=str(mixed_rows), format="messages", sampling="random:9")
     skipped = (
@@ -290,8 +294,6 @@ def test_a_checkpoint_every_save_every_steps_but_not_after_the_last(mixed_run: d
     """save_every 3 of 4 steps: step 3 only, not the last (the final model is the output's own ``model/``);
     save_every 2 would not tell ``step + 1`` from ``step - 1``. A model folder with its processor, so that it
     loads on its own."""
-    from transformers import AutoProcessor
-
     assert mixed_run["saved"] == ["step-0000003"]
     processor = AutoProcessor.from_pretrained(mixed_run["out"] / "checkpoints/step-0000003/model")
     assert processor.image_token == "<image>"
@@ -317,11 +319,6 @@ def test_a_caller_that_passes_only_resume_keeps_earlier_outputs(
     keeps what an earlier attempt left (``overwrite`` defaults to off; on, it would remove TensorBoard events).
     What the stage says goes through ``dist.log`` (the main rank's voice), the skipped bad row included: a
     plain ``print`` would repeat it on every rank."""
-    import contextlib
-    import io
-
-    from align.config import load_any
-    from align.engine import Dist
 
     logged: list[str] = []
 
@@ -351,8 +348,6 @@ def test_a_caller_that_passes_only_resume_keeps_earlier_outputs(
 def test_wandb_gets_the_project_the_resolved_recipe_and_each_log_row(mixed_run: dict) -> None:
     """``run.wandb_project``: ``wandb.init(project, config=<the resolved recipe>, dir=<output_dir>)``, every log
     row as written to metrics.jsonl, ``finish`` once; and the plain progress line of each logged step."""
-    import yaml
-
     wandb, out = mixed_run["wandb"], mixed_run["out"]
     (init,) = wandb["init"]
     assert init == {
@@ -374,9 +369,6 @@ def test_a_resumed_run_goes_on_from_its_checkpoints_step(
 ) -> None:
     """The mixed run's outputs as an interrupted run leaves them (no final model) and ``--resume``: it loads
     the step-3 checkpoint and trains step 4 only, to the uninterrupted run's loss, grad norm and weights."""
-    import shutil
-
-    from safetensors.torch import load_file
 
     out = tmp_path / "run"
     shutil.copytree(mixed_run["out"], out)
@@ -434,9 +426,6 @@ def test_the_feature_cache_lives_in_the_output_and_is_keyed_by_what_makes_the_fe
     """``disk``: under ``<output_dir>/feature_cache/<fingerprint>``; the fingerprint changes with the tower's
     weights, the image processor, the feature layer and the select strategy (a cache from another of these
     would hand back other features); ``none``: no cache."""
-    from types import SimpleNamespace
-
-    from align.checkpoint import load_llava
 
     llava, processor = load_llava(siglip_qwen2)
     recipe = SimpleNamespace(feature_cache="disk", output_dir=str(tmp_path / "out"))
@@ -510,10 +499,6 @@ def test_no_max_steps_trains_every_epoch_however_many_steps(
 ) -> None:
     """run.max_steps unset (null) caps nothing: 11 epochs of 12 one-row steps are 132 steps (the steps themselves are
     skipped here: only the count is under test)."""
-    import contextlib
-    import io
-    import json
-
     monkeypatch.setattr(sft, "_step", lambda s, step, control: None)
     argv = [
         "sft", str(TINY / "sft.yaml"), f"model={siglip_qwen2}", f"output_dir={tmp_path / 'out'}",
@@ -529,22 +514,26 @@ def test_no_max_steps_trains_every_epoch_however_many_steps(
 # --- align/stages/sft.py: the forward -----------------------------------------------------------------------------
 
 
+def _good_rows(mixed_rows: Path) -> list:
+    """The mixed file's 12 good rows in file order (the bad row 13 left out)."""
+    source = DataSource(name="s", path=str(mixed_rows), format="messages")
+    return build_mix([source], 0, strict=False, exclude={f"{mixed_rows}:13"})[0]
+
+
+def _blue_image(folder: Path) -> Path:
+    image = folder / "image.png"
+    Image.new("RGB", (40, 30), "blue").save(image)
+    return image
+
+
 def test_the_training_forward_gives_hf_llavas_own_loss(siglip_qwen2: Path, mixed_rows: Path) -> None:
     """``forward_loss_sum`` on an image row beside a text-only row, and on text-only rows alone (the blank-image
     term), is the summed token cross-entropy of transformers' own Llava forward (``pixel_values`` from the
     processor) on the same ids: the stage's embedding path, not the replay's, is what is checked here."""
-    import torch.nn.functional as F
-    from PIL import Image
-
-    from align.checkpoint import image_seq_len, load_llava
-    from align.data.config import DataSource
-    from align.data.encode import encode_sft
-    from align.data.mixing import build_mix
 
     model, processor = load_llava(siglip_qwen2)
     model.eval()
-    source = DataSource(name="s", path=str(mixed_rows), format="messages")
-    samples = build_mix([source], 0, strict=False, exclude={f"{mixed_rows}:13"})[0]
+    samples = _good_rows(mixed_rows)
     units = [
         encode_sft(s, processor.tokenizer, model.config.image_token_id, image_seq_len(processor))
         for s in (samples[0], samples[6], samples[7])
@@ -573,10 +562,6 @@ def test_the_training_forward_gives_hf_llavas_own_loss(siglip_qwen2: Path, mixed
 def test_an_image_gone_since_the_check_is_named_with_its_own_row(siglip_qwen2: Path, tmp_path: Path) -> None:
     """Rows are checked before training; a file removed after that fails in the forward, naming the row of
     that image (the second of two here), not the first row or none."""
-    from PIL import Image
-
-    from align.checkpoint import load_llava
-    from align.errors import AlignError
 
     model, processor = load_llava(siglip_qwen2)
     there = tmp_path / "there.png"
@@ -598,14 +583,8 @@ def test_image_features_enter_the_embeddings_in_their_dtype_under_autocast(
 ) -> None:
     """bf16 autocast (how single and DDP runs train on GPU) makes the projector's output bf16 while the token
     embeddings stay fp32: the features are cast to the embeddings' dtype before they are written in."""
-    from align.checkpoint import image_seq_len, load_llava
-    from align.data.config import DataSource
-    from align.data.encode import encode_sft
-    from align.data.mixing import build_mix
-
     model, processor = load_llava(siglip_qwen2)
-    source = DataSource(name="s", path=str(mixed_rows), format="messages")
-    sample = build_mix([source], 0, strict=False, exclude={f"{mixed_rows}:13"})[0][0]
+    sample = _good_rows(mixed_rows)[0]
     unit = encode_sft(sample, processor.tokenizer, model.config.image_token_id, image_seq_len(processor))
     batch = sft._collate([unit], packing=False, pad_id=processor.tokenizer.pad_token_id)
     cpu = torch.device("cpu")
@@ -624,14 +603,10 @@ def test_a_text_only_batch_runs_the_tower_as_an_image_batch_does(
     """No image: one blank image through the same tower modules and the same feature selection, so exactly one
     image's features come back (``input_embeddings`` adds 0 x them): every rank then runs the same modules,
     which ZeRO-3 and DDP need whatever a rank's rows hold."""
-    from PIL import Image
-
-    from align.checkpoint import load_llava
 
     model, processor = load_llava(siglip_qwen2)
     model.config.vision_feature_select_strategy = strategy
-    image = tmp_path / "image.png"
-    Image.new("RGB", (40, 30), "blue").save(image)
+    image = _blue_image(tmp_path)
     ran: list[str] = []
     for name, module in model.model.vision_tower.named_modules():
         module.register_forward_hook(lambda m, i, o, name=name: ran.append(name))
@@ -647,13 +622,9 @@ def test_a_text_only_batch_runs_the_tower_as_an_image_batch_does(
 def test_the_tower_inputs_take_the_towers_dtype(siglip_qwen2: Path, tmp_path: Path) -> None:
     """bf16 weights (ZeRO in bf16 trains bf16 weights): the pixels and the blank image are cast to the tower's
     dtype; fp32 inputs would fail in the tower's first convolution."""
-    from PIL import Image
-
-    from align.checkpoint import load_llava
 
     model, processor = load_llava(siglip_qwen2, dtype=torch.bfloat16)
-    image = tmp_path / "image.png"
-    Image.new("RGB", (40, 30), "blue").save(image)
+    image = _blue_image(tmp_path)
     with torch.no_grad():
         for images in ([], [str(image)]):
             assert sft._image_features(model, images, processor, None, 10**8).dtype == torch.bfloat16
@@ -663,14 +634,9 @@ def test_image_tokens_that_do_not_match_the_features_are_refused_with_both_count
     siglip_qwen2: Path, tmp_path: Path
 ) -> None:
     """Rows encoded for another image size: 3 image tokens for one image of ``image_seq_len`` features."""
-    from PIL import Image
-
-    from align.checkpoint import image_seq_len, load_llava
-    from align.errors import AlignError
 
     model, processor = load_llava(siglip_qwen2)
-    image = tmp_path / "image.png"
-    Image.new("RGB", (40, 30), "blue").save(image)
+    image = _blue_image(tmp_path)
     unit = _row([IGNORE_INDEX] * 4 + [5], images=[str(image)])
     unit.input_ids[:3] = [model.config.image_token_id] * 3
     batch = sft._collate([unit], packing=False, pad_id=0)
@@ -688,10 +654,6 @@ def test_image_tokens_that_do_not_match_the_features_are_refused_with_both_count
 def test_the_sampling_mismatch_row_takes_means_of_means_and_extremes_of_extremes() -> None:
     """TRL's names; two micro-batches' statistics (one process): the means are averaged, the max is the larger
     max and the min the smaller min, not the first or last micro-batch's."""
-    from types import SimpleNamespace
-
-    from align.engine import Dist
-    from align.stages import grpo
 
     stats = [
         SimpleNamespace(
